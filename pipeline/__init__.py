@@ -1,0 +1,1 @@
+"""AlexNet on ImageNet with Ray Data, Ray Train and MLflow: the importable library behind jobs/."""

@@ -1,0 +1,163 @@
+"""One frozen config, named presets, and the command line generated from it.
+
+    Config()                          the paper's network and recipe (§3-§5)
+    PRESETS["sample"]                 the embedded default: small, fast, CPU-friendly
+    PRESETS["torchvision"]            torchvision's AlexNet variant and its reference recipe
+    parse_args(["--epochs", "3"])     preset first, then every flag given on the command line
+
+Every field is a flag (`batch_size` -> `--batch-size`); its help text is the field's `help`
+metadata. Unknown flags and bad values stop the job with a message naming them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _f(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = _f("paper", "named preset the other flags override", choices=("sample", "paper", "torchvision"))
+
+    # data
+    data: str = _f("", "dataset root: a local folder in ImageNet layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); "
+                       "empty = generate (once, cached) the small sample dataset")
+    resize_size: int = _f(256, "shorter side is rescaled to this, then the central square is kept (§2)")
+    crop_size: int = _f(227, "random training crop / central eval crop; the paper says 224, 227 makes "
+                             "conv1's arithmetic exact ((227-11)/4+1 = 55), as in Caffe's reference model")
+    flip_p: float = _f(0.5, "probability of a horizontal reflection (§4.1)")
+    lighting_std: float = _f(0.1, "std of the PCA lighting coefficients alpha (§4.1); 0 disables it")
+
+    # model
+    model: str = _f("alexnet", "alexnet: the paper's network (LRN, groups); torchvision: torchvision's variant",
+                    choices=("alexnet", "torchvision"))
+    width: float = _f(1.0, "multiplier on every layer's width (alexnet only); 1.0 is the paper's network")
+    dropout: float = _f(0.5, "dropout probability on fc6 and fc7 (§4.2)")
+    init: str = _f("paper", "alexnet weights: paper = N(0, 0.01) and biases of 1 (§5); kaiming = He init, "
+                            "which a narrow network needs to learn within a few epochs", choices=("paper", "kaiming"))
+
+    # optimisation (§5)
+    epochs: int = _f(90, "passes over the training set")
+    batch_size: int = _f(128, "GLOBAL batch size, split evenly across workers (128 = 2 workers x 64)")
+    lr: float = _f(0.01, "initial learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "L2 weight decay")
+    schedule: str = _f("plateau", "plateau: lr / 10 when val top-1 stops improving (the paper); step: lr x gamma "
+                                  "every --lr-step-epochs", choices=("plateau", "step"))
+    lr_gamma: float = _f(0.1, "factor applied to the learning rate at each drop")
+    lr_step_epochs: int = _f(30, "epochs between drops for --schedule step")
+    plateau_patience: int = _f(3, "epochs without a better val top-1 before a drop, for --schedule plateau")
+
+    # distribution
+    workers: int = _f(2, "Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL; otherwise CPU and gloo")
+    cpus_per_worker: float = _f(0.0, "logical CPUs each train worker reserves; 0 = automatic (leaves Ray Data "
+                                     "at least one CPU so the job can never deadlock)")
+    max_failures: int = _f(2, "restarts of the worker group from the latest checkpoint after a failure")
+    storage_path: str = _f("", "where Ray Train keeps checkpoints (local path or s3://); "
+                               "empty = ./ray_results; a multi-node cluster needs shared storage")
+
+    # tracking
+    experiment: str = _f("alexnet", "MLflow experiment name")
+    registered_model: str = _f("alexnet", "MLflow registered model that receives the best checkpoint")
+    seed: int = _f(0, "seed for initialisation, data order and augmentation")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("epochs", "batch_size", "workers", "resize_size", "crop_size", "lr_step_epochs"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        need(self.plateau_patience >= 0, f"--plateau-patience must be >= 0, got {self.plateau_patience}")
+        need(self.max_failures >= -1, f"--max-failures must be >= -1 (-1 = forever), got {self.max_failures}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.width > 0, f"--width must be positive, got {self.width}")
+        need(0 <= self.flip_p <= 1, f"--flip-p must be in [0, 1], got {self.flip_p}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        need(self.momentum >= 0 and self.weight_decay >= 0 and self.lighting_std >= 0 and self.cpus_per_worker >= 0,
+             "--momentum, --weight-decay, --lighting-std and --cpus-per-worker must not be negative")
+        need(self.crop_size <= self.resize_size,
+             f"--crop-size {self.crop_size} must not exceed --resize-size {self.resize_size}")
+        need(self.batch_size % self.workers == 0,
+             f"--batch-size {self.batch_size} is the global batch and must divide evenly across "
+             f"--workers {self.workers}")
+        for name, f in ((f.name, f) for f in dataclasses.fields(self)):
+            choices = f.metadata.get("choices")
+            need(choices is None or getattr(self, name) in choices,
+                 f"--{_flag(name)} must be one of {', '.join(choices or ())}, got {getattr(self, name)!r}")
+
+    @property
+    def worker_batch_size(self) -> int:
+        return self.batch_size // self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+PRESETS: dict[str, Config] = {
+    "paper": Config(),
+    # A reduced AlexNet (all widths / 4) at 112 px on the generated 10-class sample: trains on a
+    # 2-core laptop CPU in a few minutes and still has every part of the paper's network.
+    "sample": Config(
+        preset="sample", width=0.25, init="kaiming", resize_size=128, crop_size=112,
+        epochs=5, batch_size=64, lr=0.01, schedule="step", lr_step_epochs=4,
+    ),
+    # torchvision's recipe (references/classification): 224 crops, batch 256 (8 GPUs x 32),
+    # lr 0.01, weight decay 1e-4, lr / 10 every 30 epochs.
+    "torchvision": Config(
+        preset="torchvision", model="torchvision", crop_size=224,
+        batch_size=256, weight_decay=1e-4, schedule="step", lr_step_epochs=30,
+    ),
+}
+DEFAULT_PRESET = "sample"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train AlexNet with Ray Data + Ray Train, tracked in MLflow. "
+                    "Defaults shown are the sample preset's; --preset paper|torchvision changes them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    for f in dataclasses.fields(Config):
+        default = PRESETS[DEFAULT_PRESET].to_dict()[f.name]
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": default}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            kwargs["choices"] = f.metadata.get("choices")
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Preset first, then the flags given explicitly; exits with a usage message on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Which flags were given? Re-parse with every default suppressed.
+    given = argparse.Namespace()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser.parse_args(argv, namespace=given)
+    overrides = {k: v for k, v in vars(given).items() if k != "preset"}
+    try:
+        return dataclasses.replace(PRESETS[args.preset], **overrides)
+    except ValueError as e:
+        parser.error(str(e))

@@ -1,0 +1,157 @@
+"""MLflow: one run per training run, written from one place on the driver side.
+
+    start_run(cfg, ...)        the run, with the resolved config, git SHA and data lineage as params
+    MLflowCallback             a ray.train.UserCallback on the Train controller: per-epoch metrics,
+                               each epoch's checkpoint as a logged model carrying its val_top1/top5,
+                               the best one registered with the alias `champion`
+    finish_run(...)            status and the final summary
+
+Workers never open an MLflow run: they call ray.train.report, and the controller calls us. That
+gives one writer on the tracking store whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+
+CHAMPION = "champion"
+EPOCH_METRICS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
+                 "lr", "images_per_s", "epoch_seconds")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else the local sqlite default, made absolute.
+
+    Absolute, because the Ray Train controller that logs the epochs may run in another directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        sha = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return f"{sha}-dirty" if dirty and sha != "unknown" else sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str, str]):
+    """Create the experiment if needed and a run holding the resolved config; returns its RunInfo."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = None
+        if tracking_uri.startswith("sqlite:"):  # keep artifacts beside the local database
+            location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+    run = client.create_run(experiment_id, tags={"git_sha": git_sha(), "preset": cfg.preset, **tags})
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()])
+    return run.info
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for key, value in (summary or {}).items():
+        client.set_tag(run_id, key, str(value))
+    client.set_terminated(run_id, status=status)
+
+
+def run_url(tracking_uri: str, run_id: str, experiment_id: str) -> str:
+    if tracking_uri.startswith("http"):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"
+
+
+class MLflowCallback(ray.train.UserCallback):
+    """Runs on the Ray Train controller: turns every report into MLflow records."""
+
+    def __init__(self, *, tracking_uri: str, run_id: str, registered_model: str, input_shape: tuple[int, ...],
+                 data_fingerprint: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.registered_model = registered_model
+        self.input_shape = input_shape
+        self.data_fingerprint = data_fingerprint
+        self.best_top1 = float("-inf")
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        import mlflow
+
+        # Every worker reports the same all-reduced numbers; rank 0's stand for the run.
+        m = metrics[0]
+        epoch = int(m["epoch"])
+        client = mlflow.MlflowClient(self.tracking_uri)
+        now = int(time.time() * 1000)
+        client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(m[k]), now, epoch) for k in EPOCH_METRICS if k in m])
+        if checkpoint is not None:
+            self._log_checkpoint(checkpoint, m, epoch)
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        text = "\n\n".join(f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(worker_exceptions.items()))
+        client.log_text(self.run_id, text, f"failures/{int(time.time())}.txt")
+        client.set_tag(self.run_id, "last_failure", text[:5000])
+
+    def _log_checkpoint(self, checkpoint, m: dict[str, Any], epoch: int) -> None:
+        import mlflow
+        import torch
+
+        from pipeline.train import model_from_checkpoint
+
+        with checkpoint.as_directory() as directory:
+            model, _ = model_from_checkpoint(directory)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        example = torch.randn(1, *self.input_shape).numpy()
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name=f"epoch-{epoch:03d}", input_example=example, step=epoch,
+                tags={"ray_checkpoint": checkpoint.path, "epoch": str(epoch)},
+            )
+            for key in ("val_top1", "val_top5", "val_loss"):
+                mlflow.log_metric(key, float(m[key]), step=epoch, model_id=info.model_id)
+        if m["val_top1"] > self.best_top1:
+            self.best_top1 = m["val_top1"]
+            self._register(info.model_uri, m, epoch)
+
+    def _register(self, model_uri: str, m: dict[str, Any], epoch: int) -> None:
+        """A new registered version for every improvement of this run; `champion` moves to it when
+        it beats the current champion on the same data (or the champion was measured elsewhere)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        version = mlflow.register_model(model_uri, self.registered_model, tags={
+            "val_top1": f"{m['val_top1']:.4f}", "val_top5": f"{m['val_top5']:.4f}", "epoch": str(epoch),
+            "run_id": self.run_id, "data_fingerprint": self.data_fingerprint,
+        })
+        try:
+            champion = client.get_model_version_by_alias(self.registered_model, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            champion = None
+        if (champion is None
+                or champion.tags.get("data_fingerprint") != self.data_fingerprint
+                or champion.tags.get("run_id") == self.run_id
+                or float(champion.tags.get("val_top1", "-inf")) < m["val_top1"]):
+            client.set_registered_model_alias(self.registered_model, CHAMPION, version.version)
