@@ -116,7 +116,7 @@ PRESETS: dict[str, Config] = {
     # 2-core laptop CPU in a few minutes and still has every part of the paper's network.
     "sample": Config(
         preset="sample", width=0.25, init="kaiming", resize_size=128, crop_size=112,
-        epochs=5, batch_size=64, lr=0.01, schedule="step", lr_step_epochs=4,
+        epochs=5, batch_size=64, lr=0.005, schedule="step", lr_step_epochs=4,
     ),
     # torchvision's recipe (references/classification): 224 crops, batch 256 (8 GPUs x 32),
     # lr 0.01, weight decay 1e-4, lr / 10 every 30 epochs.

@@ -23,6 +23,7 @@ import ray.train
 CHAMPION = "champion"
 EPOCH_METRICS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                  "lr", "images_per_s", "epoch_seconds")
+MODEL_METRICS = ("val_loss", "val_top1", "val_top5")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -100,12 +101,15 @@ class MLflowCallback(ray.train.UserCallback):
         # Every worker reports the same all-reduced numbers; rank 0's stand for the run.
         m = metrics[0]
         epoch = int(m["epoch"])
-        client = mlflow.MlflowClient(self.tracking_uri)
+        model_id = self._log_model(checkpoint, epoch) if checkpoint is not None else None
+        # The val metrics carry the logged model's id: one record, seen on the run and on the model.
         now = int(time.time() * 1000)
-        client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(m[k]), now, epoch) for k in EPOCH_METRICS if k in m])
-        if checkpoint is not None:
-            self._log_checkpoint(checkpoint, m, epoch)
+        mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(m[k]), now, epoch, model_id=model_id if k in MODEL_METRICS else None)
+            for k in EPOCH_METRICS if k in m])
+        if model_id is not None and m["val_top1"] > self.best_top1:
+            self.best_top1 = m["val_top1"]
+            self._register(model_id, m, epoch)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         import mlflow
@@ -115,7 +119,8 @@ class MLflowCallback(ray.train.UserCallback):
         client.log_text(self.run_id, text, f"failures/{int(time.time())}.txt")
         client.set_tag(self.run_id, "last_failure", text[:5000])
 
-    def _log_checkpoint(self, checkpoint, m: dict[str, Any], epoch: int) -> None:
+    def _log_model(self, checkpoint, epoch: int) -> str:
+        """The checkpoint as an MLflow logged model (pt2, loadable without this code); returns its id."""
         import mlflow
         import torch
 
@@ -124,25 +129,23 @@ class MLflowCallback(ray.train.UserCallback):
         with checkpoint.as_directory() as directory:
             model, _ = model_from_checkpoint(directory)
         mlflow.set_tracking_uri(self.tracking_uri)
-        example = torch.randn(1, *self.input_shape).numpy()
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
-                model, name=f"epoch-{epoch:03d}", input_example=example, step=epoch,
-                tags={"ray_checkpoint": checkpoint.path, "epoch": str(epoch)},
+                # A batch of 2: torch.export would specialise a batch of 1 into the graph.
+                model, name=f"epoch-{epoch:03d}", input_example=torch.randn(2, *self.input_shape).numpy(),
+                step=epoch, tags={"ray_checkpoint": checkpoint.path, "epoch": str(epoch)},
+                # Stated, not inferred: inference runs the model in a subprocess, ~10 s per epoch.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
-            for key in ("val_top1", "val_top5", "val_loss"):
-                mlflow.log_metric(key, float(m[key]), step=epoch, model_id=info.model_id)
-        if m["val_top1"] > self.best_top1:
-            self.best_top1 = m["val_top1"]
-            self._register(info.model_uri, m, epoch)
+        return info.model_id
 
-    def _register(self, model_uri: str, m: dict[str, Any], epoch: int) -> None:
+    def _register(self, model_id: str, m: dict[str, Any], epoch: int) -> None:
         """A new registered version for every improvement of this run; `champion` moves to it when
         it beats the current champion on the same data (or the champion was measured elsewhere)."""
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
-        version = mlflow.register_model(model_uri, self.registered_model, tags={
+        version = mlflow.register_model(f"models:/{model_id}", self.registered_model, tags={
             "val_top1": f"{m['val_top1']:.4f}", "val_top5": f"{m['val_top5']:.4f}", "epoch": str(epoch),
             "run_id": self.run_id, "data_fingerprint": self.data_fingerprint,
         })

@@ -52,7 +52,7 @@ def test_training_job_records_every_epoch_and_registers_the_best(ray_session, ml
     best_epoch = max(top1, key=lambda e: (top1[e], -e))  # the first epoch reaching the best top-1
     assert champion.run_id == run.info.run_id
     assert champion.tags["epoch"] == str(best_epoch)
-    assert float(champion.tags["val_top1"]) == pytest.approx(top1[best_epoch])
+    assert float(champion.tags["val_top1"]) == pytest.approx(top1[best_epoch], abs=1e-3)
 
     # The registered model loads and classifies.
     loaded = mlflow.pytorch.load_model(f"models:/{cfg.registered_model}@champion")
