@@ -61,7 +61,14 @@ class Config:
 
     # distribution
     workers: int = _f(2, "Ray Train workers (data-parallel replicas)")
-    use_gpu: bool = _f(False, "one GPU per worker, NCCL; otherwise CPU and gloo")
+    use_gpu: bool = _f(False, "GPUs (1 per worker, 2 with --placement grouped) and NCCL; otherwise CPU and gloo")
+    placement: str = _f("data", "data: one device per worker, DDP across workers; grouped: the paper's two towers "
+                                "on two devices inside each worker (both on the CPU without GPUs), DDP across "
+                                "workers", choices=("data", "grouped"))
+    worker_strategy: str = _f("PACK", "Ray placement strategy for the train workers (SPREAD puts them on "
+                                      "different nodes)", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    deterministic: bool = _f(False, "fixed data order (Ray Data preserve_order, fixed read blocks): the same "
+                                    "seed gives the same loss curve on any cluster shape, at some speed cost")
     cpus_per_worker: float = _f(0.0, "logical CPUs each train worker reserves; 0 = automatic (leaves Ray Data "
                                      "at least one CPU so the job can never deadlock)")
     max_failures: int = _f(2, "restarts of the worker group from the latest checkpoint after a failure")
@@ -89,6 +96,8 @@ class Config:
         need(0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         need(self.momentum >= 0 and self.weight_decay >= 0 and self.lighting_std >= 0 and self.cpus_per_worker >= 0,
              "--momentum, --weight-decay, --lighting-std and --cpus-per-worker must not be negative")
+        need(self.placement == "data" or self.model == "alexnet",
+             f"--placement grouped splits the paper's network into towers; --model {self.model} has no towers")
         need(self.crop_size <= self.resize_size,
              f"--crop-size {self.crop_size} must not exceed --resize-size {self.resize_size}")
         need(self.batch_size % self.workers == 0,

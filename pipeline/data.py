@@ -129,11 +129,25 @@ def preprocess_eval(batch: dict, *, class_index: dict[str, int], resize_size: in
 MAP_BATCH_SIZE = 64
 
 
+def read_blocks(num_files: int, cfg) -> int | None:
+    """Read tasks for a split. Ray sizes them to the cluster by default; a deterministic run fixes
+    them to the data (one per MAP_BATCH_SIZE files), so batches are the same on any cluster shape."""
+    return max(1, -(-num_files // MAP_BATCH_SIZE)) if cfg.deterministic else None
+
+
+def execution_options(cfg):
+    """Ray Data options for the train workers' shards: Train's defaults, plus a fixed order when asked."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.deterministic
+    return options
+
+
 def train_dataset(folder: ImageFolder, cfg):
     """The training plan; files are shuffled anew (and reproducibly) every epoch."""
     ds = ray.data.read_binary_files(
         list(folder.files["train"]), filesystem=folder.filesystem, include_paths=True,
         shuffle=ray.data.FileShuffleConfig(seed=cfg.seed),
+        override_num_blocks=read_blocks(len(folder.files["train"]), cfg),
     )
     fn = partial(preprocess_train, class_index=folder.class_index(), seed=cfg.seed,
                  resize_size=cfg.resize_size, crop_size=cfg.crop_size, flip_p=cfg.flip_p)
@@ -142,7 +156,8 @@ def train_dataset(folder: ImageFolder, cfg):
 
 def val_dataset(folder: ImageFolder, cfg):
     """The validation plan: central crops, no randomness."""
-    ds = ray.data.read_binary_files(list(folder.files["val"]), filesystem=folder.filesystem, include_paths=True)
+    ds = ray.data.read_binary_files(list(folder.files["val"]), filesystem=folder.filesystem, include_paths=True,
+                                    override_num_blocks=read_blocks(len(folder.files["val"]), cfg))
     fn = partial(preprocess_eval, class_index=folder.class_index(),
                  resize_size=cfg.resize_size, crop_size=cfg.crop_size)
     return ds.map_batches(fn, batch_size=MAP_BATCH_SIZE, batch_format="numpy")

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline import data, sample, tracking
 from pipeline.config import Config
@@ -66,7 +66,7 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     a CPU-only cluster is refused with the numbers, because the job would hang, not fail.
     """
     if cfg.use_gpu:
-        return {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 1.0}
+        return {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 2.0 if cfg.placement == "grouped" else 1.0}
     cpus = cfg.cpus_per_worker or min(1.0, (cluster_cpus - 1.0) / cfg.workers)
     left_for_data = cluster_cpus - cpus * cfg.workers
     if cpus <= 0 or left_for_data < 1.0:
@@ -83,8 +83,11 @@ def storage_path(cfg: Config) -> str:
     return str(Path("ray_results").resolve())
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train as `cfg` says; returns the final metrics and where they were recorded."""
+def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final metrics and where they were recorded.
+
+    callbacks: extra ray.train.UserCallback instances, beside the MLflow one.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -120,14 +123,15 @@ def run(cfg: Config) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "num_classes": folder.num_classes},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.worker_strategy),
         datasets={"train": data.train_dataset(folder, cfg), "val": data.val_dataset(folder, cfg)},
-        dataset_config=data.TrainValDataConfig(),
+        dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg)),
         run_config=ray.train.RunConfig(
             name=f"alexnet-{run_id[:12]}",
             storage_path=storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[callback],
+            callbacks=[callback, *callbacks],
         ),
     )
     try:

@@ -22,6 +22,7 @@ from pipeline import stages
 from pipeline.config import Config
 from pipeline.evaluate import EvalSums, evaluate, topk_correct
 from pipeline.model import build_model
+from pipeline.placement import TwoTowerAlexNet, grouped_state_dict, place_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
 
 def save_checkpoint(directory: str, *, model, optimizer, scheduler, epoch: int, cfg: Config,
                     num_classes: int, metrics: dict[str, float]) -> None:
-    """The unwrapped single-device state_dict, so a checkpoint loads however it was trained."""
+    """The single-device grouped state_dict, so a checkpoint loads however it was trained or placed."""
     torch.save({
-        "model": unwrap(model).state_dict(),
+        "model": grouped_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
@@ -107,20 +108,46 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Grouped-layout weights into either form of the model."""
+    model = unwrap(model)
+    if isinstance(model, TwoTowerAlexNet):
+        model.load_grouped_state_dict(state)
+    else:
+        model.load_state_dict(state)
+
+
+def prepare(model: torch.nn.Module, cfg: Config, devices: list[torch.device]) -> torch.nn.Module:
+    """Place the model (one device, or the paper's two towers on two) and wrap it in DDP.
+
+    A two-device module is wrapped with device_ids=None: DDP then leaves placement to the module and
+    all-reduces each tower's gradients from wherever they live.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = place_model(model, cfg.placement, devices)
+    if not torch.distributed.is_initialized():
+        return model
+    single_gpu = cfg.placement == "data" and devices[0].type == "cuda"
+    return DistributedDataParallel(model, device_ids=[devices[0]] if single_gpu else None)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
+    import ray
     import ray.train
     import ray.train.torch
 
     cfg = Config(**loop_config["config"])
     num_classes = loop_config["num_classes"]
     rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
+    devices = ray.train.torch.get_devices() if cfg.use_gpu else [torch.device("cpu")]
+    device = devices[0]  # where batches go in and logits come out, for either placement
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes=num_classes, width=cfg.width,
                         image_size=cfg.crop_size, dropout=cfg.dropout, init=cfg.init)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare(model, cfg, devices)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
 
@@ -129,7 +156,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:  # a restart after a failure: continue from the last reported epoch
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        unwrap(model).load_state_dict(state["model"])
+        load_weights(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
@@ -156,6 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_images": train_sums.images,
             "val_images": val_sums.images,
             "epoch_seconds": seconds,
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
         step_scheduler(scheduler, metrics["val_top1"])
 
