@@ -33,6 +33,12 @@ class Config:
     # data
     data: str = _f("", "dataset root: a local folder in ImageNet layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); "
                        "empty = generate (once, cached) the small sample dataset")
+    s3_endpoint: str = _f("", "S3-compatible endpoint URL for s3:// data (MinIO, Ceph, ...); empty = AWS_ENDPOINT_URL "
+                              "or AWS itself. Credentials always come from the standard AWS chain")
+    num_classes: int = _f(0, "classes, for WebDataset / Hugging Face data that do not name them; 0 = infer "
+                             "(Parquet label statistics; ImageNet-1k's 1000 for WebDataset)")
+    manifest_sha256: str = _f("", "refuse to train unless the shards' manifest.json has this sha256 "
+                                  "(pin a run to the exact data of an earlier one)")
     resize_size: int = _f(256, "shorter side is rescaled to this, then the central square is kept (§2)")
     crop_size: int = _f(227, "random training crop / central eval crop; the paper says 224, 227 makes "
                              "conv1's arithmetic exact ((227-11)/4+1 = 55), as in Caffe's reference model")
@@ -85,6 +91,7 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
+        need(self.num_classes >= 0, f"--num-classes must be >= 0, got {self.num_classes}")
         for name in ("epochs", "batch_size", "workers", "resize_size", "crop_size", "lr_step_epochs"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         need(self.plateau_patience >= 0, f"--plateau-patience must be >= 0, got {self.plateau_patience}")

@@ -372,9 +372,13 @@ def iter_records(unit: InputUnit) -> Iterator[Record]:
         raise ValueError(f"unknown InputUnit kind {unit.kind!r}")
 
 
+def image_id_of(split: str, name: str) -> str:
+    """The image_id of the file or archive member `name` in `split`."""
+    return f"{split}/{_stem(posixpath.basename(name))}"
+
+
 def _record(split: str, name: str, wnid: str, data: bytes) -> Record:
-    key = posixpath.basename(name)
-    return Record(split, f"{split}/{_stem(key)}", key, wnid, data)
+    return Record(split, image_id_of(split, name), posixpath.basename(name), wnid, data)
 
 
 def _stem(key: str) -> str:

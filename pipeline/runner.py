@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -19,27 +18,25 @@ from typing import Any, Sequence
 
 from pipeline import data, sample, tracking
 from pipeline.config import Config
+from pipeline.lighting import IMAGENET as IMAGENET_LIGHTING
+from pipeline.lighting import Lighting
 
 
-def resolve_data(cfg: Config) -> data.ImageFolder:
+def resolve_data(cfg: Config) -> data.Source:
     """The dataset the run trains on; the generated sample when --data is empty."""
     uri = cfg.data or str(sample.ensure_sample_imagenet())
-    folder = data.scan_image_folder(uri)
-    for path in folder.ignored:
-        print(f"[data] ignored (not an image file): {path}", file=sys.stderr)
-    return folder
+    source = data.open_source(uri, num_classes=cfg.num_classes, manifest_sha256=cfg.manifest_sha256)
+    for path in source.ignored:
+        print(f"[data] not read (not part of the {source.kind} layout): {path}", file=sys.stderr)
+    return source
 
 
-def fingerprint(folder: data.ImageFolder) -> str:
-    """sha256 over the split/class/file listing: the lineage of the data a run saw."""
-    digest = hashlib.sha256()
-    for split in data.SPLITS:
-        for path in folder.files[split]:
-            digest.update(f"{split}\t{path.rsplit('/', 3)[-2]}\t{path.rsplit('/', 1)[-1]}\n".encode())
-    return digest.hexdigest()
+# Where object storage is: every task that reads s3:// needs it. Credentials are not forwarded; each
+# node reads them from its own AWS chain (environment, profile, instance role).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(*, train_workers: int = 0) -> None:
     """Join the cluster there is (RAY_ADDRESS, `ray start`, `ray job submit`), else start one here.
 
     A local instance gets a logical CPU per train worker on top of the physical cores: on a
@@ -50,13 +47,14 @@ def connect_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env} if env else None
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", runtime_env=runtime_env)
         return
     except ConnectionError:
         pass
-    ray.init(num_cpus=(os.cpu_count() or 1) + cfg.workers,
-             num_gpus=None if cfg.use_gpu else 0)
+    ray.init(num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env=runtime_env)
 
 
 def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
@@ -95,37 +93,44 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from pipeline.train import train_loop_per_worker
 
     started = time.time()
-    folder = resolve_data(cfg)
-    print(f"[data] {folder.uri}: {len(folder.files['train'])} train / {len(folder.files['val'])} val images, "
-          f"{folder.num_classes} classes")
+    if cfg.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint  # read here, and forwarded to every Ray task
+    source = resolve_data(cfg)
+    counts = " / ".join(f"{source.images.get(s) or '?'} {s}" for s in data.SPLITS)
+    print(f"[data] {source.uri}: {source.kind}, {counts} images, {source.num_classes} classes")
+    lighting = Lighting.from_dict(source.lighting) if source.lighting else IMAGENET_LIGHTING
 
-    connect_ray(cfg)
+    connect_ray(train_workers=cfg.workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
 
     tracking_uri = tracking.resolve_tracking_uri()
-    data_fingerprint = fingerprint(folder)
+    data_fingerprint = source.fingerprint
     run_info = tracking.start_run(cfg, tracking_uri=tracking_uri, params={
-        "data_resolved": folder.uri,
-        "num_classes": folder.num_classes,
-        "train_images": len(folder.files["train"]),
-        "val_images": len(folder.files["val"]),
+        "data_resolved": source.uri,
+        "data_kind": source.kind,
+        "num_classes": source.num_classes,
+        "train_images": source.images.get("train"),
+        "val_images": source.images.get("val"),
         "data_fingerprint": data_fingerprint,
+        "lighting_source": lighting.source,
         "worker_batch_size": cfg.worker_batch_size,
         "resources_per_worker": resources,
     }, tags={"data_fingerprint": data_fingerprint})
     run_id = run_info.run_id
     print(f"[mlflow] run {run_id} in experiment {cfg.experiment!r} at {tracking_uri}")
 
+    report = data.DecodeFailures.remote()
     callback = tracking.MLflowCallback(
         tracking_uri=tracking_uri, run_id=run_id, registered_model=cfg.registered_model,
-        input_shape=(3, cfg.crop_size, cfg.crop_size), data_fingerprint=data_fingerprint)
+        input_shape=(3, cfg.crop_size, cfg.crop_size), data_fingerprint=data_fingerprint, decode_failures=report)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "num_classes": folder.num_classes},
+        train_loop_config={"config": cfg.to_dict(), "num_classes": source.num_classes,
+                           "lighting": lighting.to_dict()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
             placement_strategy=cfg.worker_strategy),
-        datasets={"train": data.train_dataset(folder, cfg), "val": data.val_dataset(folder, cfg)},
+        datasets={"train": data.train_dataset(source, cfg, report), "val": data.val_dataset(source, cfg, report)},
         dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg)),
         run_config=ray.train.RunConfig(
             name=f"alexnet-{run_id[:12]}",
@@ -141,6 +146,8 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise
 
     final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
+    failures = ray.get(report.get.remote())
+    tracking.log_decode_failures(tracking_uri, run_id, failures)
     summary = {
         **final,
         "best_val_top1": callback_best(tracking_uri, run_id),
@@ -149,6 +156,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "url": tracking.run_url(tracking_uri, run_id, run_info.experiment_id),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "seconds": time.time() - started,
+        "decode_failures": len(failures),
     }
     tracking.finish_run(tracking_uri, run_id, "FINISHED",
                         {"final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"]})

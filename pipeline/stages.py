@@ -67,11 +67,34 @@ def decode_one(data: bytes, *, key: str = "?", min_size: int | None = None) -> n
     return np.asarray(img)
 
 
-def decode(batch: Batch, *, min_size: int | None = None) -> Batch:
-    """Reads `jpeg` (encoded bytes) and `key`; writes `image`, a list of (H, W, 3) uint8 arrays."""
+def decode(batch: Batch, *, min_size: int | None = None, errors: str = "raise") -> Batch:
+    """Reads `jpeg` (encoded bytes) and `key`; writes `image`, a list of (H, W, 3) uint8 arrays.
+
+    errors="raise": the first undecodable image raises DecodeError naming it. errors="collect": the
+    rows that do not decode are removed from every column and named in `failed` ({key: reason}).
+    """
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
     keys = batch.get("key", ["?"] * len(batch["jpeg"]))
-    images = [decode_one(data, key=str(key), min_size=min_size) for data, key in zip(batch["jpeg"], keys)]
-    return {**batch, "image": images}
+    images, good, failed = [], [], {}
+    for i, (data, key) in enumerate(zip(batch["jpeg"], keys)):
+        try:
+            images.append(decode_one(data, key=str(key), min_size=min_size))
+            good.append(i)
+        except DecodeError as e:
+            if errors == "raise":
+                raise
+            failed[str(key)] = e.reason
+    if failed:
+        batch = {k: _take(v, good) for k, v in batch.items()}
+    out = {**batch, "image": images}
+    if errors == "collect":
+        out["failed"] = failed
+    return out
+
+
+def _take(column: Any, rows: list[int]) -> Any:
+    return column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows]
 
 
 def resize_center(batch: Batch, *, size: int = 256) -> Batch:

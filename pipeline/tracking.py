@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 
 CHAMPION = "champion"
@@ -83,17 +84,29 @@ def run_url(tracking_uri: str, run_id: str, experiment_id: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"
 
 
+def log_decode_failures(tracking_uri: str, run_id: str, failures: dict[str, str], step: int = 0) -> None:
+    """The run's report of images that could not be decoded: an artifact naming each, and a count."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    client.log_metric(run_id, "decode_failures", len(failures), step=step)
+    if failures:
+        client.log_dict(run_id, dict(sorted(failures.items())), "decode_failures.json")
+
+
 class MLflowCallback(ray.train.UserCallback):
     """Runs on the Ray Train controller: turns every report into MLflow records."""
 
     def __init__(self, *, tracking_uri: str, run_id: str, registered_model: str, input_shape: tuple[int, ...],
-                 data_fingerprint: str):
+                 data_fingerprint: str, decode_failures=None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.registered_model = registered_model
         self.input_shape = input_shape
         self.data_fingerprint = data_fingerprint
         self.best_top1 = float("-inf")
+        self.decode_failures = decode_failures  # a data.DecodeFailures actor, or None
+        self.failures_logged = 0
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         import mlflow
@@ -110,6 +123,11 @@ class MLflowCallback(ray.train.UserCallback):
         if model_id is not None and m["val_top1"] > self.best_top1:
             self.best_top1 = m["val_top1"]
             self._register(model_id, m, epoch)
+        if self.decode_failures is not None:
+            failures = ray.get(self.decode_failures.get.remote())
+            if len(failures) > self.failures_logged:
+                log_decode_failures(self.tracking_uri, self.run_id, failures, step=epoch)
+                self.failures_logged = len(failures)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         import mlflow

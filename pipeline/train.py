@@ -55,7 +55,7 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Config,
-                    generator: torch.Generator) -> EvalSums:
+                    generator: torch.Generator, lighting: dict[str, Any]) -> EvalSums:
     """One pass over this worker's shard; returns its sums (loss, top-1/5 counts, images)."""
     model.train()
     sums = EvalSums()
@@ -63,7 +63,8 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         x = stages.to_float(images)
-        x = stages.pca_lighting(x, generator, std=cfg.lighting_std)
+        x = stages.pca_lighting(x, generator, std=cfg.lighting_std,
+                                eigval=lighting["eigval"], eigvec=lighting["eigvec"])
         x = stages.normalize(x)
         logits = model(x)
         loss = F.cross_entropy(logits, labels)
@@ -169,7 +170,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         batches = train_shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=True)
-        train_sums = train_one_epoch(model, optimizer, batches, device, cfg, generator).all_reduce()
+        train_sums = train_one_epoch(model, optimizer, batches, device, cfg, generator,
+                                     loop_config["lighting"]).all_reduce()
         seconds = time.perf_counter() - start
 
         val_batches = val_shard.iter_torch_batches(batch_size=cfg.worker_batch_size)

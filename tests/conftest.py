@@ -35,13 +35,48 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> N
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3 HTTP endpoint (moto's server mode) on a free port, with throwaway credentials in the
+    environment before Ray starts, so every Ray task reads the same endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+                       "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+
+
+S3_SECRET = "testing-secret-that-must-never-be-logged"
+
+
+def make_bucket(name: str) -> str:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_folder(folder: Path, uri: str) -> None:
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}".lstrip("/"))
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """One local Ray for every test: start-up costs seconds. 4 logical CPUs on 2 cores, as the job
     itself would start, so two train workers still leave Ray Data two CPUs."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -147,3 +147,13 @@ def test_to_float_and_normalize():
     assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32 and x.max() == 1.0
     y = stages.normalize(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_decode_collect_removes_bad_rows_from_every_column_and_names_them(photo):
+    good = jpeg_bytes(photo)
+    batch = {"jpeg": [good, b"garbage", good], "key": np.array(["a", "b", "c"]), "label": np.array([0, 1, 2])}
+    out = stages.decode(batch, errors="collect")
+    assert out["failed"].keys() == {"b"} and "cannot identify" in out["failed"]["b"]
+    assert list(out["key"]) == ["a", "c"] and list(out["label"]) == [0, 2] and len(out["image"]) == 2
+    clean = stages.decode({"jpeg": [good], "key": ["a"]}, errors="collect")
+    assert clean["failed"] == {} and len(clean["image"]) == 1

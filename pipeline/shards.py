@@ -1,0 +1,149 @@
+"""The prepared shard format: Parquet files of JPEG bytes, and the manifest that vouches for them.
+
+    <out>/manifest.json                   written last: its presence means the set is complete
+    <out>/train/part-00000.parquet        image_id, key, label, wnid, jpeg, width, height
+    <out>/train/part-00000.json           the shard's sidecar: rows, bytes, sha256, class counts,
+                                          bad files, and the options it was written with
+    <out>/val/...
+
+An image's shard is a hash of its image_id, so every shard mixes all classes (training reads
+whole shards in shuffled order and must not see one class at a time) and a re-run knows, before
+reading any input, which images belong to shards that are already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+FORMAT = "alexnet-ray/imagenet-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SCHEMA = pa.schema([
+    ("image_id", pa.string()),   # f"{split}/{stem}": unique, stable
+    ("key", pa.string()),        # the original file name
+    ("label", pa.int32()),       # position of the wnid in sorted order, the standard ImageNet index
+    ("wnid", pa.string()),
+    ("jpeg", pa.binary()),       # an RGB JPEG: as it came, or converted / resized by the prepare job
+    ("width", pa.int32()),       # of the original image
+    ("height", pa.int32()),
+])
+
+
+def shard_of(image_id: str, num_shards: int) -> int:
+    """A stable hash (not Python's salted hash()) of the image_id, modulo the shard count."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "big") % num_shards
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/part-{index:05d}"
+
+
+def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Rows (already sorted) -> one Parquet file. Row groups of ~256 images keep reads streaming."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    # JPEG bytes do not compress; the other columns are tiny.
+    pq.write_table(table, buf, row_group_size=256, compression="none")
+    return buf.getvalue()
+
+
+def write_shard(fs: pafs.FileSystem, root: str, split: str, index: int, rows: list[dict[str, Any]],
+                bad: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
+    """Write one shard and then its sidecar (the sidecar last: it marks the shard complete)."""
+    data = parquet_bytes(sorted(rows, key=lambda r: r["image_id"]))
+    name = shard_name(split, index)
+    storage.write_bytes(fs, storage.join(root, f"{name}.parquet"), data)
+    sidecar = {
+        "path": f"{name}.parquet",
+        "split": split,
+        "index": index,
+        "rows": len(rows),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "per_class": dict(sorted(Counter(r["wnid"] for r in rows).items())),
+        "converted": sum(1 for b in bad if b["action"] == "converted"),
+        "bad_files": sorted(bad, key=lambda b: b["image_id"]),
+        "options": options,
+    }
+    storage.write_bytes(fs, storage.join(root, f"{name}.json"), json.dumps(sidecar, indent=1).encode())
+    return sidecar
+
+
+def complete_shards(fs: pafs.FileSystem, root: str, split: str, options: dict[str, Any],
+                    num_shards: int) -> dict[int, dict[str, Any]]:
+    """Sidecars of shards that a previous run finished with the same options, verified by sha256.
+
+    A shard whose file is missing, differs from its sidecar's hash, or was written with other
+    options is not complete and will be written again.
+    """
+    done = {}
+    for index in range(num_shards):
+        name = shard_name(split, index)
+        sidecar_path = storage.join(root, f"{name}.json")
+        if fs.get_file_info(sidecar_path).type != pafs.FileType.File:
+            continue
+        sidecar = json.loads(storage.read_bytes(fs, sidecar_path))
+        shard_path = storage.join(root, sidecar["path"])
+        if (sidecar.get("options") == options
+                and fs.get_file_info(shard_path).type == pafs.FileType.File
+                and storage.sha256_of(fs, shard_path) == sidecar["sha256"]):
+            done[index] = sidecar
+    return done
+
+
+def build_manifest(*, source: str, classes: list[str], sidecars: dict[str, list[dict[str, Any]]],
+                   options: dict[str, Any], val_labels: str | None) -> dict[str, Any]:
+    """The manifest from every shard's sidecar. Counts add up: inputs = images written + skipped."""
+    splits = {}
+    bad_files = []
+    for split, cars in sidecars.items():
+        cars = sorted(cars, key=lambda c: c["index"])
+        per_class: Counter = Counter()
+        for car in cars:
+            per_class.update(car["per_class"])
+            bad_files += [{**b, "split": split} for b in car["bad_files"]]
+        images = sum(c["rows"] for c in cars)
+        skipped = sum(1 for c in cars for b in c["bad_files"] if b["action"] == "skipped")
+        splits[split] = {
+            "inputs": images + skipped,
+            "images": images,
+            "skipped": skipped,
+            "converted": sum(c["converted"] for c in cars),
+            "bytes": sum(c["bytes"] for c in cars),
+            "per_class": dict(sorted(per_class.items())),
+            "shards": [{k: c[k] for k in ("path", "rows", "bytes", "sha256")} for c in cars],
+        }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source,
+        "val_labels": val_labels,
+        "classes": classes,
+        "splits": splits,
+        "bad_files": bad_files,
+        "options": options,
+        "lighting": None,
+    }
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+def read_manifest(fs: pafs.FileSystem, root: str) -> tuple[dict[str, Any], str]:
+    """The manifest and the sha256 of its bytes (the data's lineage in MLflow)."""
+    data = storage.read_bytes(fs, storage.join(root, MANIFEST))
+    manifest = json.loads(data)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{storage.join(root, MANIFEST)} is not a {FORMAT} manifest")
+    return manifest, hashlib.sha256(data).hexdigest()

@@ -1,0 +1,154 @@
+"""The prepare job on every input layout, locally and on a real S3 endpoint: shards, manifest, the
+bad-file report, resizing, and a re-run that completes a half-written output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import imagenet_fixtures as fx
+from conftest import make_bucket
+from pipeline import prepare, shards, storage
+
+
+def prepare_quietly(*args, **kwargs):
+    return prepare.prepare(*args, log=lambda message: None, **kwargs)
+
+
+def shard_rows(out: str, manifest: dict, split: str) -> list[dict]:
+    fs, root = storage.resolve(out)
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        with fs.open_input_file(storage.join(root, shard["path"])) as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def check_against(expected: fx.Expected, manifest: dict, out: str) -> None:
+    """Every good image written once with its sorted-wnid label; every bad one reported; sums add up."""
+    classes = manifest["classes"]
+    assert classes == sorted(fx.WNIDS)
+    written = {}
+    for split in ("train", "val"):
+        for row in shard_rows(out, manifest, split):
+            assert row["image_id"] not in written
+            written[row["image_id"]] = row
+            assert row["label"] == classes.index(row["wnid"])
+            image = Image.open(io.BytesIO(row["jpeg"]))
+            assert image.format == "JPEG" and image.mode == "RGB"
+            if row["image_id"] in expected.coloured:  # the pixels followed the label
+                colour = np.asarray(image).reshape(-1, 3).mean(axis=0)
+                assert np.abs(colour - expected.class_colours[row["wnid"]]).max() < 12
+    good = {i: w for i, w in expected.labels.items() if i not in expected.bad}
+    assert {i: r["wnid"] for i, r in written.items()} == good
+    report = {b["image_id"]: b for b in manifest["bad_files"]}
+    assert {i for i, b in report.items() if b["action"] == "skipped"} == set(expected.bad)
+    assert {i for i, b in report.items() if b["action"] == "converted"} == set(expected.convertible)
+    assert all(b["reason"] for b in report.values())
+    for split, info in manifest["splits"].items():
+        in_split = [i for i in expected.labels if i.startswith(f"{split}/")]
+        assert info["inputs"] == len(in_split) == info["images"] + info["skipped"]
+        assert sum(info["per_class"].values()) == info["images"]
+        assert sum(s["rows"] for s in info["shards"]) == info["images"]
+
+
+@pytest.mark.parametrize("layout", ["extracted", "flat_val_loc", "flat_val_ground_truth", "archives"])
+def test_prepare_every_layout(ray_session, tmp_path, layout):
+    source = tmp_path / "imagenet"
+    if layout == "extracted":
+        expected = fx.write_extracted(source)
+    elif layout == "archives":
+        expected = fx.write_archives(source, labels="devkit_tarball")
+    else:
+        labels = layout.removeprefix("flat_val_")
+        expected = fx.write_extracted(source, val=False) | fx.write_flat_val(source, labels=labels)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+
+    out = str(tmp_path / "shards")
+    manifest = prepare_quietly(str(source), out, target_mb=0.001)
+    check_against(expected, manifest, out)
+    assert len(manifest["splits"]["train"]["shards"]) > 1  # the tiny target size made several
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # nothing extracted
+    on_disk, sha = shards.read_manifest(*storage.resolve(out))
+    assert on_disk == json.loads(shards.manifest_bytes(manifest)) and len(sha) == 64
+
+
+def test_shards_mix_the_classes(ray_session, tmp_path):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, train_per_class=12, bad=False)
+    out = str(tmp_path / "shards")
+    manifest = prepare_quietly(str(source), out, target_mb=0.002)
+    for shard in manifest["splits"]["train"]["shards"]:
+        if shard["rows"] >= 6:
+            fs, root = storage.resolve(out)
+            with fs.open_input_file(storage.join(root, shard["path"])) as f:
+                assert len(set(pq.read_table(f, columns=["label"]).column("label").to_pylist())) > 1
+
+
+def test_resize_stores_the_shorter_side_at_the_size_asked(ray_session, tmp_path):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, bad=False)
+    out = str(tmp_path / "shards")
+    manifest = prepare_quietly(str(source), out, resize=24, quality=80)  # the fixtures' shorter sides are 30..70
+    for row in shard_rows(out, manifest, "train"):
+        w, h = Image.open(io.BytesIO(row["jpeg"])).size
+        assert min(w, h) == 24 and (row["width"], row["height"]) != (w, h)
+        assert abs(w / h - row["width"] / row["height"]) < 0.1  # aspect kept
+    assert manifest["options"]["train"]["resize_shorter"] == 24
+
+
+def test_rerun_completes_a_half_written_output(ray_session, tmp_path):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, train_per_class=8)
+    out = tmp_path / "shards"
+    first = prepare_quietly(str(source), str(out), target_mb=0.002)
+    parts = sorted((out / "train").glob("part-*.parquet"))
+    assert len(parts) >= 3
+    # A crash half-way: one shard never written, one shard's bytes damaged after its sidecar.
+    lost, damaged = parts[0], parts[1]
+    lost.unlink()
+    lost.with_suffix(".json").unlink()
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
+    (out / shards.MANIFEST).unlink()
+    untouched = {p: p.stat().st_mtime_ns for p in parts[2:]}
+
+    second = prepare_quietly(str(source), str(out), target_mb=0.002)
+    assert second == first  # the same set, byte for byte (the sha256s are in the manifest)
+    assert {p: p.stat().st_mtime_ns for p in parts[2:]} == untouched  # complete shards were kept
+    assert lost.exists()
+
+
+def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):
+    from conftest import upload_folder
+
+    source = tmp_path / "imagenet"
+    expected = fx.write_archives(source, labels="loc")
+    make_bucket("raw")
+    upload_folder(source, "s3://raw/imagenet")
+    make_bucket("prepared")
+    manifest = prepare_quietly("s3://raw/imagenet", "s3://prepared/shards")
+    check_against(expected, manifest, "s3://prepared/shards")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+
+
+def test_prepare_job_lighting_and_clear_errors(ray_session, tmp_path):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, bad=False)
+    manifest = prepare_quietly(str(source), str(tmp_path / "shards"), lighting_sample=0)
+    lighting = manifest["lighting"]
+    assert len(lighting["eigval"]) == 3 and lighting["eigval"][0] >= lighting["eigval"][1] >= lighting["eigval"][2]
+    assert "data" in lighting["source"]
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_quietly(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    only_val = tmp_path / "only_val"
+    fx.write_extracted(only_val, train=False)
+    with pytest.raises(ValueError, match="no train images"):
+        prepare_quietly(str(only_val), str(tmp_path / "out"))
