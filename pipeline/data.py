@@ -252,10 +252,10 @@ def read_split(source: Source, split: str, cfg, *, shuffle: bool) -> ray.data.Da
         ds = ray.data.read_binary_files(files, include_paths=True, **kwargs)
         return ds.map_batches(partial(_from_folder, class_index=source.class_index()), batch_format="numpy")
     if source.kind == "shards":
-        ds = ray.data.read_parquet(files, columns=["image_id", "jpeg", "label"], **kwargs)
+        ds = ray.data.read_parquet(files, **kwargs).select_columns(["image_id", "jpeg", "label"])
         return ds.map_batches(_from_shards, batch_format="numpy")
     if source.kind == "huggingface":
-        ds = ray.data.read_parquet(files, columns=["image", "label"], **kwargs)
+        ds = ray.data.read_parquet(files, **kwargs).select_columns(["image", "label"])
         return ds.map_batches(_from_huggingface, batch_format="numpy")
     if source.kind == "webdataset":
         ds = ray.data.read_webdataset(files, decoder=None, **kwargs)

@@ -182,7 +182,7 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
 
     fs, root = storage.resolve(out)
     paths = [storage.join(root, s["path"]) for s in manifest["splits"]["train"]["shards"] if s["rows"]]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["jpeg"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["jpeg"])
     total = manifest["splits"]["train"]["images"]
     result = lighting.compute_lighting(ds, sample=sample or None, total_images=total)
     return result.to_dict()
