@@ -32,8 +32,14 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """MLFLOW_TRACKING_URI if set, else the local sqlite default, made absolute.
 
     Absolute, because the Ray Train controller that logs the epochs may run in another directory.
+    Under `ray job submit --working-dir` the current directory is a temporary copy that Ray deletes,
+    so there the default store is ~/alexnet-ray/mlflow.db instead.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri == DEFAULT_TRACKING_URI and "/runtime_resources/working_dir_files/" in os.getcwd():
+        home = Path.home() / "alexnet-ray"
+        home.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri

@@ -66,3 +66,32 @@ def test_train_help_and_unknown_flag_answer_without_starting_anything():
     bad = subprocess.run([sys.executable, "jobs/train.py", "--wrokers", "2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --wrokers" in bad.stderr
+
+
+def test_default_tracking_store_is_local_and_survives_ray_job_working_dirs(tmp_path, monkeypatch):
+    from pipeline.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri() == "http://mlflow:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'alexnet-ray' / 'mlflow.db'}"
+
+
+def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
+    from pipeline.runner import worker_resources
+
+    sample = config.PRESETS["sample"]
+    assert worker_resources(sample, cluster_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical
+    assert worker_resources(sample, cluster_cpus=2) == {"CPU": 0.5}      # `ray start --head` on 2 cores
+    with pytest.raises(RuntimeError, match="leaves Ray Data 0 CPU"):
+        worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), cluster_cpus=2)
+    gpu = dataclasses.replace(sample, use_gpu=True)
+    assert worker_resources(gpu, 0) == {"CPU": 1.0, "GPU": 1.0}
+    assert worker_resources(dataclasses.replace(gpu, placement="grouped"), 0)["GPU"] == 2.0
