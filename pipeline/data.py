@@ -66,6 +66,26 @@ class Source:
 
 def open_source(uri: str, *, num_classes: int = 0, manifest_sha256: str = "") -> Source:
     """Find what `uri` holds; clear errors, within seconds, for a missing path, shard or class."""
+    fs, root = _open_root(uri)
+    if fs.get_file_info(storage.join(root, shards.MANIFEST)).type == pafs.FileType.File:
+        return _open_shards(uri, fs, root, manifest_sha256)
+    if manifest_sha256:
+        raise ValueError(f"--manifest-sha256 was given but {uri!r} has no {shards.MANIFEST}")
+    found = _files_under(fs, root)
+    if any(f.path.endswith(".parquet") for f in found):
+        return _open_huggingface(uri, fs, root, found, num_classes)
+    if any(f.path.endswith(".tar") for f in found):
+        return _open_webdataset(uri, fs, root, found, num_classes)
+    return _open_image_folder(uri, fs, root, found)
+
+
+def scan_image_folder(uri: str) -> Source:
+    """An ImageNet-layout folder: <root>/{train,val}/<wnid>/<image>."""
+    fs, root = _open_root(uri)
+    return _open_image_folder(uri, fs, root, _files_under(fs, root))
+
+
+def _open_root(uri: str) -> tuple[pafs.FileSystem, str]:
     fs, root = storage.resolve(uri)
     try:
         info = fs.get_file_info(root)
@@ -75,33 +95,17 @@ def open_source(uri: str, *, num_classes: int = 0, manifest_sha256: str = "") ->
         raise FileNotFoundError(f"dataset path {uri!r} does not exist")
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"dataset path {uri!r} is not a folder")
-    if fs.get_file_info(storage.join(root, shards.MANIFEST)).type == pafs.FileType.File:
-        return _open_shards(uri, fs, root, manifest_sha256)
-    if manifest_sha256:
-        raise ValueError(f"--manifest-sha256 was given but {uri!r} has no {shards.MANIFEST}")
-
-    found = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-    if any(f.path.endswith(".parquet") for f in found):
-        return _open_huggingface(uri, fs, found, num_classes)
-    if any(f.path.endswith(".tar") for f in found):
-        return _open_webdataset(uri, fs, found, num_classes)
-    return scan_image_folder(uri, fs=fs, root=root, found=found)
+    return fs, root
 
 
-def scan_image_folder(uri: str, *, fs=None, root=None, found=None) -> Source:
-    """An ImageNet-layout folder: <root>/{train,val}/<wnid>/<image>."""
-    if fs is None:
-        fs, root = storage.resolve(uri)
-        if fs.get_file_info(root).type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"dataset path {uri!r} does not exist")
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
-            raise NotADirectoryError(f"dataset path {uri!r} is not a folder")
-        found = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                 if f.type == pafs.FileType.File]
+def _files_under(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    return [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+
+
+def _open_image_folder(uri: str, fs: pafs.FileSystem, root: str, found: list[pafs.FileInfo]) -> Source:
     files: dict[str, tuple[str, ...]] = {}
     ignored: list[str] = []
     wnids_by_split: dict[str, set[str]] = {}
-    listing = hashlib.sha256()
     for split in SPLITS:
         split_dir = storage.join(root, split)
         if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
@@ -117,8 +121,6 @@ def scan_image_folder(uri: str, *, fs=None, root=None, found=None) -> Source:
         if misplaced:
             raise ValueError(f"dataset path {uri!r}: {len(misplaced)} images are not in {split}/<wnid>/, "
                              f"e.g. {misplaced[0]!r}")
-        for f in in_split:
-            listing.update(f"{f.path.removeprefix(root)}\t{f.size}\n".encode())
         files[split] = tuple(images)
         wnids_by_split[split] = {wnid_of(p) for p in images}
 
@@ -127,7 +129,7 @@ def scan_image_folder(uri: str, *, fs=None, root=None, found=None) -> Source:
         raise ValueError(f"dataset path {uri!r}: val/ has classes that train/ lacks: {sorted(unknown)[:5]}")
     wnids = tuple(sorted(wnids_by_split["train"]))
     return Source(uri, "folder", fs, files, len(wnids), wnids, {s: len(files[s]) for s in SPLITS},
-                  listing.hexdigest(), None, tuple(ignored))
+                  _listing_hash(found, root), None, tuple(ignored))
 
 
 def _open_shards(uri: str, fs, root: str, manifest_sha256: str) -> Source:
@@ -176,12 +178,13 @@ def _by_split(uri: str, found, extension: str, layout: str) -> tuple[dict[str, t
     return {s: tuple(v) for s, v in files.items()}, ignored
 
 
-def _listing_hash(found) -> str:
-    return hashlib.sha256("".join(f"{f.path}\t{f.size}\n" for f in sorted(found, key=lambda f: f.path))
-                          .encode()).hexdigest()
+def _listing_hash(found: list[pafs.FileInfo], root: str) -> str:
+    """sha256 over every file's path (relative to the root, so a copy elsewhere matches) and size."""
+    lines = sorted(f"{f.path.removeprefix(root)}\t{f.size}\n" for f in found)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _open_huggingface(uri: str, fs, found, num_classes: int) -> Source:
+def _open_huggingface(uri: str, fs, root: str, found, num_classes: int) -> Source:
     files, ignored = _by_split(uri, found, ".parquet", "Hugging Face Parquet (image.bytes + label)")
     images: dict[str, int | None] = {}
     max_label = -1
@@ -202,14 +205,14 @@ def _open_huggingface(uri: str, fs, found, num_classes: int) -> Source:
                     if stats is not None and stats.has_min_max:
                         max_label = max(max_label, int(stats.max))
     return Source(uri, "huggingface", fs, files, num_classes or max(max_label + 1, 1), (), images,
-                  _listing_hash(found), None, tuple(ignored))
+                  _listing_hash(found, root), None, tuple(ignored))
 
 
-def _open_webdataset(uri: str, fs, found, num_classes: int) -> Source:
+def _open_webdataset(uri: str, fs, root: str, found, num_classes: int) -> Source:
     files, ignored = _by_split(uri, found, ".tar", "WebDataset (<key>.jpg + <key>.cls)")
     # A tar shard has no footer to read the labels from; ImageNet-1k's 1000 unless told otherwise.
     return Source(uri, "webdataset", fs, files, num_classes or IMAGENET_CLASSES, (), {s: None for s in SPLITS},
-                  _listing_hash(found), None, tuple(ignored))
+                  _listing_hash(found, root), None, tuple(ignored))
 
 
 def wnid_of(path: str) -> str:

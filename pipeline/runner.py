@@ -68,7 +68,7 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     cpus = cfg.cpus_per_worker or min(1.0, (cluster_cpus - 1.0) / cfg.workers)
     left_for_data = cluster_cpus - cpus * cfg.workers
     if cpus <= 0 or left_for_data < 1.0:
-        raise RuntimeError(
+        raise ValueError(
             f"{cfg.workers} train workers x {cpus:g} CPU on a cluster of {cluster_cpus:g} CPUs leaves Ray Data "
             f"{max(left_for_data, 0):g} CPU; it needs at least 1 to feed them. Use fewer --workers, a smaller "
             f"--cpus-per-worker, or a bigger cluster.")
@@ -150,7 +150,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     tracking.log_decode_failures(tracking_uri, run_id, failures)
     summary = {
         **final,
-        "best_val_top1": callback_best(tracking_uri, run_id),
+        "best_val_top1": best_val_top1(tracking_uri, run_id),
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "url": tracking.run_url(tracking_uri, run_id, run_info.experiment_id),
@@ -163,7 +163,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     return summary
 
 
-def callback_best(tracking_uri: str, run_id: str) -> float:
+def best_val_top1(tracking_uri: str, run_id: str) -> float:
     """The best val_top1 of the run, read back from MLflow (the callback lives in another process)."""
     import mlflow
 

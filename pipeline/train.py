@@ -118,7 +118,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
         model.load_state_dict(state)
 
 
-def prepare(model: torch.nn.Module, cfg: Config, devices: list[torch.device]) -> torch.nn.Module:
+def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.device]) -> torch.nn.Module:
     """Place the model (one device, or the paper's two towers on two) and wrap it in DDP.
 
     A two-device module is wrapped with device_ids=None: DDP then leaves placement to the module and
@@ -148,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes=num_classes, width=cfg.width,
                         image_size=cfg.crop_size, dropout=cfg.dropout, init=cfg.init)
-    model = prepare(model, cfg, devices)
+    model = place_and_wrap(model, cfg, devices)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
 

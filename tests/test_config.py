@@ -90,7 +90,7 @@ def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
     sample = config.PRESETS["sample"]
     assert worker_resources(sample, cluster_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical
     assert worker_resources(sample, cluster_cpus=2) == {"CPU": 0.5}      # `ray start --head` on 2 cores
-    with pytest.raises(RuntimeError, match="leaves Ray Data 0 CPU"):
+    with pytest.raises(ValueError, match="leaves Ray Data 0 CPU"):
         worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), cluster_cpus=2)
     gpu = dataclasses.replace(sample, use_gpu=True)
     assert worker_resources(gpu, 0) == {"CPU": 1.0, "GPU": 1.0}
