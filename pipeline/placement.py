@@ -255,3 +255,13 @@ def grouped_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, TwoTowerAlexNet):
         return model.grouped_state_dict()
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+
+def load_grouped_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """The inverse of grouped_state_dict: single-device weights into a placed model of either form."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, TwoTowerAlexNet):
+        model.load_grouped_state_dict(state)
+    else:
+        model.load_state_dict(state)

@@ -22,7 +22,7 @@ from pipeline import stages
 from pipeline.config import Config
 from pipeline.evaluate import EvalSums, evaluate, topk_correct
 from pipeline.model import build_model
-from pipeline.placement import TwoTowerAlexNet, grouped_state_dict, place_model
+from pipeline.placement import grouped_state_dict, load_grouped_state_dict, place_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
@@ -109,15 +109,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Grouped-layout weights into either form of the model."""
-    model = unwrap(model)
-    if isinstance(model, TwoTowerAlexNet):
-        model.load_grouped_state_dict(state)
-    else:
-        model.load_state_dict(state)
-
-
 def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.device]) -> torch.nn.Module:
     """Place the model (one device, or the paper's two towers on two) and wrap it in DDP.
 
@@ -157,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:  # a restart after a failure: continue from the last reported epoch
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        load_weights(model, state["model"])
+        load_grouped_state_dict(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1

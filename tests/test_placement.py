@@ -248,3 +248,13 @@ def test_gpu_check_script_runs_on_cpu():
     assert report["images_per_s"]["data"] > 0 and report["images_per_s"]["grouped"] > 0
     assert report["grouped_over_data"] == pytest.approx(report["images_per_s"]["grouped"]
                                                         / report["images_per_s"]["data"], rel=1e-3)
+
+
+def test_load_grouped_state_dict_fills_either_form_of_the_model():
+    from pipeline.placement import load_grouped_state_dict
+
+    source = small()
+    state = grouped_state_dict(source)
+    for target in (small(), TwoTowerAlexNet.from_grouped(small())):
+        load_grouped_state_dict(target, state)
+        assert all(torch.equal(state[k], v) for k, v in grouped_state_dict(target).items())
