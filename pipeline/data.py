@@ -294,12 +294,12 @@ class DecodeFailures:
 
 
 def _decode(batch: dict, *, min_size: int, report) -> dict:
-    """Decode what decodes; report the rest by key and leave them out of the batch."""
+    """Decode what decodes; report the rest by key and leave them out of the batch. Without a
+    report to name them in, the first undecodable image stops the job (DecodeError names it)."""
+    if report is None:
+        return stages.decode(batch, min_size=min_size)
     batch = stages.decode(batch, min_size=min_size, errors="collect")
     if batch["failed"]:
-        if report is None:
-            key, reason = next(iter(batch["failed"].items()))
-            raise stages.DecodeError(key, reason)
         report.add.remote(batch["failed"])
     return batch
 

@@ -146,8 +146,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         raise
 
     final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
-    failures = ray.get(report.get.remote())
-    tracking.log_decode_failures(tracking_uri, run_id, failures)
+    failures = ray.get(report.get.remote())  # already in MLflow: the callback logs them every epoch
     summary = {
         **final,
         "best_val_top1": best_val_top1(tracking_uri, run_id),

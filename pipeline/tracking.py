@@ -90,13 +90,15 @@ def run_url(tracking_uri: str, run_id: str, experiment_id: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"
 
 
-def log_decode_failures(tracking_uri: str, run_id: str, failures: dict[str, str], step: int = 0) -> None:
-    """The run's report of images that could not be decoded: an artifact naming each, and a count."""
+def log_decode_failures(tracking_uri: str, run_id: str, failures: dict[str, str], *, step: int,
+                        artifact: bool) -> None:
+    """The run's report of images that could not be decoded: a count every epoch, and (when it grew)
+    the artifact naming each one with its reason."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     client.log_metric(run_id, "decode_failures", len(failures), step=step)
-    if failures:
+    if artifact:
         client.log_dict(run_id, dict(sorted(failures.items())), "decode_failures.json")
 
 
@@ -131,9 +133,9 @@ class MLflowCallback(ray.train.UserCallback):
             self._register(model_id, m, epoch)
         if self.decode_failures is not None:
             failures = ray.get(self.decode_failures.get.remote())
-            if len(failures) > self.failures_logged:
-                log_decode_failures(self.tracking_uri, self.run_id, failures, step=epoch)
-                self.failures_logged = len(failures)
+            log_decode_failures(self.tracking_uri, self.run_id, failures, step=epoch,
+                                artifact=len(failures) > self.failures_logged)
+            self.failures_logged = len(failures)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         import mlflow
