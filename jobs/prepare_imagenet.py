@@ -6,7 +6,8 @@
 
 The input folder may hold train/<wnid>/ and val/<wnid>/ folders, the flat official val folder with
 LOC_val_solution.csv or the devkit, or ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar as
-downloaded (read in place, never extracted). Re-running completes a partial output.
+downloaded (read in place, never extracted). One Ray task writes each shard, in parallel over the
+cluster's CPUs; re-running completes a partial output (pipeline/prepare.py).
 """
 
 import argparse
@@ -29,7 +30,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt (default: found in source)")
     parser.add_argument("--devkit", default=None,
                         help="ILSVRC2012_devkit_t12 folder, .tar.gz or meta.mat (default: found in source)")
-    parser.add_argument("--files-per-task", type=int, default=256, help="input files read by one task")
     parser.add_argument("--lighting-sample", type=int, default=None,
                         help="compute §4.1's PCA lighting from this many train images (0 = all) into the manifest")
     args = parser.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         connect_ray()
         prepare.prepare(args.source, args.output, resize=args.resize, quality=args.quality,
                         target_mb=args.shard_mb, val_labels=args.val_labels, devkit=args.devkit,
-                        files_per_unit=args.files_per_task, lighting_sample=args.lighting_sample)
+                        lighting_sample=args.lighting_sample)
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import stages
+from pipeline import device_stages
 
 
 @dataclass
@@ -60,7 +60,7 @@ def score_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     """
     crops = images.shape[1] if images.dim() == 5 else 1
     flat = images.reshape(-1, *images.shape[-3:])
-    logits = model(stages.normalize(stages.to_float(flat)))
+    logits = model(device_stages.normalize(device_stages.to_float(flat)))
     probs = logits.float().softmax(dim=1).reshape(len(labels), crops, -1).mean(dim=1)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
     return EvalSums(loss.item(), topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), len(labels))

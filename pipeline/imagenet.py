@@ -1,5 +1,5 @@
 """ImageNet (ILSVRC-2012) as users hold it: label metadata, the known odd files, one image made
-clean, and the input layouts cut into independent units of work for the prepare job.
+clean, and the input layouts listed as members that can be read one by one.
 
 Layouts under a root (a local folder or s3://bucket/prefix), found per split:
 
@@ -13,8 +13,9 @@ data/ILSVRC2012_validation_ground_truth.txt with its data/meta.mat (the ILSVRC20
 or the ILSVRC2012_devkit_t12.tar.gz as downloaded).
 
 Archives are read in place, as byte ranges of the archive file (local or on object storage):
-nothing is extracted to disk. No Ray here: the prepare job ships InputUnits to its tasks and
-calls iter_records in each.
+nothing is extracted to disk. Every file is named by an image_id (image_id_of) before it is read,
+so the prepare job can give each file its shard up front and read it only in the task that writes
+that shard. No Ray here: the prepare job ships InputUnits to its tasks and calls iter_records in each.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ import io
 import posixpath
 import re
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
+import cv2
 import numpy as np
 import pyarrow.fs as pafs
-from PIL import Image, ImageFile, UnidentifiedImageError
+import simplejpeg
+from PIL import Image, ImageFile
 
-from pipeline.storage import join, resolve
+from pipeline import decode
+from pipeline.storage import join, read_bytes, resolve
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -51,6 +57,7 @@ ValLabels = Callable[[], tuple[dict[str, str], str]]
 
 WNID = re.compile(r"n\d{8}")
 VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 # The one PNG and the 22 CMYK JPEGs of the train set, all named .JPEG. Source: tensorflow/models,
 # research/inception/inception/data/build_imagenet_data.py (_is_png, _is_cmyk), which credits
@@ -194,10 +201,16 @@ _MODE_NAMES = {"L": "grayscale (L)", "LA": "grayscale with alpha (LA)", "P": "pa
 def clean_image(data: bytes, *, key: str, resize_shorter: int | None = None, quality: int = 90) -> CleanImage:
     """Any image file's bytes -> an RGB JPEG, or BadImage naming `key` and why.
 
-    An RGB JPEG that needs no resize comes back byte for byte (no second lossy pass). PNG, CMYK,
-    grayscale, palette and alpha images are converted to RGB and encoded at `quality`; `note` says
-    from what. resize_shorter: scale so the shorter side is that many pixels (Lanczos), never up.
-    width/height are the original's. Every byte is decoded here, so truncated files fail now.
+    The pixels come from decode.decode_image, the decoder training uses, so a shard holds what
+    training would have seen in the file, and a bad file is refused for the same reason, in words
+    ("zero-byte file", "truncated or corrupt JPEG (...)"). An RGB JPEG that needs no resize comes
+    back byte for byte (no second lossy pass); it is still decoded to the last byte, so a truncated
+    file fails now and not in training. PNG, CMYK, grayscale, palette and alpha images are converted
+    (alpha over white: decode.to_rgb) and encoded at `quality`; `note` says from what.
+
+    resize_shorter: scale so the shorter side is that many pixels, never up. libjpeg decodes at 1/2,
+    1/4 or 1/8 while the shorter side stays >= resize_shorter, and an area-averaging resize
+    (cv2.INTER_AREA) makes the exact size from there. width/height are the original's.
     """
     if resize_shorter is not None and resize_shorter < 1:
         raise ValueError(f"resize_shorter must be a positive number of pixels or None, got {resize_shorter}")
@@ -207,37 +220,35 @@ def clean_image(data: bytes, *, key: str, resize_shorter: int | None = None, qua
         # With it on, PIL pads a cut-off file with grey and calls it good; a bad file would slip through.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; clean_image needs it "
                            "off to tell truncated files from good ones")
-    if not data:
-        raise BadImage(key, "zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-    except UnidentifiedImageError:
-        raise BadImage(key, f"not an image: {len(data)} bytes starting {data[:16]!r}") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken headers
+        # min_size never decodes below the size asked for: an image that needs no resize comes at full size.
+        pixels = decode.decode_image(data, key=key, min_size=resize_shorter)
+    except decode.DecodeError as e:
+        raise BadImage(key, e.reason) from None
+    try:
+        header = Image.open(io.BytesIO(data))  # the header only: the original's size, format and mode
+    except Exception as e:  # decode_image read it, so this is unexpected; still a named file, not a crash
         raise BadImage(key, f"unreadable header ({type(e).__name__}: {e})") from None
-    try:
-        img.load()  # decode every byte now, so a cut-off file fails here and not in training
-    except Exception as e:
-        raise BadImage(key, f"truncated or corrupt {img.format} ({type(e).__name__}: {e})") from None
 
-    width, height = img.size
-    converted = img.format not in _JPEG_FORMATS or img.mode != "RGB"
-    new_size = _shorter_side_to(img.size, resize_shorter)
+    width, height = header.size
+    converted = header.format not in _JPEG_FORMATS or header.mode != "RGB"
+    new_size = _shorter_side_to(header.size, resize_shorter)
     if not converted and new_size is None:
         return CleanImage(data, width, height, "")
 
     note = ""
     if converted:
-        sources = [img.format or "an unknown format"] if img.format not in _JPEG_FORMATS else []
-        if img.mode != "RGB":
-            sources.append(_MODE_NAMES.get(img.mode, img.mode))
+        sources = [header.format or "an unknown format"] if header.format not in _JPEG_FORMATS else []
+        if header.mode != "RGB":
+            sources.append(_MODE_NAMES.get(header.mode, header.mode))
         note = "converted from " + ", ".join(sources)
-    rgb = _to_rgb(img)
-    if new_size is not None:
-        rgb = rgb.resize(new_size, Image.LANCZOS)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=quality)  # baseline, 4:2:0 chroma: what every decoder reads
-    return CleanImage(out.getvalue(), width, height, note)
+    if new_size is not None and pixels.shape[1::-1] != new_size:
+        # Area averaging from the DCT-reduced image: every source pixel counts once, no aliasing.
+        pixels = cv2.resize(pixels, new_size, interpolation=cv2.INTER_AREA)
+    # Baseline with 4:2:0 chroma, as PIL writes by default: what every JPEG decoder reads.
+    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
+    return CleanImage(jpeg, width, height, note)
 
 
 def _shorter_side_to(size: tuple[int, int], shorter: int | None) -> tuple[int, int] | None:
@@ -251,78 +262,80 @@ def _shorter_side_to(size: tuple[int, int], shorter: int | None) -> tuple[int, i
     return max(1, round(width * scale)), shorter
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if "A" in img.getbands() or "transparency" in img.info:
-        # Transparent pixels hold arbitrary colour (often black); show them over white, as a viewer would.
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")  # CMYK (Adobe-inverted handled by PIL), grayscale, palette
-
-
 # ---------------------------------------------------------------------------------------------
-# Input layouts -> independent units of work
+# Input layouts -> members, each named (image_id_of) before it is read
+
+# Object storage answers each GET after tens of milliseconds: a reader keeps this many reads in flight.
+FETCH_THREADS = 16
+# tarfile in seek mode reads each member's header and seeks past its data: one read per member.
+# Locally a small read costs microseconds. On object storage each read is a GET with tens of ms of
+# latency, and a ~140 MB <wnid>.tar holds ~1,300 images: reading 8 MiB ahead takes ~17 GETs (every
+# byte once, sequentially) instead of ~1,300 header GETs, one after another.
+INDEX_READ_LOCAL = 8 << 10
+INDEX_READ_REMOTE = 8 << 20
+# ImageNet's own file names: an image_id by themselves, whatever folder or archive holds them.
+IMAGENET_NAME = re.compile(r"n\d{8}_\d+|ILSVRC2012_val_\d{8}")
 
 
 @dataclass(frozen=True)
 class Record:
     split: str     # "train" | "val"
-    image_id: str  # f"{split}/{stem}": unique within the data set and stable across runs
+    image_id: str  # image_id_of(split, member name): unique within the data set and stable across runs
     key: str       # the original file name, e.g. "n01440764_10026.JPEG"
-    wnid: str      # its class; "" for a stray file found where no image belongs (report it)
+    wnid: str      # its class; "" for a stray file found where no image belongs (see skip_reason)
     data: bytes    # the file's bytes, untouched
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # ImageNet has 1.33 million: no per-object __dict__
 class Member:
-    """One file of a unit: a path under unit.uri, or a member of the archive unit.uri."""
+    """One file: a path under its unit's uri, or the bytes [offset, offset + size) of the archive at it.
+
+    name: folders, the path under the root ("train/n01440764/n01440764_10026.JPEG"); archives, the
+    member's name ("ILSVRC2012_val_00000001.JPEG"; "n01440764.tar/n01440764_10026.JPEG" inside an
+    inner tar).
+    """
     name: str
-    wnid: str
+    wnid: str        # its class; "" when no folder, inner tar or val label gives it one
     size: int
     offset: int = 0  # archives: where the member's data starts in the archive file
 
 
 @dataclass(frozen=True)
 class InputUnit:
-    """One independent piece of work: plain data (URIs, not filesystems), so it pickles to a Ray task.
+    """Members read from one place in one way; plain data (URIs, not filesystems), so it pickles to a
+    Ray task, and a unit holding only some of the members is read the same way.
 
-    kind "files":       members are paths under uri (a root folder / prefix), read one by one
-    kind "tar_members": members are byte ranges of the archive at uri (the val tar; stray files of the
-                        train tar), each read directly
-    kind "inner_tar":   one <wnid>.tar inside the train archive at uri, bytes [offset, offset + nbytes),
-                        streamed; its members are first seen when read, so count is None
+    kind "files":       members are paths under uri (the root folder / prefix)
+    kind "tar_members": members are byte ranges of the archive at uri (the val tar; the stray files of
+                        the train tar; an inner tar's images once index_inner_tar has listed them)
+    kind "inner_tar":   one member, a <wnid>.tar inside the train archive at uri, whose own files are
+                        known once index_inner_tar has read its headers (count None until then)
     """
     split: str
     kind: str
     uri: str
-    nbytes: int        # bytes this unit reads: for scheduling and progress
-    count: int | None  # records it yields, when known
+    nbytes: int        # bytes of its members: sizes the shards
+    count: int | None  # files it holds, when known
     members: tuple[Member, ...] = ()
-    wnid: str = ""     # inner_tar: the class of everything in it
-    offset: int = 0    # inner_tar: where it starts in the archive
 
 
-def discover_inputs(root: str, *, val_labels: str | None = None, devkit: str | None = None,
-                    files_per_unit: int = 256) -> list[InputUnit]:
-    """Find each split's layout under root and cut it into units; see the module docstring.
+def discover_inputs(root: str, *, val_labels: str | None = None, devkit: str | None = None) -> list[InputUnit]:
+    """Find each split's layout under root and list its files; see the module docstring.
 
     val_labels: URI of LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt; devkit: URI of
     the ILSVRC2012_devkit_t12 folder, its .tar.gz, or its meta.mat. Without them both are looked for
     in root; they are needed only for the flat val layouts. Labels are checked here: a val image
     without one is a ValueError before any work starts.
     """
-    if files_per_unit < 1:
-        raise ValueError(f"files_per_unit must be >= 1, got {files_per_unit}")
     fs, base = resolve(root)
-    root_uri = _as_uri(root, base)
+    root_uri = as_uri(root, base)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"ImageNet root {root!r} does not exist")
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"ImageNet root {root!r} is a file; expected a folder holding {', '.join(LAYOUTS)}")
     entries = {i.base_name: i.type for i in fs.get_file_info(pafs.FileSelector(base))}
-    labels = cache(lambda: _val_labels(root_uri, val_labels, devkit))  # read only if a val layout needs them
+    labels = val_labels_finder(root_uri, val_labels, devkit)
 
     units: list[InputUnit] = []
     for split, archive in (("train", TRAIN_TAR), ("val", VAL_TAR)):
@@ -332,82 +345,149 @@ def discover_inputs(root: str, *, val_labels: str | None = None, devkit: str | N
             raise ValueError(f"{root!r} holds both {split}/ and {archive}: move one away so each {split} image "
                              f"is read once")
         if has_folder:
-            members = _folder_members(fs, base, split, labels)
-            units += _chunk(split, "files", root_uri, members, files_per_unit)
+            units += _units(split, "files", root_uri, folder_members(fs, base, split, labels))
         elif has_archive:
-            units += _archive_units(fs, join(base, archive), join(root_uri, archive), split, labels, files_per_unit)
+            units += _archive_units(fs, join(base, archive), join(root_uri, archive), split, labels)
     if not units:
         raise FileNotFoundError(f"no ImageNet images under {root!r}: looked for {', '.join(LAYOUTS)}")
     return units
 
 
-def iter_records(unit: InputUnit) -> Iterator[Record]:
-    """Every file of one unit as a Record, non-images included; reads only what the unit names."""
+def index_inner_tar(unit: InputUnit) -> InputUnit:
+    """An inner_tar unit -> a tar_members unit: its files as byte ranges of the outer archive.
+
+    tarfile in seek mode reads only the headers, through a read-ahead sized for the filesystem
+    (INDEX_READ_LOCAL / INDEX_READ_REMOTE). Its files get the inner tar's class.
+    """
+    if unit.kind != "inner_tar":
+        raise ValueError(f"index_inner_tar takes an inner_tar unit, got kind {unit.kind!r}")
+    (inner,) = unit.members
     fs, path = resolve(unit.uri)
-    if unit.kind == "files":
-        for member in unit.members:
-            with fs.open_input_stream(join(path, member.name)) as f:
-                yield _record(unit.split, member.name, member.wnid, f.read())
-    elif unit.kind == "tar_members":
-        with fs.open_input_file(path) as f:
-            for member in unit.members:
-                data = f.read_at(member.size, member.offset)
-                if len(data) != member.size:
-                    raise OSError(f"{unit.uri}: member {member.name!r} ends after {len(data)} of {member.size} "
-                                  f"bytes; did the archive change since discover_inputs?")
-                yield _record(unit.split, member.name, member.wnid, data)
-    elif unit.kind == "inner_tar":
-        with fs.open_input_file(path) as f:
-            # Buffered: tarfile's stream mode reads 10 KiB at a time, one request each on object storage.
-            stream = io.BufferedReader(_ByteRange(f, unit.offset, unit.nbytes), buffer_size=8 << 20)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for info in tar:
-                    if info.isdir():
-                        continue
-                    if not info.isfile():
-                        raise ValueError(f"{unit.uri}: {info.name!r} in the inner tar at byte {unit.offset} is "
-                                         f"neither a file nor a folder")
-                    yield _record(unit.split, info.name, unit.wnid, tar.extractfile(info).read())
-    else:
-        raise ValueError(f"unknown InputUnit kind {unit.kind!r}")
+    read_ahead = INDEX_READ_LOCAL if isinstance(fs, pafs.LocalFileSystem) else INDEX_READ_REMOTE
+    with fs.open_input_file(path) as f:
+        view = io.BufferedReader(_ByteRange(f, inner.offset, inner.size), buffer_size=read_ahead)
+        try:
+            with tarfile.open(fileobj=view, mode="r:") as tar:
+                infos = tar.getmembers()
+        except tarfile.TarError as e:
+            raise ValueError(f"{unit.uri}: {inner.name} (bytes {inner.offset}..{inner.offset + inner.size}) is "
+                             f"not a readable tar ({e}); is the archive complete?") from None
+    members = []
+    for info in infos:
+        if info.isdir():
+            continue
+        if not info.isfile():
+            raise ValueError(f"{unit.uri}: {info.name!r} in {inner.name} is neither a file nor a folder")
+        members.append(Member(f"{inner.name}/{info.name}", inner.wnid, info.size, inner.offset + info.offset_data))
+    check_unique_ids(unit.split, members)
+    return InputUnit(unit.split, "tar_members", unit.uri, nbytes=sum(m.size for m in members),
+                     count=len(members), members=tuple(members))
+
+
+def iter_records(unit: InputUnit, threads: int = FETCH_THREADS) -> Iterator[Record]:
+    """Every member of one unit as a Record, in order, stray files included; reads only what the unit
+    names, with up to `threads` reads in flight. An inner tar is indexed first."""
+    if unit.kind == "inner_tar":
+        unit = index_inner_tar(unit)
+    fs, path = resolve(unit.uri)
+    with ExitStack() as stack:
+        if unit.kind == "files":
+            fetch = lambda m: read_bytes(fs, join(path, m.name))  # noqa: E731
+        elif unit.kind == "tar_members":
+            fetch = partial(_read_member, stack.enter_context(fs.open_input_file(path)), unit.uri)
+        else:
+            raise ValueError(f"unknown InputUnit kind {unit.kind!r}")
+        for member, data in _fetch_ahead(fetch, unit.members, threads):
+            yield Record(unit.split, image_id_of(unit.split, member.name), posixpath.basename(member.name),
+                         member.wnid, data)
+
+
+def skip_reason(member: Member) -> str:
+    """Why a file is not read as an image, from its class and name alone; "" when it is one.
+
+    The rule training from a folder applies (sources.py reads the members with a wnid and an image
+    name), so the prepare job and training take the same files.
+    """
+    if not member.wnid:
+        return "in no class: no <wnid>/ folder or <wnid>.tar holds it, no val label names it"
+    if not is_image_name(member.name):
+        return f"not an image file name (images end in {', '.join(IMAGE_EXTENSIONS)}, any case)"
+    return ""
 
 
 def image_id_of(split: str, name: str) -> str:
-    """The image_id of the file or archive member `name` in `split`."""
-    return f"{split}/{_stem(posixpath.basename(name))}"
+    """The image_id of the file or archive member `name` (a Member.name) in `split`.
+
+    ImageNet's own names keep their short id, f"{split}/{stem}" ("train/n01440764_10026",
+    "val/ILSVRC2012_val_00000001"), whichever layout they came in. Any other file is named by its
+    path under the split folder ("train/cat/0.jpg"), so an ImageFolder dataset with 0.jpg in every
+    class does not collide. A rule per file: a re-run computes shards from ids before reading.
+    """
+    stem = _stem(posixpath.basename(name))
+    if IMAGENET_NAME.fullmatch(stem):
+        return f"{split}/{stem}"
+    return f"{split}/{name.removeprefix(f'{split}/')}"
 
 
-def _record(split: str, name: str, wnid: str, data: bytes) -> Record:
-    return Record(split, image_id_of(split, name), posixpath.basename(name), wnid, data)
+def check_unique_ids(split: str, members: list[Member]) -> None:
+    """image_ids key the shards: two files with one id would be one image twice."""
+    ids = Counter(image_id_of(split, m.name) for m in members)
+    repeated = [image_id for image_id, n in ids.items() if n > 1]
+    if repeated:
+        where = [m.name for m in members if image_id_of(split, m.name) == repeated[0]]
+        raise ValueError(f"{len(repeated)} {split} image_ids belong to more than one file, e.g. {repeated[0]!r} "
+                         f"to {where[:3]}: an ImageNet name (<wnid>_<n>, ILSVRC2012_val_<8 digits>) is the id "
+                         f"whatever its folder or extension. Remove or rename the copies")
 
 
 def _stem(key: str) -> str:
     return posixpath.splitext(key)[0]  # ".DS_Store" stays ".DS_Store"
 
 
-def _as_uri(root: str, path: str) -> str:
+def as_uri(root: str, path: str) -> str:
     """The resolved path back as a URI a Ray task can resolve again (absolute for local roots)."""
     return f"s3://{path}" if root.startswith("s3://") else path
 
 
-def _chunk(split: str, kind: str, uri: str, members: list[Member], size: int) -> list[InputUnit]:
-    _check_unique(split, members)
-    return [InputUnit(split, kind, uri, nbytes=sum(m.size for m in part), count=len(part), members=tuple(part))
-            for part in (members[i:i + size] for i in range(0, len(members), size))]
+def _units(split: str, kind: str, uri: str, members: list[Member]) -> list[InputUnit]:
+    """The members as one unit (none when there are none); their ids checked unique."""
+    if not members:
+        return []
+    check_unique_ids(split, members)
+    return [InputUnit(split, kind, uri, nbytes=sum(m.size for m in members), count=len(members),
+                      members=tuple(members))]
 
 
-def _check_unique(split: str, members: list[Member]) -> None:
-    """image_ids key the shards: two files with one name (say .DS_Store in every class folder) collide."""
-    counts = Counter(_stem(posixpath.basename(m.name)) for m in members)
-    repeated = [stem for stem, n in counts.items() if n > 1]
-    if repeated:
-        where = [m.name for m in members if _stem(posixpath.basename(m.name)) == repeated[0]]
-        raise ValueError(f"{len(repeated)} {split} file names occur more than once, so their image_ids "
-                         f"'{split}/<stem>' collide; e.g. {where[:3]}. Remove or rename the copies")
+def _read_member(archive, uri: str, member: Member) -> bytes:
+    data = archive.read_at(member.size, member.offset)
+    if len(data) != member.size:
+        raise OSError(f"{uri}: member {member.name!r} ends after {len(data)} of {member.size} bytes; did the "
+                      f"archive change since discover_inputs?")
+    return data
 
 
-def _folder_members(fs: pafs.FileSystem, base: str, split: str, labels: ValLabels) -> list[Member]:
-    """Files under root/<split>/: class folders give the wnid, else (flat val) the val labels do."""
+def _fetch_ahead(fetch: Callable, items, threads: int) -> Iterator[tuple]:
+    """(item, fetch(item)) for each item, in order, with up to `threads` fetches in flight: object
+    storage's latency overlaps with the caller's work, and memory holds `threads` files at most."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(fetch, item)))
+            if len(pending) >= threads:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+
+
+def folder_members(fs: pafs.FileSystem, base: str, split: str, labels: ValLabels) -> list[Member]:
+    """Every file under base/<split>/: class folders give the wnid, else (flat val) the val labels do.
+
+    The one reading of the folder layout: the prepare job converts these members and training from
+    the folder reads them (those with a wnid and an image name, is_image_name), so both see the
+    same images with the same labels. A file beside the class folders gets wnid "".
+    """
     split_dir = join(base, split)
     listing = fs.get_file_info(pafs.FileSelector(split_dir, recursive=True))
     files = sorted((i for i in listing if i.type == pafs.FileType.File), key=lambda i: i.path)
@@ -420,6 +500,16 @@ def _folder_members(fs: pafs.FileSystem, base: str, split: str, labels: ValLabel
     # Class folders: the first folder is the class; a file beside them belongs to none (wnid "").
     return [Member(join(split, *parts), parts[0] if len(parts) > 1 else "", i.size)
             for i, parts in zip(files, relative)]
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file is taken for an image by its name (ImageNet's are all .JPEG, its one PNG included)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def val_labels_finder(root_uri: str, val_labels: str | None = None, devkit: str | None = None) -> ValLabels:
+    """The val labels of a root, looked up (see _val_labels) only when a flat val layout asks for them."""
+    return cache(lambda: _val_labels(root_uri, val_labels, devkit))
 
 
 def _label_val(members: list[Member], labels: ValLabels) -> list[Member]:
@@ -439,9 +529,8 @@ def _label_val(members: list[Member], labels: ValLabels) -> list[Member]:
     return out
 
 
-def _archive_units(fs: pafs.FileSystem, path: str, uri: str, split: str,
-                   labels: ValLabels, files_per_unit: int) -> list[InputUnit]:
-    """Index the archive's headers once (tarfile seeks past the data) and cut it into units."""
+def _archive_units(fs: pafs.FileSystem, path: str, uri: str, split: str, labels: ValLabels) -> list[InputUnit]:
+    """Index the archive's headers once (tarfile seeks past the data) and list its members."""
     with fs.open_input_file(path) as f:
         # tarfile makes two small reads per member (a byte before the header, then the header): one
         # request each on object storage. The val tar's 50,000 members average ~110 KB, so reading
@@ -456,32 +545,43 @@ def _archive_units(fs: pafs.FileSystem, path: str, uri: str, split: str,
     files = [Member(info.name, "", info.size, info.offset_data) for info in infos if info.isfile()]
 
     if split == "val":
-        return _chunk(split, "tar_members", uri, _label_val(files, labels), files_per_unit)
-    # Train: one unit per <wnid>.tar; anything else in the outer tar is yielded as a stray file.
-    def class_of(m: Member) -> str | None:
+        return _units(split, "tar_members", uri, _label_val(files, labels))
+    # Train: an inner_tar unit per <wnid>.tar; anything else in the outer tar is a stray file (wnid "").
+    def class_of(m: Member) -> str:
         stem = _stem(posixpath.basename(m.name))
-        return stem if m.name.endswith(".tar") and WNID.fullmatch(stem) else None
+        return stem if m.name.endswith(".tar") and WNID.fullmatch(stem) else ""
 
-    units = [InputUnit(split, "inner_tar", uri, nbytes=m.size, count=None, wnid=class_of(m), offset=m.offset)
+    inner = [InputUnit(split, "inner_tar", uri, nbytes=m.size, count=None,
+                       members=(Member(m.name, class_of(m), m.size, m.offset),))
              for m in files if class_of(m)]
-    strays = [m for m in files if not class_of(m)]
-    return units + _chunk(split, "tar_members", uri, strays, files_per_unit)
+    return inner + _units(split, "tar_members", uri, [m for m in files if not class_of(m)])
 
 
 class _ByteRange(io.RawIOBase):
-    """Bytes [offset, offset + size) of a random-access file, read in place: an inner tar as a stream."""
+    """Bytes [offset, offset + size) of a random-access file as a seekable file of their own, read in
+    place: an inner tar that tarfile can open without extracting it."""
 
     def __init__(self, f, offset: int, size: int):
-        self._f, self._pos, self._end = f, offset, offset + size
+        self._f, self._start, self._size, self._pos = f, offset, size, 0
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + pos
+        return self._pos
+
     def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._end - self._pos)
+        n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        data = self._f.read_at(n, self._pos)
+        data = self._f.read_at(n, self._start + self._pos)
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)

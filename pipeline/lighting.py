@@ -5,19 +5,19 @@ training image, we add multiples of the found principal components, with magnitu
 to the corresponding eigenvalues times a random variable drawn from a Gaussian with mean zero and
 standard deviation 0.1."
 
-stages.pca_lighting does the adding; this module finds the components, once, in one Ray Data pass:
+device_stages.pca_lighting does the adding; this module finds the components, once, in one Ray Data pass:
 
-    jpeg -> decode -> resize_center(size) -> per-batch sums of x and x x^T    [CPU tasks]
+    jpeg -> center_crops(size, size) -> per-batch sums of x and x x^T         [CPU tasks]
          -> summed on the driver -> covariance -> eigh -> Lighting            [a few floats]
 
-Pixels are scaled to [0, 1] before the sums because that is the scale stages.pca_lighting adds its
+Pixels are scaled to [0, 1] before the sums because that is the scale device_stages.pca_lighting adds its
 shift to (after to_float, before normalize); an eigenvalue found on 0..255 pixels would be 255^2
 times too large there. A covariance is a sum of moments, so the pass is one map and one tiny
 reduction, whatever the number of images.
 
-Each image is reduced to the central size x size square that resize_center gives training (§2), at
+Each image is reduced to the central size x size square that training crops from (§2), at
 size=64 instead of 256. Every image then weighs the same (size^2 pixels), as in training, and the
-decoder does most of the shrinking for free (stages.decode_one's draft mode: libjpeg decodes an
+decoder does most of the shrinking for free (decode.decode_image's DCT scaling: libjpeg decodes an
 ImageNet JPEG at 1/4 scale when the shorter side only has to reach 64). Averaging neighbouring
 pixels keeps the direction of the colour components and most of their size. Measured with this
 module on the two natural photos shipped with scikit-learn (china.jpg, flower.jpg, 640x427),
@@ -53,7 +53,7 @@ OVERDRAW_SIGMAS = 5.0
 
 @dataclass(frozen=True)
 class Lighting:
-    """The §4.1 PCA of RGB pixel values in [0, 1]: what stages.pca_lighting takes, and where it came from."""
+    """The §4.1 PCA of RGB pixel values in [0, 1]: what device_stages.pca_lighting takes, and where it came from."""
 
     eigval: tuple[float, float, float]                   # descending; variances along eigvec's columns
     eigvec: tuple[tuple[float, float, float], ...]       # 3x3 rows; COLUMNS are the eigenvectors
@@ -118,9 +118,8 @@ IMAGENET = Lighting(
 
 def _image_moments(batch: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image: sum of x (N, 3) and of x x^T (N, 3, 3) over its size x size pixels, x in [0, 1]."""
-    keys = batch.get("key", batch.get("path", ["?"] * len(batch["jpeg"])))
-    images = stages.decode({"jpeg": batch["jpeg"], "key": [str(k) for k in keys]}, min_size=size)
-    images = stages.resize_center(images, size=size)["image"]            # (N, size, size, 3) uint8
+    keys = [str(k) for k in batch.get("key", batch.get("path", ["?"] * len(batch["jpeg"])))]
+    images = stages.center_crops({"jpeg": batch["jpeg"], "key": keys}, resize_size=size, crop_size=size)["image"]
     x = images.reshape(len(images), -1, 3).astype(np.float64)            # (N, P, 3), 0..255
     # Integer-valued float64 sums are exact (P * 255^2 << 2^53); scale to [0, 1] once at the end.
     total = x.sum(axis=1) / 255.0                                        # (N, 3)

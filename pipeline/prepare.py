@@ -1,27 +1,33 @@
-"""ImageNet as users hold it -> Parquet shards + manifest, as one Ray Data job.
+"""ImageNet as users hold it -> Parquet shards + manifest, as Ray tasks with no shuffle.
 
-    input units (imagenet.discover_inputs: files, val-tar members, inner train tars)
-      -> read_unit        one task per unit, in parallel; rows of raw bytes tagged with their shard
-      -> clean_rows       RGB JPEG (CMYK, grayscale, PNG converted; optional resize to 256), or a reason
-      -> groupby shard    every shard gathers its images from all units (so it mixes all classes)
-      -> write_group      Parquet + sidecar per shard
-    then the manifest, assembled from the sidecars, written last.
+    discover      imagenet.discover_inputs, on the driver: folder listings, the archives' headers, val labels
+    index         one task per <wnid>.tar inside ILSVRC2012_img_train.tar, in parallel: its files' byte
+                  ranges (imagenet.index_inner_tar reads only the headers); only when a train shard is due
+    assign        shard = shards.shard_of(image_id), on the driver, before anything is read: every shard
+                  mixes all classes, and a re-run knows which files its missing shards need
+    write_shard   one task per missing shard, in parallel: reads exactly its files (16 reads in flight),
+                  cleans each (imagenet.clean_image: RGB JPEG, optionally resized to 256, or a reason),
+                  writes the Parquet file, then its sidecar
+    manifest      assembled from the sidecars, written last
 
-Re-running with the same options completes a partial output: shards whose sidecar and sha256
-check out are kept, and only inputs that hash to missing shards are read again (an inner train
-tar is streamed, so it is read again, but only its missing shards' images are converted).
+An image's bytes go from storage to the task that writes its shard and nowhere else: no object store
+shuffle and no spilling, whatever the data set's size. A running task holds its shard's file as it
+grows and one row group (0.45 GB of worker memory at the default 128 MB, BENCHMARKS.md); the driver
+holds the list of files, ~230 bytes each. Re-running with the same options completes a partial
+output: shards whose sidecar and sha256 check out are kept, and only the files of the others are read.
+
+Files that are not images by the rule training from a folder applies (imagenet.skip_reason: no
+class, or not an image name) are reported as skipped without being read, so training from the
+folder and from its shards sees the same images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
-import pickle
+import posixpath
 import time
-from functools import partial
 from typing import Any
-
-import numpy as np
 
 from pipeline import imagenet, shards, storage
 
@@ -35,99 +41,90 @@ def plan_shards(units: list[imagenet.InputUnit], *, target_bytes: int, resize: i
     ratio = RESIZED_BYTES_RATIO if resize else 1.0
     planned = {}
     for split in ("train", "val"):
-        nbytes = sum(u.nbytes for u in units if u.split == split)
-        if nbytes:
+        if any(u.split == split for u in units):
+            nbytes = sum(u.nbytes for u in units if u.split == split)
             planned[split] = max(1, round(nbytes * ratio / target_bytes))
     return planned
 
 
 def train_classes(units: list[imagenet.InputUnit]) -> list[str]:
-    wnids = {u.wnid for u in units if u.split == "train" and u.wnid}
-    wnids |= {m.wnid for u in units if u.split == "train" for m in u.members if m.wnid}
+    """The wnids of train's class folders or <wnid>.tar files: the class index of every split."""
+    wnids = {m.wnid for u in units if u.split == "train" for m in u.members if m.wnid}
     if not wnids:
         raise ValueError("no train images found: the class list (and so every label) comes from train")
     return sorted(wnids)
 
 
-def _unit_needed(unit: imagenet.InputUnit, num_shards: int, done: set[int]) -> bool:
-    """False when every image the unit names belongs to a complete shard (an inner tar names none)."""
-    if unit.kind == "inner_tar":
-        return len(done) < num_shards
-    return any(shards.shard_of(imagenet.image_id_of(unit.split, m.name), num_shards) not in done
-               for m in unit.members)
+def assign_shards(units: list[imagenet.InputUnit], num_shards: dict[str, int],
+                  todo: dict[str, list[int]]) -> dict[tuple[str, int], imagenet.InputUnit]:
+    """(split, shard) -> a unit of exactly the files of that shard, in image_id order (the order of
+    the rows in the shard), for every shard in todo; a shard no file hashed to gets an empty unit
+    (it is written empty, still part of the set)."""
+    sources = {}
+    for unit in units:
+        if unit.kind == "inner_tar":
+            raise ValueError("index inner tars (imagenet.index_inner_tar) before assigning their files to shards")
+        # A split has one layout, so one way to read it: a folder, or an archive (inner tars and strays alike).
+        first = sources.setdefault(unit.split, unit)
+        if (first.kind, first.uri) != (unit.kind, unit.uri):
+            raise ValueError(f"{unit.split} files come from both {first.uri} ({first.kind}) and {unit.uri} "
+                             f"({unit.kind}); expected one layout per split")
+    parts: dict[tuple[str, int], list[tuple[str, imagenet.Member]]] = {
+        (split, index): [] for split, indices in todo.items() for index in indices}
+    for unit in units:
+        for m in unit.members:
+            image_id = imagenet.image_id_of(unit.split, m.name)
+            key = (unit.split, shards.shard_of(image_id, num_shards[unit.split]))
+            if key in parts:
+                parts[key].append((image_id, m))
+    work = {}
+    for (split, index), members in parts.items():
+        members.sort(key=lambda pair: pair[0])
+        work[split, index] = dataclasses.replace(
+            sources[split], members=tuple(m for _, m in members), nbytes=sum(m.size for _, m in members),
+            count=len(members))
+    return work
 
 
-def read_unit(row: dict, *, num_shards: dict[str, int], done: dict[str, list[int]]) -> list[dict]:
-    """One input unit -> its records that belong to shards still to be written."""
-    unit = pickle.loads(row["unit"])
-    n, complete = num_shards[unit.split], set(done[unit.split])
-    out = []
-    for record in imagenet.iter_records(unit):
-        shard = shards.shard_of(record.image_id, n)
-        if shard not in complete:
-            out.append({"split": record.split, "shard": shard, "image_id": record.image_id, "key": record.key,
-                        "wnid": record.wnid, "data": record.data})
-    return out
+def write_shard(unit: imagenet.InputUnit, index: int, *, out: str, classes: list[str], resize: int | None,
+                quality: int, options: dict[str, Any]) -> dict[str, Any]:
+    """Shard `index` of unit.split from exactly the files of `unit` (in image_id order): each read,
+    cleaned and added to the shard, which is written with its sidecar; returns the sidecar.
 
-
-def clean_rows(batch: dict[str, np.ndarray], *, classes: list[str], resize: int | None, quality: int) -> dict:
-    """Raw bytes -> a clean RGB JPEG, or an error that names why; never a stand-in image."""
-    class_set = set(classes)
-    jpeg, width, height, note, error = [], [], [], [], []
-    for data, key, wnid in zip(batch["data"], batch["key"], batch["wnid"]):
-        result, reason = None, ""
-        if not wnid:
-            reason = "not an ImageNet image: outside any <wnid> folder or with an unexpected name"
-        elif wnid not in class_set:
-            reason = f"class {wnid} has no train images"
-        else:
-            try:
-                result = imagenet.clean_image(bytes(data), key=str(key), resize_shorter=resize, quality=quality)
-            except imagenet.BadImage as e:
-                reason = e.reason
-        jpeg.append(result.jpeg if result else b"")
-        width.append(result.width if result else 0)
-        height.append(result.height if result else 0)
-        note.append(result.note if result else "")
-        error.append(reason)
-    out = {k: batch[k] for k in ("split", "shard", "image_id", "key", "wnid")}
-    return {**out, "jpeg": np.array(jpeg, dtype=object), "width": np.array(width), "height": np.array(height),
-            "note": np.array(note, dtype=object), "error": np.array(error, dtype=object)}
-
-
-def write_group(batch: dict[str, np.ndarray], *, out: str, classes: list[str],
-                options: dict[str, dict[str, Any]]) -> dict:
-    """All the rows of one shard -> the shard file and its sidecar; returns the sidecar."""
-    fs, root = storage.resolve(out)
-    split, index = str(batch["split"][0]), int(batch["shard"][0])
+    Memory: the shard file as it grows, one row group, and imagenet.FETCH_THREADS files in flight.
+    """
     label = {wnid: i for i, wnid in enumerate(classes)}
-    rows, bad, seen = [], [], set()
-    for i in np.argsort(batch["image_id"], kind="stable"):
-        image_id, key, wnid = str(batch["image_id"][i]), str(batch["key"][i]), str(batch["wnid"][i])
-        if image_id in seen:
-            bad.append({"image_id": image_id, "key": key, "reason": "duplicate image_id", "action": "skipped"})
+    bad, to_read = [], []
+    for m in unit.members:
+        reason = imagenet.skip_reason(m) or (f"class {m.wnid} has no train images" if m.wnid not in label else "")
+        if reason:  # never read: training from the folder would not read it either
+            bad.append({"image_id": imagenet.image_id_of(unit.split, m.name), "key": posixpath.basename(m.name),
+                        "reason": reason, "action": "skipped"})
+        else:
+            to_read.append(m)
+
+    writer = shards.ShardWriter(unit.split, index)
+    for record in imagenet.iter_records(dataclasses.replace(unit, members=tuple(to_read))):
+        try:
+            clean = imagenet.clean_image(record.data, key=record.key, resize_shorter=resize, quality=quality)
+        except imagenet.BadImage as e:
+            bad.append({"image_id": record.image_id, "key": record.key, "reason": e.reason, "action": "skipped"})
             continue
-        seen.add(image_id)
-        if batch["error"][i]:
-            bad.append({"image_id": image_id, "key": key, "reason": str(batch["error"][i]), "action": "skipped"})
-            continue
-        if batch["note"][i]:
-            bad.append({"image_id": image_id, "key": key, "reason": str(batch["note"][i]), "action": "converted"})
-        rows.append({"image_id": image_id, "key": key, "label": label[wnid], "wnid": wnid,
-                     "jpeg": bytes(batch["jpeg"][i]), "width": int(batch["width"][i]),
-                     "height": int(batch["height"][i])})
-    sidecar = shards.write_shard(fs, root, split, index, rows, bad, options[split])
-    return {"sidecar": [json.dumps(sidecar)]}
+        if clean.note:
+            bad.append({"image_id": record.image_id, "key": record.key, "reason": clean.note, "action": "converted"})
+        writer.add({"image_id": record.image_id, "key": record.key, "label": label[record.wnid], "wnid": record.wnid,
+                    "jpeg": clean.jpeg, "width": clean.width, "height": clean.height})
+    return writer.finish(*storage.resolve(out), bad, options)
 
 
 def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90, target_mb: float = 128,
-            val_labels: str | None = None, devkit: str | None = None, files_per_unit: int = 256,
-            lighting_sample: int | None = None, log=print) -> dict[str, Any]:
+            val_labels: str | None = None, devkit: str | None = None, lighting_sample: int | None = None,
+            log=print) -> dict[str, Any]:
     """Convert ImageNet under `root` into shards under `out` (local or s3://); returns the manifest."""
-    import ray.data
+    import ray
 
     started = time.time()
-    units = imagenet.discover_inputs(root, val_labels=val_labels, devkit=devkit, files_per_unit=files_per_unit)
+    units = imagenet.discover_inputs(root, val_labels=val_labels, devkit=devkit)
     classes = train_classes(units)
     num_shards = plan_shards(units, target_bytes=int(target_mb * 2**20), resize=resize)
     classes_sha = hashlib.sha256("\n".join(classes).encode()).hexdigest()
@@ -137,30 +134,27 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     out_fs, out_root = storage.resolve(out)
     done = {split: shards.complete_shards(out_fs, out_root, split, options[split], n)
             for split, n in num_shards.items()}
-    todo = [u for u in units if _unit_needed(u, num_shards[u.split], set(done[u.split]))]
-    log(f"[prepare] {len(units)} input units, {len(classes)} classes; shards "
-        + ", ".join(f"{s}: {len(done[s])}/{n} already complete" for s, n in num_shards.items())
-        + f"; {len(todo)} units to read")
+    todo = {split: sorted(set(range(n)) - set(done[split])) for split, n in num_shards.items()}
+    inner_tars = sum(u.kind == "inner_tar" for u in units)
+    log(f"[prepare] {sum(u.count or 0 for u in units):,} files"
+        + (f" and {inner_tars} inner tars to index" if inner_tars else "") + f", {len(classes)} classes; shards "
+        + ", ".join(f"{s}: {len(done[s])}/{n} already complete" for s, n in num_shards.items()))
 
+    units = _index_inner_tars(units, todo, log)
+    work = assign_shards(units, num_shards, todo)
     written: dict[str, list[dict]] = {split: list(cars.values()) for split, cars in done.items()}
-    if todo:
-        ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in todo], override_num_blocks=len(todo))
-        ds = ds.flat_map(partial(read_unit, num_shards=num_shards,
-                                 done={s: sorted(d) for s, d in done.items()}))
-        ds = ds.map_batches(partial(clean_rows, classes=classes, resize=resize, quality=quality),
-                            batch_size=32, batch_format="numpy")
-        missing = sum(n - len(done[s]) for s, n in num_shards.items())
-        # One hash partition per shard to write (Ray's default of 200 is all overhead on small sets).
-        ds = ds.groupby(["split", "shard"], num_partitions=max(1, min(missing, 200))).map_groups(
-            partial(write_group, out=out, classes=classes, options=options), batch_format="numpy")
-        for row in ds.take_all():
-            car = json.loads(row["sidecar"])
-            written[car["split"]].append(car)
-
-    for split, n in num_shards.items():  # a shard no image hashed to is still part of the set
-        have = {c["index"] for c in written[split]}
-        for index in sorted(set(range(n)) - have):
-            written[split].append(shards.write_shard(out_fs, out_root, split, index, [], [], options[split]))
+    task = ray.remote(write_shard)
+    pending = [task.remote(unit, index, out=out, classes=classes, resize=resize, quality=quality,
+                           options=options[split])
+               for (split, index), unit in work.items()]
+    images, writing = 0, time.time()
+    while pending:  # sidecars as shards finish, for progress; a failed task raises here
+        [ready], pending = ray.wait(pending, num_returns=1)
+        car = ray.get(ready)
+        written[car["split"]].append(car)
+        images += car["rows"] + sum(b["action"] == "skipped" for b in car["bad_files"])
+        log(f"[prepare] {car['path']}: {car['rows']} images; {len(work) - len(pending)}/{len(work)} shards, "
+            f"{images / (time.time() - writing):.0f} inputs/s")
 
     manifest = shards.build_manifest(source=root, classes=classes, sidecars=written, options=options,
                                      val_labels=val_labels or devkit or "auto")
@@ -172,6 +166,24 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
             f"({info['converted']} converted) in {len(info['shards'])} shards")
     log(f"[prepare] manifest at {storage.join(out, shards.MANIFEST)} in {time.time() - started:.0f} s")
     return manifest
+
+
+def _index_inner_tars(units: list[imagenet.InputUnit], todo: dict[str, list[int]], log) -> list[imagenet.InputUnit]:
+    """Inner tars -> their files, one Ray task each, if a train shard is still to be written (else
+    nothing needs their files and they are dropped)."""
+    import ray
+
+    inner = [u for u in units if u.kind == "inner_tar"]
+    units = [u for u in units if u.kind != "inner_tar"]
+    if not inner or not todo.get("train"):
+        return units
+    started = time.time()
+    index = ray.remote(imagenet.index_inner_tar)
+    units += ray.get([index.remote(u) for u in inner])
+    # Each inner tar checked its own names; two inner tars may still hold one name.
+    imagenet.check_unique_ids("train", [m for u in units if u.split == "train" for m in u.members])
+    log(f"[prepare] indexed {len(inner)} inner tars in {time.time() - started:.0f} s")
+    return units
 
 
 def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]:
@@ -186,4 +198,3 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
     total = manifest["splits"]["train"]["images"]
     result = lighting.compute_lighting(ds, sample=sample or None, total_images=total)
     return result.to_dict()
-

@@ -14,7 +14,6 @@ reading any input, which images belong to shards that are already complete.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections import Counter
 from typing import Any
@@ -28,8 +27,10 @@ from pipeline import storage
 FORMAT = "alexnet-ray/imagenet-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+# Images per Parquet row group: the unit a training task reads (sources.py), ~10-30 MB of JPEG.
+ROW_GROUP_SIZE = 256
 SCHEMA = pa.schema([
-    ("image_id", pa.string()),   # f"{split}/{stem}": unique, stable
+    ("image_id", pa.string()),   # imagenet.image_id_of: "train/n01440764_10026", unique, stable
     ("key", pa.string()),        # the original file name
     ("label", pa.int32()),       # position of the wnid in sorted order, the standard ImageNet index
     ("wnid", pa.string()),
@@ -48,35 +49,59 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/part-{index:05d}"
 
 
-def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """Rows (already sorted) -> one Parquet file. Row groups of ~256 images keep reads streaming."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    buf = io.BytesIO()
-    # JPEG bytes do not compress; the other columns are tiny.
-    pq.write_table(table, buf, row_group_size=256, compression="none")
-    return buf.getvalue()
+class ShardWriter:
+    """One shard, written as its rows arrive (in image_id order): every ROW_GROUP_SIZE rows become a
+    Parquet row group at once, so memory holds the file so far and one group, not every row twice."""
 
+    def __init__(self, split: str, index: int):
+        self.split, self.index = split, index
+        self._sink = pa.BufferOutputStream()
+        # JPEG bytes do not compress; the other columns are tiny.
+        self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="none")
+        self._group: list[dict[str, Any]] = []
+        self._last_id: str | None = None
+        self.rows = 0
+        self.per_class: Counter = Counter()
 
-def write_shard(fs: pafs.FileSystem, root: str, split: str, index: int, rows: list[dict[str, Any]],
-                bad: list[dict[str, str]], options: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard and then its sidecar (the sidecar last: it marks the shard complete)."""
-    data = parquet_bytes(sorted(rows, key=lambda r: r["image_id"]))
-    name = shard_name(split, index)
-    storage.write_bytes(fs, storage.join(root, f"{name}.parquet"), data)
-    sidecar = {
-        "path": f"{name}.parquet",
-        "split": split,
-        "index": index,
-        "rows": len(rows),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "per_class": dict(sorted(Counter(r["wnid"] for r in rows).items())),
-        "converted": sum(1 for b in bad if b["action"] == "converted"),
-        "bad_files": sorted(bad, key=lambda b: b["image_id"]),
-        "options": options,
-    }
-    storage.write_bytes(fs, storage.join(root, f"{name}.json"), json.dumps(sidecar, indent=1).encode())
-    return sidecar
+    def add(self, row: dict[str, Any]) -> None:
+        if self._last_id is not None and row["image_id"] <= self._last_id:
+            raise ValueError(f"shard rows must come in increasing image_id order: {row['image_id']!r} "
+                             f"after {self._last_id!r}")
+        self._last_id = row["image_id"]
+        self._group.append(row)
+        self.rows += 1
+        self.per_class[row["wnid"]] += 1
+        if len(self._group) == ROW_GROUP_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._group:
+            group = pa.table({name: [r[name] for r in self._group] for name in SCHEMA.names}, schema=SCHEMA)
+            self._writer.write_table(group, row_group_size=ROW_GROUP_SIZE)
+            self._group = []
+
+    def finish(self, fs: pafs.FileSystem, root: str, bad: list[dict[str, str]],
+               options: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard, then its sidecar (last: it marks the shard complete); returns the sidecar."""
+        self._flush()
+        self._writer.close()
+        data = self._sink.getvalue()  # an Arrow buffer: bytes-like, not copied again
+        name = shard_name(self.split, self.index)
+        storage.write_bytes(fs, storage.join(root, f"{name}.parquet"), data)
+        sidecar = {
+            "path": f"{name}.parquet",
+            "split": self.split,
+            "index": self.index,
+            "rows": self.rows,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "per_class": dict(sorted(self.per_class.items())),
+            "converted": sum(1 for b in bad if b["action"] == "converted"),
+            "bad_files": sorted(bad, key=lambda b: b["image_id"]),
+            "options": options,
+        }
+        storage.write_bytes(fs, storage.join(root, f"{name}.json"), json.dumps(sidecar, indent=1).encode())
+        return sidecar
 
 
 def complete_shards(fs: pafs.FileSystem, root: str, split: str, options: dict[str, Any],

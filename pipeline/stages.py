@@ -1,32 +1,36 @@
-"""The data pipeline as a list of stages, each a pure function of a batch (and a random generator).
+"""The CPU stages of the data pipeline: pure functions of a batch (and a random generator).
 
-A batch is a dict of columns. Two families:
+A batch is a dict of columns. These run in Ray Data's CPU tasks, on NumPy, and keep pixels uint8
+so crops travel small through the object store; the float math (lighting, normalisation) happens
+later, on the trainer's device (device_stages.py). No torch here: the tasks that run these import
+nothing heavier than NumPy, simplejpeg, OpenCV and PIL.
 
-  on the CPU, in Ray Data (NumPy, uint8 pixels, so crops travel small through the object store)
-    decode            jpeg (bytes)            -> image (list of HxWx3 uint8)
-    resize_center     image (list)            -> image (N, S, S, 3)        §2: shorter side 256, central crop
-    random_crop_flip  image (N, S, S, 3), rng -> image (N, C, C, 3)        §4.1: random crops + reflections
-    center_crop       image (N, S, S, 3)      -> image (N, C, C, 3)        evaluation
-    ten_crop          image (N, S, S, 3)      -> image (N, 10, C, C, 3)    §4.1: test-time 10 patches
+    crop_params     n, rng                      -> top, left, flip (N,)         §4.1: where each crop is, which are mirrored
+    random_crops    jpeg (bytes), key, rng      -> image (N, C, C, 3)           §2 + §4.1 in one pass per image
+    center_crops    jpeg (bytes), key           -> image (N, C, C, 3)           evaluation: the central C x C patch
+    decode          jpeg (bytes), key           -> image (list of HxWx3)        whole images
+    resize_center   image (list)                -> image (N, S, S, 3)           §2: shorter side S, central square
+    ten_crop        image (N, S, S, 3)          -> image (N, 10, C, C, 3)       §4.1: test-time 10 patches
 
-  on the trainer's device, late (torch, float)
-    to_float          (N, H, W, 3) uint8      -> (N, 3, H, W) float in [0, 1]
-    pca_lighting      (N, 3, H, W), generator -> same                     §4.1: lighting noise
-    normalize         (N, 3, H, W)            -> same                     subtract the mean, divide by std
+random_crops is the paper's train view, "rescale the shorter side to 256, keep the central 256x256,
+take a random 224x224 patch and maybe its mirror image", computed the cheap way round: libjpeg
+decodes at 1/2, 1/4 or 1/8 scale when that still leaves the shorter side >= 256, and only the
+region of the image that becomes the patch is resized (decode.crop_box / decode.resized_crop). On
+the prepared 256-px shards the region is already 224x224 and is sliced, not resampled. The
+unfused chain decode -> resize_center -> crop gives the same view within resampling differences;
+tests/test_stages.py holds the two side by side.
 
-Every function is vectorised over the batch except decode and resize (one image at a time is the
-nature of JPEG); randomness comes only from the generator passed in.
+Decode is per image (the nature of JPEG); everything else is vectorised over the batch, and
+randomness comes only from the generator passed in.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
+
+from pipeline.decode import MAX_PIXELS, DecodeError, crop_box, decode_image, resized_crop
 
 Batch = dict[str, Any]
 
@@ -40,51 +44,93 @@ IMAGENET_EIGVEC = (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-class DecodeError(ValueError):
-    """An image that cannot be decoded; names the file so it can be reported, never replaced."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"cannot decode {key!r}: {reason}")
-        self.key = key
-        self.reason = reason
+__all__ = ["DecodeError", "crop_params", "random_crops", "center_crops", "decode", "resize_center", "ten_crop"]
 
 
-def decode_one(data: bytes, *, key: str = "?", min_size: int | None = None) -> np.ndarray:
-    """JPEG (incl. grayscale and CMYK) or PNG bytes -> (H, W, 3) uint8 RGB.
+def crop_params(n: int, rng: np.random.Generator, *, resize_size: int, crop_size: int,
+                flip_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """§4.1: for n images, the top-left corner of each crop_size patch, uniform over every position
+    inside the central resize_size square, and whether it is mirrored (probability flip_p)."""
+    top = rng.integers(0, resize_size - crop_size + 1, n)
+    left = rng.integers(0, resize_size - crop_size + 1, n)
+    flip = rng.random(n) < flip_p
+    return top, left, flip
 
-    min_size: let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the shorter side
-    stays >= min_size; it is the resize that follows anyway, done for free inside the decoder.
+
+def random_crops(batch: Batch, rng: np.random.Generator, *, resize_size: int = 256, crop_size: int = 224,
+                 flip_p: float = 0.5, errors: str = "raise", max_pixels: int = MAX_PIXELS) -> Batch:
+    """§2 + §4.1, the training view: reads `jpeg` and `key`, writes `image` (N, crop_size, crop_size, 3)
+    uint8; a random patch of each image's central square, mirrored with probability flip_p.
+
+    errors: see decode. The crop draws happen before decoding, so a failed image does not shift the
+    other images' crops.
     """
-    try:
-        img = Image.open(io.BytesIO(data))
-        if min_size is not None and img.format == "JPEG":
-            scale = min(img.size) / min_size
-            img.draft(img.mode, (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
-        img = img.convert("RGB")  # CMYK and grayscale ImageNet files become RGB here
-    except Exception as e:  # PIL raises many types for bad bytes; all mean "not an image"
-        raise DecodeError(key, f"{type(e).__name__}: {e}") from None
-    return np.asarray(img)
+    top, left, flip = crop_params(len(batch["jpeg"]), rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p)
+    return _decode_crops(batch, top, left, flip, resize_size=resize_size, crop_size=crop_size, errors=errors,
+                         max_pixels=max_pixels)
 
 
-def decode(batch: Batch, *, min_size: int | None = None, errors: str = "raise") -> Batch:
+def center_crops(batch: Batch, *, resize_size: int = 256, crop_size: int = 224, errors: str = "raise",
+                 max_pixels: int = MAX_PIXELS) -> Batch:
+    """The evaluation view: the central crop_size patch of each image's central resize_size square."""
+    n = len(batch["jpeg"])
+    offset = np.full(n, (resize_size - crop_size) // 2)
+    return _decode_crops(batch, offset, offset, np.zeros(n, bool), resize_size=resize_size, crop_size=crop_size,
+                         errors=errors, max_pixels=max_pixels)
+
+
+def _decode_crops(batch: Batch, top: np.ndarray, left: np.ndarray, flip: np.ndarray, *, resize_size: int,
+                  crop_size: int, errors: str, max_pixels: int) -> Batch:
+    _check_errors(errors)
+    keys = _keys(batch)
+    out = np.empty((len(keys), crop_size, crop_size, 3), np.uint8)
+    good, failed = [], {}
+    for i, (data, key) in enumerate(zip(batch["jpeg"], keys)):
+        try:
+            image = decode_image(data, key=key, min_size=resize_size, max_pixels=max_pixels)
+        except DecodeError as e:
+            if errors == "raise":
+                raise
+            failed[key] = e.reason
+            continue
+        box = crop_box(*image.shape[:2], resize_size=resize_size, top=int(top[i]), left=int(left[i]),
+                       crop_size=crop_size)
+        resized_crop(image, box, crop_size, bool(flip[i]), out=out[len(good)])
+        good.append(i)
+    return _with_images(batch, out[:len(good)], good, failed, errors)
+
+
+def decode(batch: Batch, *, min_size: int | None = None, errors: str = "raise", max_pixels: int = MAX_PIXELS) -> Batch:
     """Reads `jpeg` (encoded bytes) and `key`; writes `image`, a list of (H, W, 3) uint8 arrays.
 
     errors="raise": the first undecodable image raises DecodeError naming it. errors="collect": the
     rows that do not decode are removed from every column and named in `failed` ({key: reason}).
     """
-    if errors not in ("raise", "collect"):
-        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
-    keys = batch.get("key", ["?"] * len(batch["jpeg"]))
+    _check_errors(errors)
+    keys = _keys(batch)
     images, good, failed = [], [], {}
     for i, (data, key) in enumerate(zip(batch["jpeg"], keys)):
         try:
-            images.append(decode_one(data, key=str(key), min_size=min_size))
+            images.append(decode_image(data, key=key, min_size=min_size, max_pixels=max_pixels))
             good.append(i)
         except DecodeError as e:
             if errors == "raise":
                 raise
-            failed[str(key)] = e.reason
+            failed[key] = e.reason
+    return _with_images(batch, images, good, failed, errors)
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
+
+
+def _keys(batch: Batch) -> list[str]:
+    return [str(k) for k in batch["key"]] if "key" in batch else ["?"] * len(batch["jpeg"])
+
+
+def _with_images(batch: Batch, images: Any, good: list[int], failed: dict[str, str], errors: str) -> Batch:
+    """The batch with `image` added and the failed rows taken out of every other column."""
     if failed:
         batch = {k: _take(v, good) for k, v in batch.items()}
     out = {**batch, "image": images}
@@ -104,38 +150,9 @@ def resize_center(batch: Batch, *, size: int = 256) -> Batch:
     """
     out = np.empty((len(batch["image"]), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(batch["image"]):
-        h, w = image.shape[:2]
-        scale = size / min(h, w)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        resized = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        out[i] = np.asarray(resized)[top:top + size, left:left + size]
+        box = crop_box(*image.shape[:2], resize_size=size, top=0, left=0, crop_size=size)
+        resized_crop(image, box, size, False, out=out[i])
     return {**batch, "image": out}
-
-
-def random_crop_flip(batch: Batch, rng: np.random.Generator, *, size: int = 224, flip_p: float = 0.5) -> Batch:
-    """§4.1: a random size x size patch of each image, mirrored left-right with probability flip_p.
-
-    Reads and writes `image` (N, S, S, 3) -> (N, size, size, 3); one gather does crop and flip.
-    """
-    images = batch["image"]
-    n, h, w, _ = images.shape
-    top = rng.integers(0, h - size + 1, n)
-    left = rng.integers(0, w - size + 1, n)
-    flip = rng.random(n) < flip_p
-    steps = np.arange(size)
-    rows = top[:, None] + steps                                         # (N, size)
-    cols = np.where(flip[:, None], left[:, None] + size - 1 - steps, left[:, None] + steps)
-    out = images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return {**batch, "image": out}
-
-
-def center_crop(batch: Batch, *, size: int = 224) -> Batch:
-    """The central size x size patch of each `image`."""
-    images = batch["image"]
-    h, w = images.shape[1:3]
-    top, left = (h - size) // 2, (w - size) // 2
-    return {**batch, "image": np.ascontiguousarray(images[:, top:top + size, left:left + size])}
 
 
 def ten_crop(batch: Batch, *, size: int = 224) -> Batch:
@@ -149,37 +166,3 @@ def ten_crop(batch: Batch, *, size: int = 224) -> Batch:
     crops = [images[:, t:t + size, l:l + size] for t, l in origins]
     crops += [c[:, :, ::-1] for c in crops]
     return {**batch, "image": np.stack(crops, axis=1)}
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1], on the images' device."""
-    return images.permute(0, 3, 1, 2).float().div_(255)
-
-
-def pca_lighting(
-    images: torch.Tensor,
-    generator: torch.Generator,
-    *,
-    std: float = 0.1,
-    eigval: tuple[float, ...] = IMAGENET_EIGVAL,
-    eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC,
-) -> torch.Tensor:
-    """§4.1 lighting: add eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, std) per image.
-
-    The eigen-decomposition is of the RGB covariance of the training set (pixels in [0, 1]).
-    `generator` is a CPU generator: alpha is drawn there, so a seed gives the same noise on any device.
-    """
-    if std == 0:
-        return images
-    alpha = torch.randn(images.shape[0], 3, generator=generator) * std
-    rgb = (alpha * torch.tensor(eigval)) @ torch.tensor(eigvec).T    # (N, 3): eigvec @ (alpha * eigval)
-    return images + rgb.to(images.device, images.dtype)[:, :, None, None]
-
-
-def normalize(
-    images: torch.Tensor, *, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> torch.Tensor:
-    """Subtract the per-channel mean and divide by the per-channel std; (N, 3, H, W)."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
-    return (images - mean_t) / std_t

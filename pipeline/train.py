@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from pipeline import stages
+from pipeline import device_stages
 from pipeline.config import Config
 from pipeline.evaluate import EvalSums, evaluate, topk_correct
 from pipeline.model import build_model
@@ -62,10 +62,8 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        x = stages.to_float(images)
-        x = stages.pca_lighting(x, generator, std=cfg.lighting_std,
-                                eigval=lighting["eigval"], eigvec=lighting["eigvec"])
-        x = stages.normalize(x)
+        x = device_stages.to_model_input(images, generator, lighting_std=cfg.lighting_std,
+                                         eigval=lighting["eigval"], eigvec=lighting["eigvec"])
         logits = model(x)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ def test_scan_lists_splits_and_sorted_class_index(tiny_imagenet):
     ("empty", "has no train/ folder"),
     ("no_val", "has no val/ folder"),
     ("no_images", "has no images under train/"),
-    ("flat", "not in train/<wnid>/"),
+    ("flat", "holds files but no class folders"),
     ("val_only_class", "val/ has classes that train/ lacks"),
 ])
 def test_scan_refuses_bad_layouts_naming_the_path(tmp_path, layout, message):
@@ -86,7 +86,85 @@ def test_val_plan_is_central_crops_matching_the_stages(ray_session, tiny_imagene
     path = folder.files["val"][0]
     batch = data.val_dataset(folder, CFG).take_batch(len(folder.files["val"]), batch_format="numpy")
     with open(path, "rb") as f:
-        expected = stages.decode({"jpeg": [f.read()], "key": [path]}, min_size=80)
-    expected = stages.center_crop(stages.resize_center(expected, size=80), size=67)["image"][0]
+        expected = stages.center_crops({"jpeg": [f.read()], "key": [path]}, resize_size=80, crop_size=67)["image"][0]
     assert any(np.array_equal(image, expected) for image in batch["image"])
     assert set(batch["label"].tolist()) == {0, 1, 2}
+
+
+def epochs_of(dataset, n: int = 2, batch_size: int = 8) -> list[list[list[str]]]:
+    """n passes over a dataset (each an execution, as Ray Train's epochs are): the keys, batch by batch."""
+    return [[list(b["key"]) for b in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
+            for _ in range(n)]
+
+
+def check_fresh_orders(first_run, second_run, total: int) -> None:
+    for epoch in first_run:  # every image exactly once per epoch
+        keys = [k for batch in epoch for k in batch]
+        assert len(keys) == total and len(set(keys)) == total
+    # A fresh order, and fresh batch companions, every epoch...
+    assert [k for b in first_run[0] for k in b] != [k for b in first_run[1] for k in b]
+    assert {frozenset(b) for b in first_run[0]} != {frozenset(b) for b in first_run[1]}
+    # ... and the same ones in another run with the same seed (deterministic: order preserved).
+    assert first_run == second_run
+
+
+def test_every_epoch_a_fresh_order_of_samples_reproducible_by_seed_from_a_folder(ray_session, tiny_imagenet):
+    folder = data.scan_image_folder(str(tiny_imagenet))
+    cfg = dataclasses.replace(CFG, deterministic=True)
+    plan = lambda: data.train_dataset(folder, cfg, keys=True)  # noqa: E731
+    with _preserve_order():
+        check_fresh_orders(epochs_of(plan()), epochs_of(plan()), 72)
+    other_seed = data.train_dataset(folder, dataclasses.replace(cfg, seed=4), keys=True)
+    with _preserve_order():
+        assert epochs_of(other_seed, 1) != epochs_of(plan(), 1)
+
+
+def test_every_epoch_a_fresh_order_of_samples_from_shards(ray_session, tiny_imagenet, tmp_path):
+    """Shards are read a row group at a time: the rows inside it are permuted anew every epoch."""
+    from pipeline import prepare
+
+    prepare.prepare(str(tiny_imagenet), str(tmp_path / "shards"), log=lambda m: None)
+    source = data.open_source(str(tmp_path / "shards"))
+    with _preserve_order():
+        runs = [epochs_of(data.train_dataset(source, CFG, keys=True)) for _ in range(2)]
+    check_fresh_orders(*runs, 72)
+
+
+def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_imagenet):
+    """UNITS_PER_TASK units share a Ray task, but the first batch must not wait for all of them: the
+    plan's block size (Dataset.context, a DeveloperAPI) makes every unit a block of its own."""
+    import dataclasses as dc
+
+    from pipeline import sources
+
+    folder = data.scan_image_folder(str(tiny_imagenet))
+    many = dc.replace(folder, files={**folder.files, "train": folder.files["train"] * 8},
+                      labels={**folder.labels, "train": folder.labels["train"] * 8},
+                      keys={**folder.keys, "train": folder.keys["train"] * 8})    # 576 images: 3 units, 1 task
+    assert sources.num_units(many, "train") == 3 and data.UNITS_PER_TASK >= 3
+    blocks = [len(b["label"]) for b in data.train_dataset(many, CFG).iter_batches(batch_size=None)]
+    assert sum(blocks) == 576 and max(blocks) <= sources.UNIT_IMAGES
+
+
+def test_webdataset_shuffle_buffer_gives_every_item_once_in_a_seeded_order():
+    from pipeline.sources import _shuffle_buffer
+
+    items = list(range(1000))
+    a = list(_shuffle_buffer(iter(items), 64, np.random.default_rng(0)))
+    assert sorted(a) == items and a != items
+    assert a == list(_shuffle_buffer(iter(items), 64, np.random.default_rng(0)))
+    assert a != list(_shuffle_buffer(iter(items), 64, np.random.default_rng(1)))
+
+
+class _preserve_order:
+    """Ray Data keeps task outputs in order only when asked (as --deterministic asks Ray Train)."""
+
+    def __enter__(self):
+        from ray.data import DataContext
+
+        self.options = DataContext.get_current().execution_options
+        self.before = self.options.preserve_order
+        self.options.preserve_order = True
+
+    def __exit__(self, *exc):
+        self.options.preserve_order = self.before

@@ -5,6 +5,7 @@ import io
 import pickle
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import pytest
 import scipy.io
 from PIL import Image, ImageFile
 
-from pipeline import imagenet
+from pipeline import decode, imagenet
 from pipeline.imagenet import BadImage, clean_image, discover_inputs, iter_records
-from pipeline.stages import decode_one
+from pipeline.sample import photo_like
 
 from imagenet_fixtures import (LABEL_KINDS, WNIDS, Expected, devkit_ids, image_bytes, odd_file, write_archives,
                                write_extracted, write_flat_val, write_labels, write_meta_mat)
@@ -110,7 +111,7 @@ RED = (220, 40, 40)
 
 
 def mean_colour(jpeg: bytes) -> np.ndarray:
-    return decode_one(jpeg).reshape(-1, 3).mean(axis=0)
+    return decode.decode_image(jpeg).reshape(-1, 3).mean(axis=0)
 
 
 def test_clean_rgb_jpeg_comes_back_byte_for_byte():
@@ -142,7 +143,10 @@ def test_clean_converts_odd_files_to_rgb_jpeg(data, note):
     assert clean.note == note and (clean.width, clean.height) == (60, 40)
     out = Image.open(io.BytesIO(clean.jpeg))
     assert (out.format, out.mode, out.size) == ("JPEG", "RGB", (60, 40))
-    pixels = decode_one(clean.jpeg).astype(int)
+    pixels = decode.decode_image(clean.jpeg).astype(int)
+    if "palette" not in note:  # (PIL dithers a palette image: pixel noise that JPEG does not keep)
+        # The pixels training decodes from the original, up to one JPEG re-encode at quality 90.
+        assert np.abs(pixels - decode.decode_image(data).astype(int)).mean() < 2
     if note.endswith("RGBA"):  # transparent shows as white, opaque keeps its colour
         assert np.abs(pixels[:, :25] - 255).max() < 10 and np.abs(pixels[:, 35:] - RED).max() < 10
     elif "grayscale" in note:
@@ -157,6 +161,19 @@ def test_clean_resize_sets_the_shorter_side_keeps_aspect(size, resized):
     clean = clean_image(image_bytes(RED, size), key="k", resize_shorter=256)
     assert Image.open(io.BytesIO(clean.jpeg)).size == resized
     assert (clean.width, clean.height) == size  # the original's
+
+
+def test_clean_resize_from_a_reduced_decode_keeps_the_detail():
+    # 1024x768 -> shorter side 256: libjpeg decodes at 1/2 (512x384), then area averaging to 341x256.
+    data = io.BytesIO()
+    Image.fromarray(photo_like(np.random.default_rng(0), 1024, 768)).save(data, format="JPEG", quality=95)
+    clean = clean_image(data.getvalue(), key="k", resize_shorter=256)
+    got = decode.decode_image(clean.jpeg).astype(float)
+    # The reference: a full-size decode and PIL's Lanczos, the slow way.
+    reference = np.asarray(Image.open(data).convert("RGB").resize((341, 256), Image.LANCZOS), dtype=float)
+    assert got.shape == reference.shape == (256, 341, 3)
+    psnr = 10 * np.log10(255**2 / np.mean((got - reference) ** 2))
+    assert psnr > 30, f"{psnr:.1f} dB"
 
 
 def test_clean_resize_never_upscales_even_when_converting():
@@ -179,6 +196,7 @@ def test_clean_bad_files_raise_naming_the_file(kind, reason):
     with pytest.raises(BadImage, match="n01440764_7.JPEG") as err:
         clean_image(data, key="n01440764_7.JPEG", resize_shorter=256)
     assert reason in err.value.reason and err.value.key == "n01440764_7.JPEG"
+    assert "BytesIO" not in err.value.reason  # words, not the repr of a buffer
     assert isinstance(err.value, ValueError)
 
 
@@ -222,8 +240,8 @@ def files_under(root: Path) -> set[str]:
 def test_extracted_layout(tmp_path):
     expected = write_extracted(tmp_path)
     assert set(expected.bad.values()) == {"truncated", "zero_byte", "not_image"}  # the fixture holds them all
-    units = discover_inputs(str(tmp_path), files_per_unit=5)
-    assert {u.kind for u in units} == {"files"} and all(u.count <= 5 for u in units)
+    units = discover_inputs(str(tmp_path))
+    assert [(u.split, u.kind) for u in units] == [("train", "files"), ("val", "files")]
     check_records(read_all(units), expected)
 
 
@@ -238,8 +256,8 @@ def test_flat_val_layout(tmp_path, labels):
 def test_archive_layout_reads_in_place(tmp_path, labels):
     expected = write_archives(tmp_path, labels=labels)
     before = files_under(tmp_path)
-    units = discover_inputs(str(tmp_path), files_per_unit=4)
-    assert sorted(u.wnid for u in units if u.kind == "inner_tar") == sorted(WNIDS)
+    units = discover_inputs(str(tmp_path))
+    assert sorted(u.members[0].wnid for u in units if u.kind == "inner_tar") == sorted(WNIDS)
     assert all(u.count is None for u in units if u.kind == "inner_tar")
     check_records(read_all(units), expected)
     assert files_under(tmp_path) == before  # nothing extracted: still only the tars and the labels
@@ -252,14 +270,14 @@ def test_mixed_layouts(tmp_path, train, val):
         expected = write_extracted(tmp_path, val=False) | write_archives(tmp_path, train=False)
     else:
         expected = write_archives(tmp_path, val=False) | write_flat_val(tmp_path, labels="ground_truth")
-    check_records(read_all(discover_inputs(str(tmp_path), files_per_unit=3)), expected)
+    check_records(read_all(discover_inputs(str(tmp_path))), expected)
 
 
 def test_units_are_independent_plain_data(tmp_path):
     write_extracted(tmp_path / "a", val=False)
     write_archives(tmp_path / "a", train=False)
     write_archives(tmp_path / "b", val=False, wnids=("n01484850", "n01491361"))  # ids unique across roots
-    units = discover_inputs(str(tmp_path / "a"), files_per_unit=4) + discover_inputs(str(tmp_path / "b"))
+    units = discover_inputs(str(tmp_path / "a")) + discover_inputs(str(tmp_path / "b"))
     shipped = [pickle.loads(pickle.dumps(u)) for u in units]  # as Ray ships them to tasks
     assert shipped == units and all(isinstance(u.uri, str) for u in units)
     forwards = {(r.image_id, r.data) for r in read_all(units)}
@@ -271,12 +289,18 @@ def test_units_are_independent_plain_data(tmp_path):
             assert unit.nbytes == sum(len(r.data) for r in records)
 
 
-def test_files_per_unit_sets_the_unit_size(tmp_path):
-    write_extracted(tmp_path, bad=False, train_per_class=4, val_per_class=2)  # 12 train, 6 val files
-    assert [u.count for u in discover_inputs(str(tmp_path), files_per_unit=5)] == [5, 5, 2, 5, 1]
-    assert len(discover_inputs(str(tmp_path))) == 2
-    with pytest.raises(ValueError, match="files_per_unit"):
-        discover_inputs(str(tmp_path), files_per_unit=0)
+def test_inner_tar_index_gives_byte_ranges_of_the_outer_archive(tmp_path):
+    write_archives(tmp_path, val=False)
+    archive = (tmp_path / imagenet.TRAIN_TAR).read_bytes()
+    for unit in discover_inputs(str(tmp_path)):
+        (inner,) = unit.members
+        indexed = imagenet.index_inner_tar(unit)
+        with tarfile.open(fileobj=io.BytesIO(archive[inner.offset:inner.offset + inner.size])) as tar:
+            files = {f"{inner.name}/{i.name}": tar.extractfile(i).read() for i in tar.getmembers()}
+        # Each member's bytes are where the index says, in the outer archive: read in place later.
+        assert {m.name: archive[m.offset:m.offset + m.size] for m in indexed.members} == files
+        assert {m.wnid for m in indexed.members} == {inner.wnid} and indexed.count == len(files)
+        assert indexed.nbytes == sum(len(d) for d in files.values())
 
 
 def test_label_files_passed_by_uri(tmp_path):
@@ -294,16 +318,44 @@ def test_label_files_passed_by_uri(tmp_path):
         discover_inputs(str(root), val_labels=str(kit / imagenet.DEVKIT_GROUND_TRUTH))
 
 
-def test_stray_files_are_yielded_for_the_report(tmp_path):
+def test_stray_files_are_listed_and_given_a_reason_to_skip(tmp_path):
     expected = write_extracted(tmp_path, bad=False)
     (tmp_path / "train" / "README.txt").write_text("class folders below\n")
-    (tmp_path / "train" / WNIDS[0] / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    for wnid in WNIDS:  # one in every class folder: ids are paths for such names, so they do not collide
+        (tmp_path / "train" / wnid / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     records = {r.image_id: r for r in read_all(discover_inputs(str(tmp_path)))}
-    assert records.keys() == expected.labels.keys() | {"train/README", "train/.DS_Store"}
-    assert records["train/README"].wnid == "" and records["train/.DS_Store"].wnid == WNIDS[0]
-    for stray in ("train/README", "train/.DS_Store"):
-        with pytest.raises(BadImage, match=re.escape(records[stray].key)):
-            clean_image(records[stray].data, key=records[stray].key)
+    strays = {"train/README.txt", *(f"train/{wnid}/.DS_Store" for wnid in WNIDS)}
+    assert records.keys() == expected.labels.keys() | strays
+    members = {imagenet.image_id_of(u.split, m.name): m for u in discover_inputs(str(tmp_path)) for m in u.members}
+    assert "in no class" in imagenet.skip_reason(members["train/README.txt"])
+    assert "not an image file name" in imagenet.skip_reason(members[f"train/{WNIDS[0]}/.DS_Store"])
+    assert not any(imagenet.skip_reason(members[i]) for i in expected.labels)
+
+
+@pytest.mark.parametrize("split,name,image_id", [
+    ("train", "train/n01440764/n01440764_10026.JPEG", "train/n01440764_10026"),      # extracted
+    ("train", "n01440764.tar/n01440764_10026.JPEG", "train/n01440764_10026"),        # inside the train tar
+    ("val", "val/n01440764/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),
+    ("val", "val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),    # flat val
+    ("val", "ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),        # in the val tar
+    ("train", "train/cat/0.jpg", "train/cat/0.jpg"),                                 # any ImageFolder
+    ("val", "val/cat/0.jpg", "val/cat/0.jpg"),
+    ("train", "train/README.txt", "train/README.txt"),
+])
+def test_image_ids_imagenet_names_stay_short_other_names_are_paths(split, name, image_id):
+    assert imagenet.image_id_of(split, name) == image_id
+
+
+def test_an_image_folder_with_the_same_names_in_every_class(tmp_path):
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            for n in range(2):
+                (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+                (tmp_path / split / cls / f"{n}.jpg").write_bytes(image_bytes(RED, (40 + c, 30)))
+    records = read_all(discover_inputs(str(tmp_path)))
+    assert sorted(r.image_id for r in records) == sorted(f"{s}/{c}/{n}.jpg" for s in ("train", "val")
+                                                         for c in ("cat", "dog") for n in range(2))
+    assert {r.wnid for r in records} == {"cat", "dog"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +408,15 @@ def test_ambiguous_or_unlabelled_layouts(tmp_path):
         discover_inputs(str(tmp_path / "flat"))
 
 
-def test_colliding_file_names_are_an_error(tmp_path):
-    write_extracted(tmp_path, bad=False)
-    for wnid in WNIDS[:2]:
-        (tmp_path / "train" / wnid / "Thumbs.db").write_bytes(b"\x00")
-    with pytest.raises(ValueError, match="collide.*Thumbs.db"):
-        discover_inputs(str(tmp_path))
+def test_colliding_image_ids_are_an_error(tmp_path):
+    # An ImageNet name is its id whatever the folder or extension: a copy in another class, or as .png.
+    name = f"{WNIDS[0]}_1"
+    for copy in (f"{WNIDS[1]}/{name}.JPEG", f"{WNIDS[0]}/{name}.png"):
+        root = tmp_path / copy.replace("/", "-")
+        write_extracted(root, bad=False)
+        shutil.copy(root / "train" / WNIDS[0] / f"{name}.JPEG", root / "train" / copy)
+        with pytest.raises(ValueError, match=f"'train/{name}' to .*{re.escape(copy)}.*Remove or rename"):
+            discover_inputs(str(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +449,7 @@ def test_s3_archives_and_folders(tmp_path, s3_endpoint):
     s3, _ = resolve("s3://imagenet")
     pafs.copy_files(str(tmp_path), "imagenet/raw", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
 
-    units = discover_inputs("s3://imagenet/raw", files_per_unit=4)
+    units = discover_inputs("s3://imagenet/raw")
     assert all(u.uri.startswith("s3://imagenet/raw/") for u in units)
     check_records(read_all(pickle.loads(pickle.dumps(units))), expected)
     check_records(read_all(discover_inputs("s3://imagenet/raw/extracted")), extracted)

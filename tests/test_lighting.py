@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import lighting, stages
+from pipeline import device_stages, lighting, stages
 from pipeline.lighting import Lighting
 
 
@@ -226,7 +226,7 @@ def test_compute_refuses_bad_arguments(jpeg_ds):
         lighting.compute_lighting(jpeg_ds, size=0)
 
 
-# --- Lighting: a record, and what the train loop hands to stages.pca_lighting -----------------
+# --- Lighting: a record, and what the train loop hands to pca_lighting -----------------
 
 def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants():
     L = lighting.lighting_from_moments(10, 1, np.full(3, 4.0), np.eye(3) * 2 + 1.5, source="data: test")
@@ -246,12 +246,12 @@ def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants(
         Lighting.from_dict({**L.to_dict(), "eigvec": [[1, 0], [0, 1], [0, 0]]})
 
 
-def test_a_lighting_from_data_drives_stages_pca_lighting():
+def test_a_lighting_from_data_drives_pca_lighting():
     pixels = np.concatenate([p.reshape(-1, 3) for p in IMAGES]) / 255.0
     L = lighting.lighting_from_moments(len(pixels), 40, pixels.sum(axis=0), pixels.T @ pixels, source="data")
-    x = stages.to_float(torch.from_numpy(np.stack(IMAGES[:4])))          # (4, 3, 24, 24)
-    out = stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
-    again = stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
+    x = device_stages.to_float(torch.from_numpy(np.stack(IMAGES[:4])))          # (4, 3, 24, 24)
+    out = device_stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
+    again = device_stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
     assert out.shape == x.shape == (4, 3, SIZE, SIZE) and out.dtype == torch.float32
     assert torch.equal(out, again) and not torch.equal(out, x)
     # One shift per image, along the components: eigvec^T shift / eigval = alpha, std 0.1.

@@ -1,5 +1,6 @@
 """The prepare job on every input layout, locally and on a real S3 endpoint: shards, manifest, the
-bad-file report, resizing, and a re-run that completes a half-written output."""
+bad-file report, resizing, a re-run that completes a half-written output, and training's reader
+seeing the same images and pixels in a folder and in its shards."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 import imagenet_fixtures as fx
 from conftest import make_bucket
-from pipeline import prepare, shards, storage
+from pipeline import decode, imagenet, prepare, shards, sources, storage
 
 
 def prepare_quietly(*args, **kwargs):
@@ -152,3 +153,76 @@ def test_prepare_job_lighting_and_clear_errors(ray_session, tmp_path):
     fx.write_extracted(only_val, train=False)
     with pytest.raises(ValueError, match="no train images"):
         prepare_quietly(str(only_val), str(tmp_path / "out"))
+
+
+def read_as_training_does(uri: str) -> tuple[sources.Source, dict[str, dict[str, tuple[int, bytes]]]]:
+    """The source, and split -> {key: (label, encoded bytes)} of every row its read tasks yield."""
+    source = sources.open_source(uri)
+    rows: dict[str, dict[str, tuple[int, bytes]]] = {}
+    for split in ("train", "val"):
+        rows[split] = {}
+        for k in range(sources.num_units(source, split)):
+            batch = sources.read_unit(source, split, k, seed=0, epoch=0, shuffle=False)
+            for key, label, jpeg in zip(batch["key"], batch["label"], batch["jpeg"]):
+                assert key not in rows[split], f"{key} read twice"
+                rows[split][key] = (int(label), bytes(jpeg))
+    return source, rows
+
+
+def write_image_folder(root: Path) -> None:
+    """An ImageFolder dataset, not ImageNet: class names for folders, the same file names in each."""
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog", "bird")):
+            colour = fx.PALETTE[c]
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "0.jpg").write_bytes(fx.image_bytes(colour, (48, 40)))
+            (root / split / name / "1.jpg").write_bytes(fx.image_bytes(colour, (40, 52), "L"))
+            (root / split / name / "2.png").write_bytes(fx.image_bytes(colour, (44, 36), fmt="PNG"))
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "image_folder"])
+def test_a_folder_and_its_shards_give_training_the_same_images(ray_session, tmp_path, dataset):
+    folder = tmp_path / "folder"
+    if dataset == "imagenet":  # the odd and bad files of the real set, and strays that are no image
+        fx.write_extracted(folder)
+        (folder / "train" / "README.txt").write_text("class folders below\n")
+        (folder / "train" / fx.WNIDS[0] / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / "val" / fx.WNIDS[1] / "notes.txt").write_text("not an image\n")
+    else:
+        write_image_folder(folder)
+    manifest = prepare_quietly(str(folder), str(tmp_path / "shards"), target_mb=0.002)
+    folder_source, from_folder = read_as_training_does(str(folder))
+    _, from_shards = read_as_training_does(str(tmp_path / "shards"))
+    report = {b["image_id"]: b for b in manifest["bad_files"]}
+
+    # What training from the folder ignores (no class, no image name) the job skipped without reading.
+    base = storage.resolve(str(folder))[1]
+    ignored = {imagenet.image_id_of(p.split("/")[0], p) for p in
+               (os.path.relpath(path, base) for path in folder_source.ignored)}
+    unread = {i for i, b in report.items() if i not in from_folder[i.split("/")[0]]}
+    assert ignored == unread == ({"train/README.txt", f"train/{fx.WNIDS[0]}/.DS_Store", f"val/{fx.WNIDS[1]}/notes.txt"}
+                                 if dataset == "imagenet" else set())
+    assert all(report[i]["action"] == "skipped" for i in unread)
+
+    for split in ("train", "val"):
+        decoded = {}
+        for key, (label, data) in from_folder[split].items():
+            try:
+                decoded[key] = (label, data, decode.decode_image(data, key=key))
+            except decode.DecodeError as e:  # training would drop it; the job skipped it, for the same reason
+                assert (report[key]["action"], report[key]["reason"]) == ("skipped", e.reason)
+        assert from_shards[split].keys() == decoded.keys()
+        assert len(decoded) == manifest["splits"][split]["images"]
+        for key, (label, data, pixels) in decoded.items():
+            shard_label, jpeg = from_shards[split][key]
+            assert shard_label == label, key
+            if key in report:  # converted (CMYK, PNG, grayscale): one JPEG re-encode away
+                assert report[key]["action"] == "converted"
+                got = decode.decode_image(jpeg).astype(int)
+                assert got.shape == pixels.shape and np.abs(got - pixels).mean() < 2, key
+            else:  # kept byte for byte, so training decodes the same pixels
+                assert jpeg == data and np.array_equal(decode.decode_image(jpeg), pixels)
+    if dataset == "image_folder":  # 0.jpg in every class: every one kept, under its path
+        assert sorted(from_shards["train"]) == [f"train/{c}/{n}" for c in ("bird", "cat", "dog")
+                                                for n in ("0.jpg", "1.jpg", "2.png")]
+        assert manifest["classes"] == ["bird", "cat", "dog"]

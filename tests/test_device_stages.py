@@ -1,0 +1,57 @@
+"""The late float stages: §4.1 lighting against a NumPy reference, each parameter's effect, and the
+one-pass to_model_input equal to the chain it replaces."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import device_stages, stages
+
+
+def numpy_lighting(images: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """fb.resnet.torch's Lighting, one image at a time: rgb = eigvec @ (alpha * eigval)."""
+    eigval, eigvec = np.array(stages.IMAGENET_EIGVAL), np.array(stages.IMAGENET_EIGVEC)
+    out = images.copy()
+    for i in range(len(images)):
+        rgb = eigvec @ (alpha[i] * eigval)
+        out[i] += rgb[:, None, None]
+    return out
+
+
+def test_pca_lighting_matches_numpy_reference():
+    x = torch.rand(5, 3, 4, 4)
+    out = device_stages.pca_lighting(x, torch.Generator().manual_seed(3), std=0.1)
+    alpha = (torch.randn(5, 3, generator=torch.Generator().manual_seed(3)) * 0.1).numpy()
+    np.testing.assert_allclose(out.numpy(), numpy_lighting(x.numpy(), alpha), rtol=1e-5, atol=1e-6)
+    # One colour shift per image, the same at every pixel.
+    shift = (out - x).reshape(5, 3, -1)
+    assert torch.allclose(shift, shift[:, :, :1].expand_as(shift), atol=1e-6)
+
+
+def test_pca_lighting_std_scales_the_noise_and_zero_disables_it():
+    x = torch.rand(400, 3, 2, 2)
+    small = (device_stages.pca_lighting(x, torch.Generator().manual_seed(0), std=0.1) - x).std()
+    large = (device_stages.pca_lighting(x, torch.Generator().manual_seed(0), std=0.2) - x).std()
+    assert large / small == pytest.approx(2.0, rel=1e-4)
+    assert torch.equal(device_stages.pca_lighting(x, torch.Generator(), std=0.0), x)
+
+
+def test_to_float_and_normalize():
+    images = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    x = device_stages.to_float(images)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32 and x.max() == 1.0
+    y = device_stages.normalize(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("lighting_std", [0.1, 0.0])
+def test_to_model_input_is_the_chain_in_one_pass(lighting_std):
+    images = torch.randint(0, 256, (6, 9, 7, 3), dtype=torch.uint8)
+    chain = device_stages.normalize(device_stages.pca_lighting(
+        device_stages.to_float(images), torch.Generator().manual_seed(1), std=lighting_std))
+    fused = device_stages.to_model_input(images, torch.Generator().manual_seed(1), lighting_std=lighting_std)
+    assert fused.shape == (6, 3, 9, 7) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, chain, rtol=1e-5, atol=1e-5)
+    if lighting_std:  # and the lighting is really there: another seed, another image
+        other = device_stages.to_model_input(images, torch.Generator().manual_seed(2), lighting_std=lighting_std)
+        assert not torch.allclose(other, fused)
