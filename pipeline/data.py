@@ -30,10 +30,13 @@ from ray.data.context import DataContext
 from pipeline import sources, stages
 from pipeline.sources import SPLITS, Source, open_source, scan_image_folder  # noqa: F401  (public entry points)
 
-# Read units per Ray task. One unit (256 images) decodes in 0.1-0.3 s, and between such short tasks
-# Ray leaves a core idle: 1.0-1.4 of 2 cores were busy. Four units per task keep both busy
-# (256-px shards: 2,364 img/s against 1,864 with one unit per task; see BENCHMARKS.md).
-UNITS_PER_TASK = 4
+# Read units per Ray task, at most. One unit (256 images) decodes in 0.1-0.3 s, and between such short
+# tasks Ray leaves a core idle: 1.0-1.4 of 2 cores were busy. Measured on 2 cores over 19,800
+# original JPEGs, img/s with units per task 1 / 2 / 4 / 8 / 16: 985 / 1,151 / 1,171-1,227 /
+# 1,308-1,314 / 1,271-1,273 (BENCHMARKS.md). Small data sets get fewer per task, so that every
+# CPU still has two tasks and an epoch does not end on one long task.
+UNITS_PER_TASK = 8
+TASKS_PER_CPU = 2
 
 
 @ray.remote(num_cpus=0)
@@ -91,12 +94,19 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
         yield columns
 
 
+def num_tasks(units: int, cpus: int) -> int:
+    """Ray tasks for `units` read units on a cluster of `cpus`: up to UNITS_PER_TASK units each,
+    but TASKS_PER_CPU tasks per CPU when there are enough units."""
+    return min(units, max(-(-units // UNITS_PER_TASK), TASKS_PER_CPU * cpus))
+
+
 def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Dataset:
     units = sources.num_units(source, split)
-    tasks = -(-units // UNITS_PER_TASK)
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    tasks = num_tasks(units, cpus)
     fn = partial(_read_units, source=source, split=split, seed=cfg.seed, resize_size=cfg.resize_size,
                  crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys)
-    # One row per read unit, UNITS_PER_TASK rows per Ray task; Ray fuses the range and the map.
+    # One row per read unit, a few rows per Ray task; Ray fuses the range and the map.
     dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(fn, batch_size=None,
                                                                            batch_format="numpy")
     # A block closes when it outgrows this: just under one unit's crops, so every unit leaves its

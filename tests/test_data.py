@@ -131,8 +131,8 @@ def test_every_epoch_a_fresh_order_of_samples_from_shards(ray_session, tiny_imag
 
 
 def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_imagenet):
-    """UNITS_PER_TASK units share a Ray task, but the first batch must not wait for all of them: the
-    plan's block size (Dataset.context, a DeveloperAPI) makes every unit a block of its own."""
+    """Units share a Ray task, but the first batch must not wait for all of them: the plan's block
+    size (Dataset.context, a DeveloperAPI) makes every unit a block of its own."""
     import dataclasses as dc
 
     from pipeline import sources
@@ -140,10 +140,22 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
     folder = data.scan_image_folder(str(tiny_imagenet))
     many = dc.replace(folder, files={**folder.files, "train": folder.files["train"] * 8},
                       labels={**folder.labels, "train": folder.labels["train"] * 8},
-                      keys={**folder.keys, "train": folder.keys["train"] * 8})    # 576 images: 3 units, 1 task
-    assert sources.num_units(many, "train") == 3 and data.UNITS_PER_TASK >= 3
-    blocks = [len(b["label"]) for b in data.train_dataset(many, CFG).iter_batches(batch_size=None)]
+                      keys={**folder.keys, "train": folder.keys["train"] * 8})    # 576 images: 3 units
+    assert sources.num_units(many, "train") == 3
+    tasks_per_cpu, data.TASKS_PER_CPU = data.TASKS_PER_CPU, 0   # so all three share one task (num_tasks)
+    try:
+        plan = data.train_dataset(many, CFG)
+    finally:
+        data.TASKS_PER_CPU = tasks_per_cpu
+    blocks = [len(b["label"]) for b in plan.iter_batches(batch_size=None)]
     assert sum(blocks) == 576 and max(blocks) <= sources.UNIT_IMAGES
+
+
+def test_tasks_take_up_to_eight_units_and_leave_every_cpu_two():
+    assert data.num_tasks(5000, 16) == 625   # ImageNet's 1.28 M images on a 16-CPU node
+    assert data.num_tasks(78, 2) == 10       # the benchmark's 19,800 images on 2 CPUs
+    assert data.num_tasks(11, 4) == 8        # the sample's 2,600 on 4 logical CPUs: 1-2 units each
+    assert data.num_tasks(3, 8) == 3         # never more tasks than units
 
 
 def test_webdataset_shuffle_buffer_gives_every_item_once_in_a_seeded_order():

@@ -46,7 +46,7 @@ def test_to_float_and_normalize():
 
 @pytest.mark.parametrize("lighting_std", [0.1, 0.0])
 def test_to_model_input_is_the_chain_in_one_pass(lighting_std):
-    images = torch.randint(0, 256, (6, 9, 7, 3), dtype=torch.uint8)
+    images = torch.randint(0, 256, (6, 9, 7, 3), dtype=torch.uint8)  # height 9, width 7: nothing square
     chain = device_stages.normalize(device_stages.pca_lighting(
         device_stages.to_float(images), torch.Generator().manual_seed(1), std=lighting_std))
     fused = device_stages.to_model_input(images, torch.Generator().manual_seed(1), lighting_std=lighting_std)
