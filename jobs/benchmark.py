@@ -1,11 +1,14 @@
 """Benchmarks that compare the project with what a user would use instead, in one run.
 
-    python jobs/benchmark.py data                          # 1,500 generated photo-like JPEGs
+    python jobs/benchmark.py data                          # 4,000 generated photo-like JPEGs
     python jobs/benchmark.py data --data /data/imagenet-subset --epochs 3 --json
+    python jobs/benchmark.py gpu --json                    # one GPU; plain PyTorch, no Ray or MLflow
 
 `data`: the Ray Data plan (from a folder, prepared shards, 256-px shards, s3://) against
-torchvision's DataLoader on the same files, cores and output; see pipeline/benchmark.py. It prints
-a table (and with --json one JSON document, last) whose numbers go to BENCHMARKS.md.
+torchvision's DataLoader on the same files, cores and output; see pipeline/benchmark.py.
+`gpu`: the training step per precision and layout, the two towers, and the data side on one
+device; see pipeline/gpu_benchmark.py. Each prints its measurements (and with --json one JSON
+document, last) whose numbers go to BENCHMARKS.md.
 """
 
 import argparse
@@ -17,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
 DATA_PATHS = ("decode", "reference", "folder", "shards", "shards-256", "uint8", "s3")
+GPU_VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")  # gpu_benchmark.VARIANTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +38,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--work", default=str(Path.home() / ".cache" / "alexnet-ray" / "benchmark"),
                       help="where generated files and prepared shards are kept between runs")
     data.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
+
+    gpu = commands.add_parser("gpu", help="training step, two towers and data rates on one device",
+                              allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gpu.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cuda:N or cpu")
+    gpu.add_argument("--batch-sizes", default="128,256", help="global batch sizes to time the step at")
+    gpu.add_argument("--variants", default=",".join(GPU_VARIANTS), help=f"of {','.join(GPU_VARIANTS)}")
+    gpu.add_argument("--width", type=float, default=1.0, help="channel multiplier; 1.0 is the paper's network")
+    gpu.add_argument("--image-size", type=int, default=227)
+    gpu.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported")
+    gpu.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    gpu.add_argument("--images", type=int, default=256, help="photo-like JPEGs for the data rates")
+    gpu.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
     args = parser.parse_args(argv)
+    if args.command == "gpu":
+        try:
+            args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        except ValueError:
+            parser.error(f"--batch-sizes: expected numbers separated by commas, got {args.batch_sizes!r}")
+        args.variants = tuple(v for v in args.variants.split(",") if v)
+        unknown = set(args.variants) - set(GPU_VARIANTS)
+        if unknown or not args.variants:
+            parser.error(f"--variants: unknown {', '.join(sorted(unknown)) or '(none given)'}; "
+                         f"choose from {','.join(GPU_VARIANTS)}")
+        if min(args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 0 or args.images < 1:
+            parser.error("--batch-sizes, --steps and --images must be at least 1, --warmup at least 0")
+        return args
     paths = tuple(p for p in args.paths.split(",") if p)
     unknown = set(paths) - set(DATA_PATHS)
     if unknown:
@@ -47,6 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "gpu":
+        from pipeline import gpu_benchmark
+
+        report = gpu_benchmark.run_gpu(device=args.device, batch_sizes=args.batch_sizes, variants=args.variants,
+                                       width=args.width, image_size=args.image_size, steps=args.steps,
+                                       warmup=args.warmup, images=args.images)
+        if args.json:
+            print(json.dumps(report))
+        return 0
     from pipeline import benchmark
 
     try:

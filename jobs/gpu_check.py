@@ -30,9 +30,7 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,8 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from pipeline.gpu_benchmark import synchronize, time_step  # noqa: E402
 from pipeline.model import AlexNet  # noqa: E402
-from pipeline.placement import PLACEMENTS, TwoTowerAlexNet, merge_towers, place_model  # noqa: E402
+from pipeline.placement import PLACEMENTS, TwoTowerAlexNet, merge_towers  # noqa: E402
 
 TOLERANCE = 1e-5
 NUM_CLASSES = 1000
@@ -61,13 +60,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
-
-
-def synchronize(devices: list[torch.device]) -> None:
-    """Wait for queued kernels: CUDA launches return before the work is done."""
-    for device in dict.fromkeys(devices):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -107,36 +99,10 @@ def check_equivalence(devices: list[torch.device], batch: int, width: float, ima
             outputs = rel_diff(two.eval()(x), grouped.eval()(x))
         F.cross_entropy(grouped.train()(x), y).backward()
         F.cross_entropy(two.train()(x), y).backward()
-        synchronize(devices)
+        synchronize(*devices)
     got = merge_towers([{name: p.grad for name, p in tower.named_parameters()} for tower in two.towers])
     grads = max(rel_diff(got[name], p.grad) for name, p in grouped.named_parameters())
     return outputs, grads
-
-
-def time_training_step(placement: str, devices: list[torch.device], args: argparse.Namespace) -> float:
-    """Median seconds per SGD step (forward, backward, update) of `placement`, the paper's optimiser."""
-    torch.manual_seed(0)
-    model = place_model(AlexNet(num_classes=NUM_CLASSES, width=args.width, image_size=args.image_size),
-                        placement, devices).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    # One batch, made once on device 0: this times the model, not the input pipeline.
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=devices[0])
-    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=devices[0])
-
-    times = []
-    for step in range(args.warmup + args.steps):
-        synchronize(devices)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        synchronize(devices)
-        if step >= args.warmup:  # warm-up: cuDNN autotuning, allocator growth
-            times.append(time.perf_counter() - start)
-    del model, opt
-    if devices[0].type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
           f"tolerance {TOLERANCE:.0e}): {'ok' if equivalent else 'FAILED'}")
 
     torch.backends.cudnn.benchmark = True  # as training would run; both placements alike
-    seconds = {placement: time_training_step(placement, devices, args) for placement in PLACEMENTS}
+    seconds = {placement: time_step("fp32", devices, placement=placement, batch_size=args.batch_size, width=args.width,
+                                    image_size=args.image_size, steps=args.steps, warmup=args.warmup).step_ms / 1e3
+               for placement in PLACEMENTS}
     images_per_s = {placement: args.batch_size / s for placement, s in seconds.items()}
     ratio = images_per_s["grouped"] / images_per_s["data"]
     for placement in PLACEMENTS:

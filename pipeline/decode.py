@@ -78,9 +78,21 @@ def decode_image(data: bytes, *, key: str = "?", min_size: int | None = None, ma
     return _decode_pil(data, key, min_size, max_pixels)
 
 
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that libjpeg (or nvJPEG) turns into RGB itself, a YCbCr or grayscale
+    one, from its header; None for anything else (CMYK, PNG, a header that does not parse)."""
+    if data[:2] != _JPEG_MAGIC:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in _SIMPLEJPEG_COLORSPACES else None
+
+
 def _decode_jpeg(data: bytes, key: str, width: int, height: int, min_size: int | None, max_pixels: int) -> np.ndarray:
     scale = _draft_scale(width, height, min_size)
-    _check_pixels(key, math.ceil(width / scale), math.ceil(height / scale), max_pixels)
+    check_pixels(key, math.ceil(width / scale), math.ceil(height / scale), max_pixels)
     try:
         if scale == 1:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -114,7 +126,7 @@ def _decode_pil(data: bytes, key: str, min_size: int | None, max_pixels: int) ->
     if min_size and img.format == "JPEG":
         scale = _draft_scale(*img.size, min_size)
         img.draft(img.mode, (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
-    _check_pixels(key, *img.size, max_pixels)
+    check_pixels(key, *img.size, max_pixels)
     try:
         img.load()
         return np.asarray(to_rgb(img))
@@ -122,7 +134,8 @@ def _decode_pil(data: bytes, key: str, min_size: int | None, max_pixels: int) ->
         raise DecodeError(key, f"truncated or corrupt {img.format} ({type(e).__name__}: {e})") from None
 
 
-def _check_pixels(key: str, width: int, height: int, max_pixels: int) -> None:
+def check_pixels(key: str, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """DecodeError naming `key` when decoding width x height pixels would pass max_pixels."""
     if width * height > max_pixels:
         raise DecodeError(key, f"image too large: {width} x {height} = {width * height:,} pixels to decode, above "
                                f"the limit of {max_pixels:,} (decode.MAX_PIXELS)")

@@ -55,3 +55,53 @@ def test_to_model_input_is_the_chain_in_one_pass(lighting_std):
     if lighting_std:  # and the lighting is really there: another seed, another image
         other = device_stages.to_model_input(images, torch.Generator().manual_seed(2), lighting_std=lighting_std)
         assert not torch.allclose(other, fused)
+
+
+# --- decoding on the device (run here on the CPU; the same calls on CUDA use nvJPEG) -----------
+
+
+def test_device_decode_and_crops_match_the_cpu_path():
+    """Same crop draws, same boxes: torchvision's decoder + torch's bilinear resize give the CPU
+    path's crops (libjpeg-turbo + OpenCV) to within a grey level or two."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from pipeline.sample import photo_like
+
+    files = []
+    for i, size in enumerate([(500, 375), (375, 500), (300, 200), (256, 256)]):
+        buf = io.BytesIO()
+        smooth = cv2.GaussianBlur(photo_like(np.random.default_rng(i), *size), (0, 0), 1.0)
+        Image.fromarray(smooth).save(buf, "JPEG", quality=92)
+        files.append(buf.getvalue())
+    keys = [f"k{i}" for i in range(4)]
+    cpu = stages.random_crops({"jpeg": files, "key": keys}, np.random.default_rng(9), resize_size=256, crop_size=224)
+    top, left, flip = stages.crop_params(4, np.random.default_rng(9), resize_size=256, crop_size=224, flip_p=0.5)
+    images, rows, failed = device_stages.decode_on_device(files, keys, "cpu")
+    assert rows == [0, 1, 2, 3] and failed == {}
+    device = device_stages.crops_on_device(images, top, left, flip, resize_size=256, crop_size=224)
+    assert device.shape == (4, 224, 224, 3) and device.dtype == torch.uint8
+    diff = (device.numpy().astype(int) - cpu["image"].astype(int))
+    assert np.abs(diff).mean() < 1.5 and np.abs(diff).max() <= 16, (np.abs(diff).mean(), np.abs(diff).max())
+
+
+def test_device_decode_falls_back_per_image_and_names_failures():
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    def saved(mode, fmt):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buf, fmt)
+        return buf.getvalue()
+    good, cmyk, png = saved("RGB", "JPEG"), saved("CMYK", "JPEG"), saved("RGB", "PNG")
+    jpegs = [good, cmyk, b"", good[:len(good) // 2], png]
+    images, rows, failed = device_stages.decode_on_device(jpegs, list("abcde"), "cpu")
+    assert rows == [0, 1, 4] and [tuple(im.shape) for im in images] == [(3, 40, 60)] * 3
+    assert torch.equal(images[2].permute(1, 2, 0), torch.from_numpy(pixels))          # the PNG, lossless, by the CPU decoder
+    assert set(failed) == {"c", "d"} and failed["c"] == "zero-byte file" and "JPEG" in failed["d"]
+    big = device_stages.decode_on_device([good], ["big"], "cpu", max_pixels=100)[2]
+    assert big["big"].startswith("image too large: 60 x 40")
