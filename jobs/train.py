@@ -21,13 +21,17 @@ def main(argv=None) -> int:
 
     try:
         summary = runner.run(cfg)
+    except runner.RunInterrupted as e:
+        print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED; nothing registered",
+              file=sys.stderr)
+        return e.exit_code
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nfinal val top-1 {summary['val_top1']:.1f}%  top-5 {summary['val_top5']:.1f}%  "
-          f"(best top-1 {summary['best_val_top1']:.1f}%) in {summary['seconds']:.0f} s")
-    print(f"MLflow run {summary['run_id']}; registered model {cfg.registered_model!r} alias 'champion'")
-    print(f"browse it:  {summary['url']}")
+    import ray
+
+    ray.shutdown()  # Ray's buffered log lines come out now, so that the job's last lines are these
+    print(runner.where_it_went(summary), flush=True)
     return 0
 
 

@@ -80,10 +80,17 @@ class Config:
     max_failures: int = _f(2, "restarts of the worker group from the latest checkpoint after a failure")
     storage_path: str = _f("", "where Ray Train keeps checkpoints (local path or s3://); "
                                "empty = ./ray_results; a multi-node cluster needs shared storage")
+    keep_checkpoints: int = _f(2, "Ray Train checkpoints kept: this many with the best val top-1, plus the latest "
+                                  "(to resume from); 0 = keep every epoch's")
 
     # tracking
     experiment: str = _f("alexnet", "MLflow experiment name")
-    registered_model: str = _f("alexnet", "MLflow registered model that receives the best checkpoint")
+    registered_model: str = _f("", "MLflow registered model that receives the run's best model; empty = "
+                                   "alexnet, or alexnet-sample when training on the generated sample (--data empty), "
+                                   "so sample models never compete with real ones")
+    log_models: str = _f("best", "which epochs become MLflow logged models: best = each epoch that improves val "
+                                 "top-1, and the last; all = every epoch; none = no models (nothing is registered)",
+                         choices=("best", "all", "none"))
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
 
     def __post_init__(self) -> None:
@@ -95,6 +102,7 @@ class Config:
         for name in ("epochs", "batch_size", "workers", "resize_size", "crop_size", "lr_step_epochs"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         need(self.plateau_patience >= 0, f"--plateau-patience must be >= 0, got {self.plateau_patience}")
+        need(self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}")
         need(self.max_failures >= -1, f"--max-failures must be >= -1 (-1 = forever), got {self.max_failures}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.width > 0, f"--width must be positive, got {self.width}")

@@ -1,19 +1,22 @@
 """MLflow: one run per training run, written from one place on the driver side.
 
-    start_run(cfg, ...)        the run, with the resolved config, git SHA and data lineage as params
-    MLflowCallback             a ray.train.UserCallback on the Train controller: per-epoch metrics,
-                               each epoch's checkpoint as a logged model carrying its val_top1/top5,
-                               the best one registered with the alias `champion`
-    finish_run(...)            status and the final summary
+    start_run(cfg, ...)        the run, with the resolved config, git SHA and data lineage as params; system
+                               metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) while it lasts
+    MLflowCallback             a ray.train.UserCallback on the Train controller: per-epoch metrics and
+                               pipeline health, the epochs --log-models selects as logged models (image
+                               classifiers, classifier.py) carrying their val_top1/top5, and the pictures
+    finish_run(...)            the run's final status (FINISHED, FAILED with the error, KILLED) and summary
 
 Workers never open an MLflow run: they call ray.train.report, and the controller calls us. That
-gives one writer on the tracking store whatever the worker count.
+gives one writer on the tracking store whatever the worker count. Registering a model happens once,
+after the run finished (registry.py), never from the callback: an interrupted run registers nothing.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,16 @@ from typing import Any
 import ray
 import ray.train
 
-CHAMPION = "champion"
+from pipeline import checkpoint as checkpoints
+
+# Pipeline health sits beside the accuracy: images_per_s (training throughput, all workers), the
+# fraction of the training pass spent waiting for the next batch (data_wait_fraction, the slowest
+# worker's), and decode_failures (images left out so far).
 EPOCH_METRICS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                 "lr", "images_per_s", "epoch_seconds")
+                 "lr", "images_per_s", "data_wait_fraction", "epoch_seconds")
 MODEL_METRICS = ("val_loss", "val_top1", "val_top5")
+CURVES = ("epoch", "train_loss", "val_loss", "train_top1", "val_top1", "val_top5")
+PICTURES = "pictures"  # the run's artifact folder of PNGs
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -58,7 +67,12 @@ def git_sha() -> str:
 
 
 def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str, str]):
-    """Create the experiment if needed and a run holding the resolved config; returns its RunInfo."""
+    """Create the experiment if needed and a run holding the resolved config; returns its RunInfo.
+
+    The run is also made this process's active run with system metrics on: MLflow samples CPU, memory,
+    disk and network (GPU too where nvidia-ml-py is installed) every 10 s into system/* metrics, on the
+    machine of the driver (the head node on a cluster), until finish_run.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -72,16 +86,22 @@ def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str,
     run = client.create_run(experiment_id, tags={"git_sha": git_sha(), "preset": cfg.preset, **tags})
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()])
+    mlflow.start_run(run_id=run.info.run_id, log_system_metrics=True)
     return run.info
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
+    """Tags from `summary`, then the final status; ends the active run (and its system metrics) if it is this one."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     for key, value in (summary or {}).items():
-        client.set_tag(run_id, key, str(value))
-    client.set_terminated(run_id, status=status)
+        client.set_tag(run_id, key, str(value)[:5000])
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        client.set_terminated(run_id, status=status)
 
 
 def run_url(tracking_uri: str, run_id: str, experiment_id: str) -> str:
@@ -105,32 +125,54 @@ def log_decode_failures(tracking_uri: str, run_id: str, failures: dict[str, str]
 class MLflowCallback(ray.train.UserCallback):
     """Runs on the Ray Train controller: turns every report into MLflow records."""
 
-    def __init__(self, *, tracking_uri: str, run_id: str, registered_model: str, input_shape: tuple[int, ...],
+    def __init__(self, *, tracking_uri: str, run_id: str, epochs: int, log_models: str, data_uri: str,
                  data_fingerprint: str, decode_failures=None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.registered_model = registered_model
-        self.input_shape = input_shape
+        self.epochs = epochs
+        self.log_models = log_models
+        self.data_uri = data_uri
         self.data_fingerprint = data_fingerprint
         self.best_top1 = float("-inf")
+        self.history: list[dict[str, float]] = []
         self.decode_failures = decode_failures  # a data.DecodeFailures actor, or None
         self.failures_logged = 0
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         import mlflow
 
+        mlflow.set_tracking_uri(self.tracking_uri)
+        client = mlflow.MlflowClient(self.tracking_uri)
         # Every worker reports the same all-reduced numbers; rank 0's stand for the run.
         m = metrics[0]
         epoch = int(m["epoch"])
-        model_id = self._log_model(checkpoint, epoch) if checkpoint is not None else None
+        improved = m["val_top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, m["val_top1"])
+        log_model = checkpoint is not None and checkpoints.should_log(
+            self.log_models, improved=improved, last_epoch=epoch == self.epochs - 1)
+
+        model_id = None
+        if checkpoint is not None and (log_model or improved):
+            with checkpoint.as_directory() as directory:
+                state = checkpoints.load(directory)
+                batch_picture = Path(directory) / checkpoints.TRAIN_BATCH_FILE
+                if batch_picture.is_file():
+                    self._log_picture(client, checkpoints.TRAIN_BATCH_FILE, batch_picture.read_bytes())
+            if log_model:
+                model_id = self._log_model(state, epoch, checkpoint.path)
+            if improved:
+                self._log_best_pictures(client, state, m)
+
         # The val metrics carry the logged model's id: one record, seen on the run and on the model.
         now = int(time.time() * 1000)
-        mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(m[k]), now, epoch, model_id=model_id if k in MODEL_METRICS else None)
+        on_model = self._on_model(model_id)
+        client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(m[k]), now, epoch, **(on_model if k in MODEL_METRICS else {}))
             for k in EPOCH_METRICS if k in m])
-        if model_id is not None and m["val_top1"] > self.best_top1:
-            self.best_top1 = m["val_top1"]
-            self._register(model_id, m, epoch)
+        self.history.append({k: float(m[k]) for k in CURVES})
+        from pipeline import pictures
+
+        self._log_picture(client, "curves.png", pictures.curves_png(self.history))
         if self.decode_failures is not None:
             failures = ray.get(self.decode_failures.get.remote())
             log_decode_failures(self.tracking_uri, self.run_id, failures, step=epoch,
@@ -145,42 +187,38 @@ class MLflowCallback(ray.train.UserCallback):
         client.log_text(self.run_id, text, f"failures/{int(time.time())}.txt")
         client.set_tag(self.run_id, "last_failure", text[:5000])
 
-    def _log_model(self, checkpoint, epoch: int) -> str:
-        """The checkpoint as an MLflow logged model (pt2, loadable without this code); returns its id."""
-        import mlflow
-        import torch
+    def _on_model(self, model_id: str | None) -> dict[str, Any]:
+        """A metric's link to the logged model and to the data it was measured on."""
+        if model_id is None:
+            return {}
+        return {"model_id": model_id, "dataset_name": self.data_uri, "dataset_digest": self.data_fingerprint[:32]}
 
-        from pipeline.train import model_from_checkpoint
+    def _log_model(self, state: dict[str, Any], epoch: int, checkpoint_path: str) -> str:
+        from pipeline import classifier
 
-        with checkpoint.as_directory() as directory:
-            model, _ = model_from_checkpoint(directory)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
-                # A batch of 2: torch.export would specialise a batch of 1 into the graph.
-                model, name=f"epoch-{epoch:03d}", input_example=torch.randn(2, *self.input_shape).numpy(),
-                step=epoch, tags={"ray_checkpoint": checkpoint.path, "epoch": str(epoch)},
-                # Stated, not inferred: inference runs the model in a subprocess, ~10 s per epoch.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-        return info.model_id
+        return classifier.log_model(state, name=f"epoch-{epoch:03d}", run_id=self.run_id, step=epoch, tags={
+            "epoch": str(epoch), "ray_checkpoint": checkpoint_path, "data_uri": self.data_uri,
+            "data_fingerprint": self.data_fingerprint})
 
-    def _register(self, model_id: str, m: dict[str, Any], epoch: int) -> None:
-        """A new registered version for every improvement of this run; `champion` moves to it when
-        it beats the current champion on the same data (or the champion was measured elsewhere)."""
-        import mlflow
+    def _log_best_pictures(self, client, state: dict[str, Any], m: dict[str, Any]) -> None:
+        """The best model so far: its conv1 kernels (Figure 3) and its per-class validation top-1."""
+        from pipeline import pictures
 
-        client = mlflow.MlflowClient(self.tracking_uri)
-        version = mlflow.register_model(f"models:/{model_id}", self.registered_model, tags={
-            "val_top1": f"{m['val_top1']:.4f}", "val_top5": f"{m['val_top5']:.4f}", "epoch": str(epoch),
-            "run_id": self.run_id, "data_fingerprint": self.data_fingerprint,
-        })
-        try:
-            champion = client.get_model_version_by_alias(self.registered_model, CHAMPION)
-        except mlflow.exceptions.MlflowException:
-            champion = None
-        if (champion is None
-                or champion.tags.get("data_fingerprint") != self.data_fingerprint
-                or champion.tags.get("run_id") == self.run_id
-                or float(champion.tags.get("val_top1", "-inf")) < m["val_top1"]):
-            client.set_registered_model_alias(self.registered_model, CHAMPION, version.version)
+        conv1 = next(v for v in state["model"].values() if v.dim() == 4)  # the first conv's weight, either model
+        towers = 2 if state["config"]["model"] == "alexnet" else 1
+        self._log_picture(client, "conv1_filters.png", pictures.conv1_png(conv1.numpy(), towers=towers))
+        counts = state.get("val_per_class") or {}
+        if counts.get("images"):
+            names = [w or c for w, c in zip(state["words"], state["classes"])] or state["classes"] \
+                or [str(i) for i in range(state["num_classes"])]
+            table = pictures.class_accuracy(counts["correct"], counts["images"], names)
+            client.log_dict(self.run_id, {"epoch": state["epoch"], **table}, f"{PICTURES}/per_class_val.json")
+            self._log_picture(client, "per_class_val.png", pictures.per_class_png(
+                table, title=f"validation top-1 per class, best epoch so far ({state['epoch'] + 1}: "
+                             f"{m['val_top1']:.1f}%)"))
+
+    def _log_picture(self, client, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            client.log_artifact(self.run_id, str(path), PICTURES)

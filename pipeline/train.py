@@ -10,21 +10,22 @@ side).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import device_stages
+from pipeline import checkpoint, device_stages, pictures
 from pipeline.config import Config
 from pipeline.evaluate import EvalSums, evaluate, topk_correct
 from pipeline.model import build_model
-from pipeline.placement import grouped_state_dict, load_grouped_state_dict, place_model
+from pipeline.placement import place_model
 
-CHECKPOINT_FILE = "checkpoint.pt"
+# Images of the first training batch kept for the run's picture of what the model sees.
+PICTURE_IMAGES = 32
 log = logging.getLogger(__name__)
 
 
@@ -54,16 +55,40 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
 
 
+@dataclass
+class EpochStats:
+    sums: EvalSums                        # this worker's loss and top-1/top-5 counts
+    seconds: float                        # wall time of the training pass
+    data_seconds: float                   # of which blocked waiting for the next batch
+    first_inputs: torch.Tensor | None     # the first images exactly as the model received them, if kept
+
+
 def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Config,
-                    generator: torch.Generator, lighting: dict[str, Any]) -> EvalSums:
-    """One pass over this worker's shard; returns its sums (loss, top-1/5 counts, images)."""
+                    generator: torch.Generator, lighting: dict[str, Any], *, keep_inputs: int = 0,
+                    progress: Callable[[EvalSums, float, float], None] | None = None) -> EpochStats:
+    """One pass over this worker's shard.
+
+    keep_inputs: keep that many of the first batch's model inputs (after crop, flip, lighting and
+    normalisation) for the run's picture. progress(sums, data_seconds, seconds) is called after every step.
+    """
     model.train()
     sums = EvalSums()
-    for batch in batches:
+    kept = None
+    start = time.perf_counter()
+    data_seconds = 0.0
+    iterator = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        batch = next(iterator, None)  # the time spent here is time the model waits for data
+        data_seconds += time.perf_counter() - waited
+        if batch is None:
+            break
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         x = device_stages.to_model_input(images, generator, lighting_std=cfg.lighting_std,
                                          eigval=lighting["eigval"], eigvec=lighting["eigvec"])
+        if keep_inputs and kept is None:
+            kept = x[:keep_inputs].detach().cpu()
         logits = model(x)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -72,35 +97,30 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
         with torch.no_grad():
             sums = sums.add(EvalSums(loss.item() * len(labels), topk_correct(logits, labels, 1),
                                      topk_correct(logits, labels, 5), len(labels)))
-    return sums
+        if progress is not None:
+            progress(sums, data_seconds, time.perf_counter() - start)
+    return EpochStats(sums, time.perf_counter() - start, data_seconds, kept)
 
 
-def save_checkpoint(directory: str, *, model, optimizer, scheduler, epoch: int, cfg: Config,
-                    num_classes: int, metrics: dict[str, float]) -> None:
-    """The single-device grouped state_dict, so a checkpoint loads however it was trained or placed."""
-    torch.save({
-        "model": grouped_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "config": cfg.to_dict(),
-        "num_classes": num_classes,
-        "metrics": metrics,
-    }, os.path.join(directory, CHECKPOINT_FILE))
+class ProgressLines:
+    """A line every `interval` seconds during an epoch, for logs read off a terminal (CI, `ray job logs`,
+    a file), where Ray Data's progress bars are off. Counts are this worker's times the worker count:
+    every worker takes the same number of steps."""
 
+    def __init__(self, *, interval: float, epoch: int, epochs: int, workers: int, total_images: int | None):
+        self.interval, self.epoch, self.epochs = interval, epoch, epochs
+        self.workers, self.total = workers, total_images
+        self.last = time.perf_counter()
 
-def load_checkpoint(directory: str) -> dict[str, Any]:
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-
-
-def model_from_checkpoint(directory: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model a checkpoint holds, in eval mode, and the checkpoint's contents."""
-    state = load_checkpoint(directory)
-    cfg = Config(**state["config"])
-    model = build_model(cfg.model, num_classes=state["num_classes"], width=cfg.width,
-                        image_size=cfg.crop_size, dropout=cfg.dropout, init=cfg.init)
-    model.load_state_dict(state["model"])
-    return model.eval(), state
+    def __call__(self, sums: EvalSums, data_seconds: float, seconds: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        images = sums.images * self.workers
+        of = f"/{self.total:,}" if self.total else ""
+        log.info(f"epoch {self.epoch + 1}/{self.epochs}  {images:,}{of} images  loss {sums.loss / sums.images:.3f}  "
+                 f"{images / seconds:.0f} img/s  waiting for data {100 * data_seconds / seconds:.0f}%")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -130,7 +150,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config(**loop_config["config"])
     num_classes = loop_config["num_classes"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, workers = context.get_world_rank(), context.get_world_size()
     devices = ray.train.torch.get_devices() if cfg.use_gpu else [torch.device("cpu")]
     device = devices[0]  # where batches go in and logits come out, for either placement
 
@@ -142,14 +163,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure: continue from the last reported epoch
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-        load_grouped_state_dict(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
+    restored = ray.train.get_checkpoint()
+    if restored:  # a restart after a failure: continue from the last reported epoch
+        with restored.as_directory() as directory:
+            start_epoch = checkpoint.resume(checkpoint.load(directory), model, optimizer, scheduler)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -157,23 +174,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
         lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
+        progress = None
+        if rank == 0 and loop_config["progress_interval_s"]:
+            progress = ProgressLines(interval=loop_config["progress_interval_s"], epoch=epoch, epochs=cfg.epochs,
+                                     workers=workers, total_images=loop_config["train_images"])
+        first = rank == 0 and epoch == start_epoch and not restored
         batches = train_shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=True)
-        train_sums = train_one_epoch(model, optimizer, batches, device, cfg, generator,
-                                     loop_config["lighting"]).all_reduce()
-        seconds = time.perf_counter() - start
+        stats = train_one_epoch(model, optimizer, batches, device, cfg, generator, loop_config["lighting"],
+                                keep_inputs=PICTURE_IMAGES if first else 0, progress=progress)
+        train_sums = stats.sums.all_reduce()
+        # The slowest worker sets the pace of a synchronous step: report the largest wait.
+        waits = torch.tensor([stats.data_seconds / max(stats.seconds, 1e-9)], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(waits, op=torch.distributed.ReduceOp.MAX)
 
         val_batches = val_shard.iter_torch_batches(batch_size=cfg.worker_batch_size)
-        val_sums = evaluate(unwrap(model), val_batches, device).all_reduce()
+        val_sums = evaluate(unwrap(model), val_batches, device).all_reduce(classes=num_classes)
         metrics = {
             "epoch": epoch,
             **train_sums.metrics("train"),
             **val_sums.metrics("val"),
             "lr": lr,
-            "images_per_s": train_sums.images / seconds,
+            "images_per_s": train_sums.images / stats.seconds,
+            "data_wait_fraction": waits.item(),
             "train_images": train_sums.images,
             "val_images": val_sums.images,
-            "epoch_seconds": seconds,
+            "epoch_seconds": stats.seconds,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
         step_scheduler(scheduler, metrics["val_top1"])
@@ -181,12 +207,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                      f"val top-1 {metrics['val_top1']:.1f}%  top-5 {metrics['val_top5']:.1f}%  "
-                     f"lr {lr:g}  {metrics['images_per_s']:.0f} img/s")
+                     f"lr {lr:g}  {metrics['images_per_s']:.0f} img/s  "
+                     f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%")
         # Every worker reports (Ray Train waits for all); only rank 0 writes the checkpoint.
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
+            reported = None
             if rank == 0:
-                save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler,
-                                epoch=epoch, cfg=cfg, num_classes=num_classes, metrics=metrics)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                files = {}
+                if stats.first_inputs is not None:
+                    files[checkpoint.TRAIN_BATCH_FILE] = pictures.model_inputs_png(stats.first_inputs)
+                checkpoint.save(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                config=cfg.to_dict(), num_classes=num_classes, classes=loop_config["classes"],
+                                words=loop_config["words"], metrics=metrics, val_per_class=val_sums.per_class(),
+                                files=files)
+                reported = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=reported)

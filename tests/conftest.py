@@ -112,6 +112,38 @@ def tiny_imagenet(tmp_path_factory) -> Path:
                                     train_per_class=24, val_per_class=8, seed=1)
 
 
+# The shared training run: the reduced network on the tiny data, 2 epochs of 16-image steps.
+TINY_RUN = {"width": 0.125, "resize_size": 80, "crop_size": 67, "epochs": 2, "batch_size": 16, "lr": 0.01,
+            "workers": 2, "experiment": "e2e", "registered_model": "alexnet-e2e", "max_failures": 0}
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, mlflow_server, tiny_imagenet, tmp_path_factory):
+    """One real training run (Ray Data -> 2 Ray Train workers -> the mlflow server and registry), shared by
+    the tests that read what it left: MLflow records, the registered model, evaluation and serving.
+    Returns (cfg, summary)."""
+    import dataclasses
+
+    from pipeline import runner
+    from pipeline.config import PRESETS
+
+    cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet),
+                              storage_path=str(tmp_path_factory.mktemp("ray_results")), **TINY_RUN)
+    # The run lasts seconds: sample the system metrics every second so that it has some.
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        summary = runner.run(cfg)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return cfg, summary
+
+
 @pytest.fixture
 def in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

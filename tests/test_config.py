@@ -44,6 +44,8 @@ def test_every_field_is_a_documented_flag():
     (["--crop-size", "300"], "must not exceed --resize-size"),
     (["--preset", "huge"], "invalid choice"),
     (["--flip-p", "1.5"], "--flip-p must be in [0, 1]"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
+    (["--log-models", "some"], "invalid choice: 'some'"),
 ])
 def test_bad_flags_exit_with_a_message_naming_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

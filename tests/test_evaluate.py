@@ -1,5 +1,10 @@
-"""Top-k from counts, and §4.1's ten-crop averaging of the softmax."""
+"""Top-k from counts, §4.1's ten crops and their averaged softmax, and the evaluation job checked against an
+independent count."""
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from pipeline.evaluate import EvalSums, score_batch, topk_correct
@@ -37,3 +42,124 @@ def test_ten_crop_averages_the_softmax_over_the_patches():
     assert abs(sums.loss - float(-mean[1].log())) < 1e-5
     single = score_batch(Recorder(), images[:, 0], torch.tensor([1]))  # one crop: the plain softmax
     assert single.correct1 == 0 and abs(single.loss - float(-p0[1].log())) < 1e-5
+
+
+def test_ten_crop_is_four_corners_the_centre_and_their_mirrors():
+    from pipeline import stages
+
+    # Pixel values that encode their position: a crop's top-left pixel names where it was cut.
+    size, crop = 10, 6
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    image = np.stack([rows, cols, rows * size + cols], axis=-1).astype(np.uint8)[None]  # (1, 10, 10, 3)
+    crops = stages.ten_crop({"image": image}, size=crop)["image"][0]
+    assert crops.shape == (10, crop, crop, 3)
+    origins = [(int(c[0, 0, 0]), int(c[0, 0, 1])) for c in crops[:5]]
+    assert origins == [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]  # corners, then the centre
+    for plain, mirror in zip(crops[:5], crops[5:]):
+        assert np.array_equal(mirror, plain[:, ::-1])
+    assert len({c.tobytes() for c in crops}) == 10  # ten different patches
+
+
+def test_eval_views_centre_is_trainings_view_and_the_square_is_the_resize(tiny_imagenet):
+    from pipeline import evaluate, stages
+
+    paths = sorted((tiny_imagenet / "val").glob("*/*.JPEG"))[:3]
+    batch = {"jpeg": [p.read_bytes() for p in paths] + [b"junk"], "key": [p.name for p in paths] + ["bad"],
+             "label": np.array([0, 1, 2, 0])}
+    views = evaluate.eval_views(batch, resize_size=80, crop_size=67)
+    assert list(views["failed"]) == ["bad"] and views["label"].tolist() == [0, 1, 2]
+    want = stages.center_crops({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, resize_size=80, crop_size=67)
+    assert np.array_equal(views["image"], want["image"])
+    square = stages.resize_center(stages.decode({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, min_size=80),
+                                  size=80)["image"]
+    assert np.array_equal(views["square"], square) and views["square"].shape == (3, 80, 80, 3)
+
+
+def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tuple[int, int, int]:
+    """(images, centre top-1 hits, ten-crop top-1 hits) by a plain loop: one image at a time, torchvision's
+    own ten_crop, softmax averaged by hand. Shares only the pixel stages with the job."""
+    import torchvision.transforms.functional as TF
+
+    from pipeline import device_stages, stages
+
+    wnids = sorted(p.name for p in (root / "train").iterdir())
+    images = centre_hits = ten_hits = 0
+    for path in sorted((root / "val").glob("*/*.JPEG")):
+        label = wnids.index(path.parent.name)
+        row = {"jpeg": [path.read_bytes()], "key": [path.name]}
+        centre = stages.center_crops(row, resize_size=resize_size, crop_size=crop_size)["image"]
+        square = stages.resize_center(stages.decode(row, min_size=resize_size), size=resize_size)["image"]
+        square = torch.from_numpy(square).permute(0, 3, 1, 2)[0]                     # (3, S, S) uint8
+        patches = torch.stack(TF.ten_crop(square, [crop_size, crop_size]))             # (10, 3, C, C)
+        with torch.no_grad():
+            p_centre = model(device_stages.normalize(device_stages.to_float(torch.from_numpy(centre)))).softmax(1)
+            p_ten = model(device_stages.normalize(patches.float() / 255)).softmax(1).mean(0)
+        images += 1
+        centre_hits += int(p_centre[0].argmax() == label)
+        ten_hits += int(p_ten.argmax() == label)
+    return images, centre_hits, ten_hits
+
+
+def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run, mlflow_server, tiny_imagenet,
+                                                                     monkeypatch):
+    import mlflow
+
+    from pipeline import checkpoint, evaluate
+
+    cfg, summary = trained_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # where the job looks
+    mlflow.set_tracking_uri(mlflow_server)
+    reference = f"models:/{cfg.registered_model}@champion"
+    opened = checkpoint.open_model(reference)
+    result = evaluate.evaluate_split(opened.state, evaluate.sources.open_source(str(tiny_imagenet)),
+                                     batch_size=8)
+    images, centre, ten = independent_counts(checkpoint.build_model(opened.state), tiny_imagenet,
+                                             resize_size=cfg.resize_size, crop_size=cfg.crop_size)
+    assert images == 24
+    assert (result["images"], result["correct1"], result["correct1_10crop"]) == (images, centre, ten)
+    assert result["metrics"]["val_top1"] == pytest.approx(100 * centre / 24)
+    assert result["metrics"]["val_top1_10crop"] == pytest.approx(100 * ten / 24)
+
+    # The job: the same numbers, written on the registered version and on its logged model.
+    job = evaluate.evaluate_model(reference, str(tiny_imagenet))
+    assert job["metrics"] == pytest.approx(result["metrics"])
+    client = mlflow.MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias(cfg.registered_model, "champion")
+    for key in ("val_top1", "val_top5", "val_top1_10crop", "val_top5_10crop"):
+        assert float(version.tags[key]) == pytest.approx(job["metrics"][key], abs=1e-4), key
+    # The data training validated on: the centre crop reproduces that epoch's val_top1 exactly.
+    trained = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "val_top1")}
+    assert job["metrics"]["val_top1"] == pytest.approx(trained[int(version.tags["epoch"])])
+    logged = client.get_logged_model(version.tags["logged_model_id"])
+    recorded = {m.key: m for m in logged.metrics if m.run_id != summary["run_id"]}
+    assert recorded["val_top1_10crop"].value == pytest.approx(job["metrics"]["val_top1_10crop"])
+    assert recorded["val_top1_10crop"].dataset_name == str(tiny_imagenet)
+
+
+def test_evaluation_job_reads_a_ray_checkpoint_and_refuses_other_classes(trained_run, tmp_path):
+    import shutil
+
+    from pipeline import evaluate
+
+    cfg, summary = trained_run
+    result = evaluate.evaluate_model(summary["checkpoint"], cfg.data, record=False)
+    assert result["epoch"] == 1 and result["recorded"] == []
+    assert result["metrics"]["val_top1"] == pytest.approx(summary["val_top1"])  # training's own view of epoch 1
+
+    fewer = tmp_path / "two-classes"
+    for split in ("train", "val"):
+        for wnid in sorted(p.name for p in (Path(cfg.data) / split).iterdir())[:2]:
+            shutil.copytree(Path(cfg.data) / split / wnid, fewer / split / wnid)
+    with pytest.raises(ValueError, match=r"the model has 3 classes but .*two-classes has 2"):
+        evaluate.evaluate_model(summary["checkpoint"], str(fewer), record=False)
+
+
+def test_evaluation_job_names_a_model_it_cannot_find(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-checkpoint"
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "jobs" / "evaluate.py"), "--model",
+                             str(missing)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"no checkpoint at '{missing}'" in result.stderr

@@ -1,65 +1,138 @@
-"""The whole job, for real: Ray Data -> 2 Ray Train workers -> a real MLflow server and registry."""
+"""The whole job, for real: Ray Data -> 2 Ray Train workers -> a real MLflow server and registry. One run
+(conftest.trained_run) is read by every test here: its metrics and pipeline health, its logged models, its
+registered version and lineage, its pictures."""
 
 from __future__ import annotations
 
-import dataclasses
+import io
+import json
 import time
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline import runner
-from pipeline.config import PRESETS
-
-TINY = dataclasses.replace(
-    PRESETS["sample"], width=0.125, resize_size=80, crop_size=67, epochs=2, batch_size=16,
-    lr=0.01, workers=2, experiment="e2e", registered_model="alexnet-e2e", max_failures=0,
-)
+from pipeline import checkpoint, runner
 
 
-def test_training_job_records_every_epoch_and_registers_the_best(ray_session, mlflow_server, tiny_imagenet,
-                                                                in_tmp_dir, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = dataclasses.replace(TINY, data=str(tiny_imagenet), storage_path=str(in_tmp_dir / "ray_results"))
-    summary = runner.run(cfg)
-
+@pytest.fixture(scope="module")
+def run(trained_run, mlflow_server):
+    cfg, summary = trained_run
+    mlflow.set_tracking_uri(mlflow_server)  # the fluent calls below; other tests' runs leave it elsewhere
     client = mlflow.MlflowClient(mlflow_server)
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["batch_size"] == "16" and run.data.params["num_classes"] == "3"
-    assert run.data.params["val_images"] == "24" and len(run.data.tags["git_sha"]) >= 7
+    return cfg, summary, client, client.get_run(summary["run_id"])
 
+
+def history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_every_epoch_is_recorded_with_exact_counts(run):
+    cfg, summary, client, mlflow_run = run
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["batch_size"] == "16" and mlflow_run.data.params["num_classes"] == "3"
+    assert mlflow_run.data.params["val_images"] == "24" and len(mlflow_run.data.tags["git_sha"]) >= 7
     for key in ("val_top1", "val_top5", "train_loss", "val_loss", "lr", "images_per_s"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == [0, 1], key
-    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
-    top5 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top5")}
+        assert sorted(history(client, mlflow_run.info.run_id, key)) == [0, 1], key
+    top1, top5 = (history(client, mlflow_run.info.run_id, k) for k in ("val_top1", "val_top5"))
     for step in (0, 1):
         # 24 val images: every accuracy is a whole number of images out of 24 (summed, not averaged).
         assert (top1[step] * 24 / 100) == pytest.approx(round(top1[step] * 24 / 100))
         assert top5[step] == 100.0  # 3 classes: the true class is always among the top 5
     assert summary["val_top1"] == pytest.approx(top1[1])
 
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    by_epoch = {int(m.tags["epoch"]): m for m in models if m.source_run_id == run.info.run_id}
+
+def test_pipeline_health_is_in_mlflow_every_epoch(run):
+    _, _, client, mlflow_run = run
+    run_id = mlflow_run.info.run_id
+    assert all(0 <= v <= 1 for v in history(client, run_id, "data_wait_fraction").values())
+    assert len(history(client, run_id, "data_wait_fraction")) == 2
+    assert all(v > 0 for v in history(client, run_id, "images_per_s").values())
+    assert history(client, run_id, "decode_failures") == {0: 0, 1: 0}
+    # MLflow's own system metrics, sampled on the driver's machine while the run lasted.
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(0 <= m.value <= 100 for m in cpu)
+    assert client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+
+
+def test_logged_models_carry_their_numbers_and_only_the_epochs_policy_selects(run):
+    _, _, client, mlflow_run = run
+    run_id = mlflow_run.info.run_id
+    top1 = history(client, run_id, "val_top1")
+    models = mlflow.search_logged_models(experiment_ids=[mlflow_run.info.experiment_id], output_format="list")
+    by_epoch = {int(m.tags["epoch"]): m for m in models if m.source_run_id == run_id}
+    # --log-models best: the first epoch (an improvement on nothing) and the last.
     assert sorted(by_epoch) == [0, 1]
     for epoch, model in by_epoch.items():
-        metrics = {m.key: m.value for m in model.metrics}
-        assert metrics["val_top1"] == pytest.approx(top1[epoch])
-        assert metrics["val_top5"] == pytest.approx(top5[epoch])
+        metrics = {m.key: m for m in model.metrics if m.run_id == run_id}
+        assert metrics["val_top1"].value == pytest.approx(top1[epoch])
+        assert metrics["val_top1"].dataset_name == mlflow_run.data.params["data_resolved"]
+        assert not any(k.startswith("system/") for k in metrics)  # only what was measured on the model
+        assert model.status == "READY"
+    # A logged model holds model.pt and the code to run it, and no pickled Python object.
+    files = {a.path for a in client.list_logged_model_artifacts(by_epoch[1].model_id)}
+    assert {"MLmodel", "classifier_model.py", "code", "artifacts"} <= files
+    code = {a.path for a in client.list_logged_model_artifacts(by_epoch[1].model_id, "code/pipeline")}
+    assert {"code/pipeline/classifier.py", "code/pipeline/checkpoint.py", "code/pipeline/decode.py"} <= code
 
+
+def test_the_best_epoch_is_registered_with_its_lineage_and_is_champion(run):
+    cfg, summary, client, mlflow_run = run
+    run_id = mlflow_run.info.run_id
+    top1 = history(client, run_id, "val_top1")
     champion = client.get_model_version_by_alias(cfg.registered_model, "champion")
     best_epoch = max(top1, key=lambda e: (top1[e], -e))  # the first epoch reaching the best top-1
-    assert champion.run_id == run.info.run_id
+    assert champion.run_id == run_id and summary["registration"].version == champion.version
     assert champion.tags["epoch"] == str(best_epoch)
     assert float(champion.tags["val_top1"]) == pytest.approx(top1[best_epoch], abs=1e-3)
+    assert champion.tags["git_sha"] == mlflow_run.data.tags["git_sha"]
+    assert champion.tags["data_fingerprint"] == mlflow_run.data.params["data_fingerprint"]
+    assert champion.tags["data_uri"] == cfg.data and champion.tags["preset"] == "sample"
+    logged = client.get_logged_model(champion.tags["logged_model_id"])
+    assert logged.tags["epoch"] == str(best_epoch) and logged.source_run_id == run_id
+    assert mlflow_run.data.tags["registered"] == f"models:/{cfg.registered_model}/{champion.version}"
+    # The job's last lines say where the model went.
+    text = runner.where_it_went(summary)
+    assert f"models:/{cfg.registered_model}@champion" in text and "first champion" in text
 
-    # The registered model loads and classifies.
-    loaded = mlflow.pytorch.load_model(f"models:/{cfg.registered_model}@champion")
-    import torch
-    with torch.no_grad():
-        out = loaded(torch.randn(2, 3, cfg.crop_size, cfg.crop_size))
-    assert tuple(out.shape) == (2, 3)
+
+def test_pictures_are_logged_as_pngs(run):
+    cfg, _, client, mlflow_run = run
+    run_id = mlflow_run.info.run_id
+    names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, "pictures")}
+    assert {"train_batch.png", "curves.png", "per_class_val.png", "conv1_filters.png", "per_class_val.json"} <= names
+    sizes = {}
+    for name in ("train_batch.png", "curves.png", "per_class_val.png", "conv1_filters.png"):
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"pictures/{name}")
+        with open(path, "rb") as f:
+            image = Image.open(io.BytesIO(f.read()))
+            image.load()
+        assert image.format == "PNG", name
+        sizes[name] = image.size
+        assert np.asarray(image.convert("L")).std() > 5, f"{name} is blank"
+    # 16 crops of 67 px (a worker's first batch, 8 images per row), 2 px apart.
+    assert sizes["train_batch.png"] == (8 * 69 + 2, 1 * 69 + 2)
+    # conv1 at width 0.125: 12 kernels of 11x11, drawn 4x, 6 per tower.
+    assert sizes["conv1_filters.png"][0] == 6 * (44 + 2) + 2
+
+    table = json.load(open(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                               artifact_path="pictures/per_class_val.json")))
+    top1 = history(client, run_id, "val_top1")
+    best_epoch = max(top1, key=lambda e: (top1[e], -e))
+    assert table["epoch"] == best_epoch
+    assert [r["name"] for r in table["classes"]] == sorted(p.name for p in (Path(cfg.data) / "val").iterdir())
+    correct = sum(r["correct"] for r in table["classes"])
+    assert sum(r["images"] for r in table["classes"]) == 24
+    assert 100 * correct / 24 == pytest.approx(top1[best_epoch])
+    assert table["best"] and table["worst"] and table["best"][0]["top1"] >= table["worst"][0]["top1"]
+
+
+def test_checkpoints_on_disk_are_the_format_the_readers_load(run):
+    _, summary, _, _ = run
+    state = checkpoint.load(summary["checkpoint"])
+    assert state["epoch"] == 1 and state["classes"] == ["n01440764", "n01443537", "n01484850"]
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "no_val"])
