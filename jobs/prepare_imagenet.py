@@ -44,15 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline import prepare
-    from pipeline.runner import connect_ray
+    from pipeline import prepare, storage
 
     try:
+        prepare.absolute_apart(args.source, args.output)  # before Ray starts: a wrong output is answered at once
+        from pipeline.runner import connect_ray
+
         connect_ray()
         prepare.prepare(args.source, args.output, resize=args.resize, quality=args.quality,
                         target_mb=args.shard_mb, val_labels=args.val_labels, devkit=args.devkit,
                         lighting_sample=args.lighting_sample)
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError,
+            storage.StoreUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -156,7 +156,8 @@ def ray_plan(name: str, uri: str, cores: int, epochs: int, env: dict[str, str] |
 
     cfg = dataclasses.replace(PRESETS["paper"], resize_size=RESIZE, crop_size=CROP, seed=0)
     os.environ.update(env or {})
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # its own Ray, never one found on the machine
     try:
         DataContext.get_current().enable_progress_bars = False
         opened = time.perf_counter()
@@ -192,7 +193,8 @@ def prepared(folder: Path, out: Path, resize: int | None, cores: int) -> float:
 
     from pipeline import prepare
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # its own Ray, never one found on the machine
     try:
         from ray.data import DataContext
 

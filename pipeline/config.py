@@ -32,7 +32,7 @@ class Config:
 
     # data
     data: str = _f("", "dataset root: a local folder in ImageNet layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); "
-                       "empty = generate (once, cached) the small sample dataset")
+                       "empty = generate (once, cached) the small sample dataset; --preset sample only")
     s3_endpoint: str = _f("", "S3-compatible endpoint URL for s3:// data (MinIO, Ceph, ...); empty = AWS_ENDPOINT_URL "
                               "or AWS itself. Credentials always come from the standard AWS chain")
     num_classes: int = _f(0, "classes, for WebDataset / Hugging Face data that do not name them; 0 = infer "
@@ -66,8 +66,19 @@ class Config:
     plateau_patience: int = _f(3, "epochs without a better val top-1 before a drop, for --schedule plateau")
 
     # distribution
+    address: str = _f("", "the Ray cluster to join: host:port of its head, or auto for a `ray start` on this "
+                          "machine; empty = RAY_ADDRESS (which `ray job submit` sets), else a private local Ray "
+                          "of this job's own, never another job's")
     workers: int = _f(2, "Ray Train workers (data-parallel replicas)")
     use_gpu: bool = _f(False, "GPUs (1 per worker, 2 with --placement grouped) and NCCL; otherwise CPU and gloo")
+    precision: str = _f("auto", "auto: bf16 autocast on GPUs that support it, else fp32 (the CPU); bf16 / fp16: "
+                                "autocast (fp16 with a gradient scaler); fp32: none", choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: str = _f("auto", "channels-last memory for the model and its input: auto = on with GPUs, where "
+                                    "cuDNN's convolutions prefer it; on; off", choices=("auto", "on", "off"))
+    compile: bool = _f(False, "torch.compile the model; the first step's compile time is logged as compile_seconds")
+    decode_on: str = _f("cpu", "cpu: Ray Data decodes and crops, uint8 crops travel; gpu: Ray Data only reads the "
+                               "bytes and the trainer decodes them on its GPU (nvJPEG) and crops there",
+                        choices=("cpu", "gpu"))
     placement: str = _f("data", "data: one device per worker, DDP across workers; grouped: the paper's two towers "
                                 "on two devices inside each worker (both on the CPU without GPUs), DDP across "
                                 "workers", choices=("data", "grouped"))
@@ -111,6 +122,8 @@ class Config:
         need(0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         need(self.momentum >= 0 and self.weight_decay >= 0 and self.lighting_std >= 0 and self.cpus_per_worker >= 0,
              "--momentum, --weight-decay, --lighting-std and --cpus-per-worker must not be negative")
+        need(self.decode_on == "cpu" or self.use_gpu,
+             "--decode-on gpu decodes on the train workers' GPUs: it needs --use-gpu (and a cluster with GPUs)")
         need(self.placement == "data" or self.model == "alexnet",
              f"--placement grouped splits the paper's network into towers; --model {self.model} has no towers")
         need(self.crop_size <= self.resize_size,

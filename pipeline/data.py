@@ -1,23 +1,27 @@
 """The Ray Data plans that feed the trainers: one fused task per piece of the data.
 
     open_source(uri)             what the URI holds (sources.py)
-    train_dataset(source, cfg)   per epoch: read task k -> random_crops -> {image (N, C, C, 3) uint8, label}
-    val_dataset(source, cfg)     read task k (in order) -> center_crops -> {image, label}
+    train_dataset(source, cfg)   per epoch: read units -> random_crops -> {image (N, C, C, 3) uint8, label}
+    val_dataset(source, cfg)     read units (in order) -> center_crops -> {image, label}
+    with --decode-on gpu         read units -> {jpeg, key, label}: the trainer decodes on its GPU (train.py)
 
 Each Ray Data task reads a few read units of the split (sources.read_unit: 256 files, or a Parquet
 row group, or a tar), decodes every image straight to its crop (stages.random_crops) and hands on
 each unit's uint8 crops as a block: read, decode, resize and crop fused in one task, no full-size
-image in the object store, and no torch in the process. Lighting and normalisation are float math on the trainer's
-device (device_stages.py).
+image in the object store, and no torch in the process. Lighting and normalisation are float math
+on the trainer's device (device_stages.py).
 
 The epoch is Ray Data's execution index of the dataset (each epoch re-executes it), so the order of
 samples and the crops are functions of (seed, epoch): different every epoch, the same in every run
-with that seed. An image that fails to decode is left out of its batch and named in the run's
+with that seed. (Ray Train's restart after a failure builds new splits of the dataset, whose index
+need not go on from where the old ones stopped: resumed epochs may repeat earlier epochs' orders,
+still with every image once per epoch. An exact mid-epoch resume is not built; see README.) An image that fails to decode is left out of its batch and named in the run's
 DecodeFailures report; it is never replaced by another image.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import partial
 from typing import Any, Iterator
 
@@ -27,7 +31,7 @@ import ray.data
 import ray.train
 from ray.data.context import DataContext
 
-from pipeline import sources, stages
+from pipeline import sources, stages, storage
 from pipeline.sources import SPLITS, Source, open_source, scan_image_folder  # noqa: F401  (public entry points)
 
 # Read units per Ray task, at most. One unit (256 images) decodes in 0.1-0.3 s, and between such short
@@ -41,10 +45,12 @@ TASKS_PER_CPU = 2
 
 @ray.remote(num_cpus=0)
 class DecodeFailures:
-    """The run's report of images that could not be decoded: key -> reason."""
+    """The run's report of what reading the data met: images that could not be decoded (key -> reason),
+    and the reads from object storage that had to be retried (cause -> count, storage.retries)."""
 
     def __init__(self):
         self.failures: dict[str, str] = {}
+        self.retried: Counter = Counter()
 
     def add(self, failures: dict[str, str]) -> None:
         self.failures.update(failures)
@@ -52,13 +58,19 @@ class DecodeFailures:
     def get(self) -> dict[str, str]:
         return dict(self.failures)
 
+    def add_retries(self, retried: dict[str, int]) -> None:
+        self.retried.update(retried)
+
+    def retries(self) -> dict[str, int]:
+        return dict(self.retried)
+
 
 def current_epoch() -> int:
     """The epoch a Ray Data task belongs to: its dataset's execution index.
 
     DataContext._execution_idx is private, but the only per-execution value Ray Data hands to tasks
-    (its own FileShuffleConfig reseeds from it); tests/test_data.py checks that it changes between
-    epochs and nowhere else.
+    (its own FileShuffleConfig reseeds from it); tests/test_data.py checks that two passes over a
+    dataset get two orders, and that another run with the seed gets the same two.
     """
     return DataContext.get_current()._execution_idx
 
@@ -71,15 +83,20 @@ def _check_labels(labels: np.ndarray, keys, num_classes: int) -> None:
 
 
 def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, seed: int, resize_size: int,
-                crop_size: int, flip_p: float, report, keys: bool) -> Iterator[dict[str, Any]]:
+                crop_size: int, flip_p: float, report, keys: bool, decode: bool = True) -> Iterator[dict[str, Any]]:
     """One Ray Data task: the read units named by batch["id"], each read, decoded, cropped and handed
-    on as its own block."""
+    on as its own block (with decode=False, for --decode-on gpu, the bytes are handed on instead)."""
     epoch = current_epoch()
     train = split == "train"
     errors = "raise" if report is None else "collect"
+    retried_before = Counter(storage.retries())
     for unit in batch["id"]:
         rows = sources.read_unit(source, split, int(unit), seed=seed, epoch=epoch, shuffle=train)
         _check_labels(rows["label"], rows["key"], source.num_classes)
+        if not decode:
+            yield {"jpeg": np.array(rows["jpeg"], dtype=object), "key": np.array(rows["key"], dtype=object),
+                   "label": rows["label"]}
+            continue
         if train:
             rng = np.random.default_rng([seed, epoch, int(unit), 1])
             out = stages.random_crops(rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p,
@@ -92,6 +109,9 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
         if keys:
             columns["key"] = np.array(out["key"], dtype=object)
         yield columns
+    retried = Counter(storage.retries()) - retried_before
+    if retried and report is not None:
+        report.add_retries.remote(dict(retried))
 
 
 def num_tasks(units: int, cpus: int) -> int:
@@ -104,14 +124,16 @@ def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Datas
     units = sources.num_units(source, split)
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     tasks = num_tasks(units, cpus)
+    decode = cfg.decode_on == "cpu"
     fn = partial(_read_units, source=source, split=split, seed=cfg.seed, resize_size=cfg.resize_size,
-                 crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys)
+                 crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys, decode=decode)
     # One row per read unit, a few rows per Ray task; Ray fuses the range and the map.
     dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(fn, batch_size=None,
                                                                            batch_format="numpy")
     # A block closes when it outgrows this: just under one unit's crops, so every unit leaves its
     # task as soon as it is decoded and the first batch waits for one unit, not for a whole task.
-    unit_bytes = sources.UNIT_IMAGES * cfg.crop_size**2 * 3
+    # Undecoded (--decode-on gpu), a unit is its JPEG bytes: 40 KB an image at the least (256-px shards).
+    unit_bytes = sources.UNIT_IMAGES * (cfg.crop_size**2 * 3 if decode else 40_000)
     dataset.context.target_max_block_size = int(0.9 * unit_bytes)
     return dataset
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import queue
 import re
 import tarfile
 from collections import Counter, deque
@@ -394,7 +395,11 @@ def iter_records(unit: InputUnit, threads: int = FETCH_THREADS) -> Iterator[Reco
         if unit.kind == "files":
             fetch = lambda m: read_bytes(fs, join(path, m.name))  # noqa: E731
         elif unit.kind == "tar_members":
-            fetch = partial(_read_member, stack.enter_context(fs.open_input_file(path)), unit.uri)
+            # A handle per fetch thread: reads through one s3:// handle run one at a time (storage.RetryingS3).
+            handles: queue.SimpleQueue = queue.SimpleQueue()
+            for _ in range(min(threads, len(unit.members))):
+                handles.put(stack.enter_context(fs.open_input_file(path)))
+            fetch = partial(_read_member_with, handles, unit.uri)
         else:
             raise ValueError(f"unknown InputUnit kind {unit.kind!r}")
         for member, data in _fetch_ahead(fetch, unit.members, threads):
@@ -456,6 +461,14 @@ def _units(split: str, kind: str, uri: str, members: list[Member]) -> list[Input
     check_unique_ids(split, members)
     return [InputUnit(split, kind, uri, nbytes=sum(m.size for m in members), count=len(members),
                       members=tuple(members))]
+
+
+def _read_member_with(handles: queue.SimpleQueue, uri: str, member: Member) -> bytes:
+    archive = handles.get()
+    try:
+        return _read_member(archive, uri, member)
+    finally:
+        handles.put(archive)
 
 
 def _read_member(archive, uri: str, member: Member) -> bytes:

@@ -19,6 +19,11 @@ output: shards whose sidecar and sha256 check out are kept, and only the files o
 Files that are not images by the rule training from a folder applies (imagenet.skip_reason: no
 class, or not an image name) are reported as skipped without being read, so training from the
 folder and from its shards sees the same images.
+
+The output must lie apart from the input (neither inside the other), and the job never overwrites
+a file it did not write: anything at the names it writes that is not its own (no sidecar of this
+format, a Parquet file without its signature, a foreign manifest.json) stops it before any work,
+named. The manifest records the input as an absolute URI.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import hashlib
 import posixpath
 import time
+from collections import Counter
 from typing import Any
 
 from pipeline import imagenet, shards, storage
@@ -124,6 +130,8 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     import ray
 
     started = time.time()
+    # Absolute from here on: a Ray task resolves a relative path against its own working directory.
+    source, out = absolute_apart(root, out)
     units = imagenet.discover_inputs(root, val_labels=val_labels, devkit=devkit)
     classes = train_classes(units)
     num_shards = plan_shards(units, target_bytes=int(target_mb * 2**20), resize=resize)
@@ -132,8 +140,16 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
                for split, n in num_shards.items()}
 
     out_fs, out_root = storage.resolve(out)
-    done = {split: shards.complete_shards(out_fs, out_root, split, options[split], n)
-            for split, n in num_shards.items()}
+    found = {split: shards.complete_shards(out_fs, out_root, split, options[split], n)
+             for split, n in num_shards.items()}
+    not_a_manifest = shards.foreign_manifest(out_fs, out_root)
+    foreign = [name for _, names in found.values() for name in names] + ([not_a_manifest] if not_a_manifest else [])
+    if foreign:
+        raise FileExistsError(
+            f"{out} already holds {len(foreign)} files that this job did not write, at names it would write: "
+            f"{'; '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}. It never overwrites them: move them "
+            f"away, or choose another output")
+    done = {split: cars for split, (cars, _) in found.items()}
     todo = {split: sorted(set(range(n)) - set(done[split])) for split, n in num_shards.items()}
     inner_tars = sum(u.kind == "inner_tar" for u in units)
     log(f"[prepare] {sum(u.count or 0 for u in units):,} files"
@@ -143,20 +159,21 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     units = _index_inner_tars(units, todo, log)
     work = assign_shards(units, num_shards, todo)
     written: dict[str, list[dict]] = {split: list(cars.values()) for split, cars in done.items()}
-    task = ray.remote(write_shard)
+    task = ray.remote(_write_shard_counting_retries)
     pending = [task.remote(unit, index, out=out, classes=classes, resize=resize, quality=quality,
                            options=options[split])
                for (split, index), unit in work.items()]
-    images, writing = 0, time.time()
+    images, writing, retried = 0, time.time(), Counter()
     while pending:  # sidecars as shards finish, for progress; a failed task raises here
         [ready], pending = ray.wait(pending, num_returns=1)
-        car = ray.get(ready)
+        car, task_retried = ray.get(ready)
+        retried.update(task_retried)
         written[car["split"]].append(car)
         images += car["rows"] + sum(b["action"] == "skipped" for b in car["bad_files"])
         log(f"[prepare] {car['path']}: {car['rows']} images; {len(work) - len(pending)}/{len(work)} shards, "
             f"{images / (time.time() - writing):.0f} inputs/s")
 
-    manifest = shards.build_manifest(source=root, classes=classes, sidecars=written, options=options,
+    manifest = shards.build_manifest(source=source, classes=classes, sidecars=written, options=options,
                                      val_labels=val_labels or devkit or "auto")
     if lighting_sample is not None:
         manifest["lighting"] = _lighting(out, manifest, lighting_sample)
@@ -164,8 +181,37 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     for split, info in manifest["splits"].items():
         log(f"[prepare] {split}: {info['inputs']} inputs = {info['images']} written + {info['skipped']} skipped "
             f"({info['converted']} converted) in {len(info['shards'])} shards")
+    if retried:  # not in the manifest: the same data gives the same manifest, whatever the store did
+        log(f"[prepare] reads retried after transient storage errors: "
+            + ", ".join(f"{cause} {n}" for cause, n in sorted(retried.items())))
     log(f"[prepare] manifest at {storage.join(out, shards.MANIFEST)} in {time.time() - started:.0f} s")
     return manifest
+
+
+def _write_shard_counting_retries(*args, **kwargs) -> tuple[dict[str, Any], dict[str, int]]:
+    """write_shard as a Ray task: the sidecar, and the reads its process retried meanwhile (storage.retries)."""
+    before = storage.retries()
+    car = write_shard(*args, **kwargs)
+    return car, dict(Counter(storage.retries()) - Counter(before))
+
+
+def absolute_apart(root: str, out: str) -> tuple[str, str]:
+    """The input and the output as absolute URIs; ValueError for an output that is, or is inside,
+    the input (a later run would read the shards as images), or that holds the input (the job would
+    write among its own input)."""
+    (_, in_path), (_, out_path) = storage.resolve(root), storage.resolve(out)
+    source, output = imagenet.as_uri(root, in_path), imagenet.as_uri(out, out_path)
+    if source.startswith("s3://") == output.startswith("s3://"):
+        def within(path: str, folder: str) -> bool:
+            return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+        if within(output, source) or within(source, output):
+            where = ("is the input" if output == source else "is inside the input" if within(output, source)
+                     else "holds the input")
+            raise ValueError(f"the output {out!r} ({output}) {where} {root!r} ({source}): the shards would be "
+                             f"written among the images they are made from. Choose an output outside the input "
+                             f"and the input outside the output")
+    return source, output
 
 
 def _index_inner_tars(units: list[imagenet.InputUnit], todo: dict[str, list[int]], log) -> list[imagenet.InputUnit]:

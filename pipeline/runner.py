@@ -2,10 +2,14 @@
 
 `run(cfg)` is everything `python jobs/train.py` does, importable and testable:
 
-    1. resolve the data (generate the cached sample when --data is empty) and fail fast on a bad path
-    2. connect to the Ray cluster there is, or start a local one that cannot deadlock
-    3. build the Ray Data plans and a TorchTrainer whose MLflowCallback records every epoch
-    4. fit, register the run's best model (registry.py), close the MLflow run, say where the model went
+    1. ask the tracking server whether it is there; resolve the data (generate the cached sample when --data
+       is empty with --preset sample) and fail fast on a bad path or data too small for one step
+    2. join the Ray cluster the user points at (--address, RAY_ADDRESS, `ray job submit`), or start a
+       private local one; plan the workers' CPUs on what is free, so the job cannot deadlock
+    3. build the Ray Data plans and a TorchTrainer whose MLflowCallback hands every epoch to the Recorder,
+       which delivers it to MLflow (and keeps it while the server is down)
+    4. fit, wait for the records, register the run's best model (registry.py), close the MLflow run, say
+       where the model went
 
 The run's status is never left wrong: FINISHED after a complete run, KILLED after Ctrl-C or SIGTERM
 (Ray Train aborts the workers gracefully either way), FAILED with the error after a crash. Only a
@@ -33,12 +37,29 @@ from pipeline.lighting import Lighting
 
 
 def resolve_data(cfg: Config) -> data.Source:
-    """The dataset the run trains on; the generated sample when --data is empty."""
+    """The dataset the run trains on; the generated sample when --data is empty with --preset sample."""
+    if not cfg.data and cfg.preset != "sample":
+        # An unset $DATA would otherwise train the paper's network for 90 epochs on ten drawn patterns.
+        raise ValueError(f"--data is empty: --preset {cfg.preset} needs a dataset (a folder in ImageNet layout, "
+                         f"prepared shards, s3://...); the generated sample is the default of --preset sample only")
     uri = cfg.data or str(sample.ensure_sample_imagenet())
     source = data.open_source(uri, num_classes=cfg.num_classes, manifest_sha256=cfg.manifest_sha256)
     for path in source.ignored:
         print(f"[data] not read (not part of the {source.kind} layout): {path}", file=sys.stderr)
     return source
+
+
+def check_enough_data(cfg: Config, source: data.Source) -> None:
+    """Refuse, before anything starts, data too small for one training step. Every worker takes whole
+    batches (the last partial one is dropped, so that DDP's workers take the same steps); without this
+    each epoch would train on nothing and the run fail after its restarts, minutes later."""
+    train, val = source.images.get("train"), source.images.get("val")
+    if train is not None and train < cfg.batch_size:
+        raise ValueError(
+            f"{source.uri} has {train} train images, fewer than one step takes: --workers {cfg.workers} x "
+            f"{cfg.worker_batch_size} images (--batch-size {cfg.batch_size}). Use a smaller --batch-size or more data")
+    if val == 0:
+        raise ValueError(f"{source.uri} has no val images: validation, the schedule and the registry need some")
 
 
 # Where object storage is: every task that reads s3:// needs it. Credentials are not forwarded; each
@@ -48,10 +69,16 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 
 
-def connect_ray(*, train_workers: int = 0) -> None:
-    """Join the cluster there is (RAY_ADDRESS, `ray start`, `ray job submit`), else start one here.
+def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
+    """Join the Ray cluster the user points at, else start a private local Ray for this job alone.
 
-    A local instance gets a logical CPU per train worker on top of the physical cores: on a
+    Pointed at: `address` (--address), else RAY_ADDRESS, which `ray job submit` sets for the jobs it
+    runs. Never found by looking (ray.init(address="auto")): that joins any Ray on this machine,
+    another `python jobs/train.py`'s private instance included, and two jobs on one instance starve
+    each other's data pipelines of CPUs until both hang. A private instance gets its own ports and
+    session directory (ray.init(address="local")), so any number of jobs can run side by side.
+
+    The private instance gets a logical CPU per train worker on top of the physical cores: on a
     2-core laptop two workers holding one CPU each would otherwise leave Ray Data none, and the
     job would wait forever for its first batch.
     """
@@ -61,29 +88,46 @@ def connect_ray(*, train_workers: int = 0) -> None:
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     runtime_env = {"env_vars": env} if env else None
-    try:
-        ray.init(address="auto", runtime_env=runtime_env)
+    source = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env=runtime_env)
         return
-    except ConnectionError:
-        pass
-    ray.init(num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env=runtime_env)
+    try:
+        ray.init(address=address, runtime_env=runtime_env)
+    except ConnectionError as e:
+        # Ray 2.60 turns token authentication on for `ray start` clusters, and an explicit address never
+        # turns it on in the client: its refusal reads like an absent cluster.
+        auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; if it runs with token authentication (the default of `ray start`), set RAY_AUTH_MODE=token")
+        raise ConnectionError(
+            f"cannot join the Ray cluster at {address!r} ({source}: {str(e).splitlines()[0]}): start one there "
+            f"(`ray start --head`){auth}; or unset RAY_ADDRESS and drop --address to run on a private local "
+            f"Ray") from None
 
 
-def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
+def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = None) -> dict[str, float]:
     """CPUs (and GPUs) per train worker, leaving Ray Data at least one CPU.
 
-    Explicit --cpus-per-worker is checked, not trusted: a request that leaves Ray Data no CPU on
-    a CPU-only cluster is refused with the numbers, because the job would hang, not fail.
+    free_cpus: the CPUs no one holds now (ray.available_resources()), not the cluster's total: on a
+    cluster shared with other jobs only those are ours to plan with. Explicit --cpus-per-worker is
+    checked, not trusted: a request that leaves Ray Data no CPU on a CPU-only cluster is refused with
+    the numbers, because the job would hang, not fail.
     """
     if cfg.use_gpu:
         return {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 2.0 if cfg.placement == "grouped" else 1.0}
-    cpus = cfg.cpus_per_worker or min(1.0, (cluster_cpus - 1.0) / cfg.workers)
-    left_for_data = cluster_cpus - cpus * cfg.workers
-    if cpus <= 0 or left_for_data < 1.0:
+    cpus = cfg.cpus_per_worker or min(1.0, (free_cpus - 1.0) / cfg.workers)
+    left_for_data = free_cpus - cpus * cfg.workers
+    of = f" of the cluster's {total_cpus:g}" if total_cpus is not None and total_cpus != free_cpus else ""
+    if cpus <= 0:
         raise ValueError(
-            f"{cfg.workers} train workers x {cpus:g} CPU on a cluster of {cluster_cpus:g} CPUs leaves Ray Data "
+            f"{free_cpus:g}{of} CPUs free: too few for {cfg.workers} train workers and the one CPU Ray Data needs "
+            f"to feed them. Use a bigger cluster, or wait until other jobs on it finish.")
+    if left_for_data < 1.0:
+        raise ValueError(
+            f"{cfg.workers} train workers x {cpus:g} CPU with {free_cpus:g}{of} CPUs free leaves Ray Data "
             f"{max(left_for_data, 0):g} CPU; it needs at least 1 to feed them. Use fewer --workers, a smaller "
-            f"--cpus-per-worker, or a bigger cluster.")
+            f"--cpus-per-worker, a bigger cluster, or wait until other jobs on it finish.")
     return {"CPU": cpus}
 
 
@@ -160,9 +204,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
     started = time.time()
     tracking_uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for its children
+    tracking_uri = tracking.resolve_tracking_uri()
+    tracking.check_server(tracking_uri)  # first: a dead server is answered in one line, before anything starts
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint  # read here, and forwarded to every Ray task
     source = resolve_data(cfg)
+    check_enough_data(cfg, source)
     counts = " / ".join(f"{source.images.get(s) or '?'} {s}" for s in data.SPLITS)
     print(f"[data] {source.uri}: {source.kind}, {counts} images, {source.num_classes} classes")
     lighting = Lighting.from_dict(source.lighting) if source.lighting else IMAGENET_LIGHTING
@@ -172,13 +219,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     interactive = sys.stdout.isatty()
     if not interactive:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
-    connect_ray(train_workers=cfg.workers)
-    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    connect_ray(train_workers=cfg.workers, address=cfg.address)
+    resources = worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU"))
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which
     # execute them in other processes, run with that copy: setting it here reaches them.
     DataContext.get_current().enable_progress_bars = interactive
 
-    tracking_uri = tracking.resolve_tracking_uri()
     data_fingerprint = source.fingerprint
     run_info = tracking.start_run(cfg, tracking_uri=tracking_uri, params={
         "data_resolved": source.uri,
@@ -195,18 +241,21 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     run_id = run_info.run_id
     print(f"[mlflow] run {run_id} in experiment {cfg.experiment!r} at {tracking_uri}")
 
+    recorder = None
+    storage = storage_path(cfg)
     with sigterm_as_interrupt() as caught:
         try:
             report = data.DecodeFailures.remote()
-            callback = tracking.MLflowCallback(
-                tracking_uri=tracking_uri, run_id=run_id, epochs=cfg.epochs, log_models=cfg.log_models,
-                data_uri=source.uri, data_fingerprint=data_fingerprint, decode_failures=report)
+            recorder = tracking.start_recorder(tracking_uri=tracking_uri, run_id=run_id, data_uri=source.uri,
+                                               data_fingerprint=data_fingerprint, decode_failures=report)
+            callback = tracking.MLflowCallback(recorder, epochs=cfg.epochs, log_models=cfg.log_models)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"config": cfg.to_dict(), "num_classes": source.num_classes,
                                    "lighting": lighting.to_dict(), "classes": list(source.wnids),
                                    "words": class_words(cfg, source), "train_images": source.images.get("train"),
-                                   "progress_interval_s": 0.0 if interactive else PROGRESS_INTERVAL_S},
+                                   "progress_interval_s": 0.0 if interactive else PROGRESS_INTERVAL_S,
+                                   "decode_failures": report},  # --decode-on gpu: the workers report there
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                     placement_strategy=cfg.worker_strategy),
@@ -215,28 +264,34 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                 dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg)),
                 run_config=ray.train.RunConfig(
                     name=f"alexnet-{run_id[:12]}",
-                    storage_path=storage_path(cfg),
+                    storage_path=storage,
                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=checkpoint.keep_policy(cfg.keep_checkpoints),
                     callbacks=[callback, *callbacks],
                 ),
             )
             result = trainer.fit()
+            delivery = wait_for_records(recorder, tracking_uri, TRACKING_WAIT_S, checkpoints=result.path)
             registration = registry.register_best(tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
                 "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
                 "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val")})
             final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
             tracking.finish_run(tracking_uri, run_id, "FINISHED", {
                 "final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"],
-                "registered": registration.uri or "nothing", "registration": registration.message})
+                "registered": registration.uri or "nothing", "registration": registration.message,
+                **delivery_tags(delivery)})
+        except tracking.RecordsNotDelivered:
+            tracking.abandon_run()
+            raise
         except BaseException as e:
             # Ray Train answers Ctrl-C (and SIGTERM, above) by aborting the workers and leaving fit() with
             # SystemExit; anywhere else it is KeyboardInterrupt.
             if caught or isinstance(e, (KeyboardInterrupt, SystemExit)):
                 name = caught[0] if caught else "SIGINT"
-                tracking.finish_run(tracking_uri, run_id, "KILLED", {"stopped_by": name})
+                close_unfinished_run(recorder, tracking_uri, run_id, "KILLED", {"stopped_by": name}, storage)
                 raise RunInterrupted(name, run_id) from None
-            tracking.finish_run(tracking_uri, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"})
+            close_unfinished_run(recorder, tracking_uri, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"},
+                                 storage)
             raise
 
     return {
@@ -252,7 +307,54 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "tracking_uri_from_env": tracking_uri_from_env,
         "registered_model": model_name,
         "registration": registration,
+        "tracking": delivery,
     }
+
+
+# How long a finished job waits for a tracking server that is down to take the records it holds, and how
+# long a failed or interrupted one waits before it closes the run.
+TRACKING_WAIT_S = 300.0
+TRACKING_WAIT_ON_FAILURE_S = 30.0
+
+
+def wait_for_records(recorder, tracking_uri: str, timeout: float, checkpoints: str) -> dict[str, Any]:
+    """Wait until the Recorder has delivered every record; returns its account (tracking.Recorder.flush).
+    Raises RecordsNotDelivered, naming them, when the server has not taken them within `timeout`."""
+    import ray
+
+    waiting = ray.get(recorder.flush.remote(0.0))["pending"]
+    if waiting:
+        print(f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records",
+              file=sys.stderr)
+    delivery = ray.get(recorder.flush.remote(timeout))
+    if delivery["pending"]:
+        raise tracking.RecordsNotDelivered(tracking_uri, delivery["pending"] + delivery["undelivered"],
+                                           waited=timeout, checkpoints=checkpoints)
+    return delivery
+
+
+def close_unfinished_run(recorder, tracking_uri: str, run_id: str, status: str, summary: dict[str, Any],
+                         checkpoints: str) -> None:
+    """Close a run that did not finish: first what its epochs reported, then its status and why. With the
+    server gone, say what is lost and let go of the run."""
+    try:
+        if recorder is not None:
+            wait_for_records(recorder, tracking_uri, TRACKING_WAIT_ON_FAILURE_S, checkpoints)
+    except tracking.RecordsNotDelivered as lost:
+        print(f"[mlflow] {lost}", file=sys.stderr)
+        tracking.abandon_run()
+        return
+    tracking.finish_run(tracking_uri, run_id, status, summary)
+
+
+def delivery_tags(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What a tracking outage cost, as tags on the run: nothing when there was none."""
+    tags = {}
+    if delivery["retries"]:
+        tags.update(tracking_retries=delivery["retries"], tracking_outage_s=delivery["outage_s"])
+    if delivery["undelivered"]:
+        tags["undelivered"] = "; ".join(delivery["undelivered"])
+    return tags
 
 
 def best_val_top1(tracking_uri: str, run_id: str) -> float:
@@ -269,6 +371,14 @@ def where_it_went(summary: dict[str, Any]) -> str:
     lines = [
         f"\nfinal val top-1 {summary['val_top1']:.1f}%  top-5 {summary['val_top5']:.1f}%  "
         f"(best top-1 {summary['best_val_top1']:.1f}%) in {summary['seconds']:.0f} s",
+    ]
+    delivery = summary.get("tracking") or {}
+    if delivery.get("retries"):
+        lines.append(f"tracking: {summary['tracking_uri']} was down (longest {delivery['outage_s']:.0f} s); "
+                     f"training went on and the records were delivered when it answered again")
+    if delivery.get("undelivered"):
+        lines.append(f"tracking: NOT delivered (tag 'undelivered' on the run): {'; '.join(delivery['undelivered'])}")
+    lines += [
         f"MLflow run {summary['run_id']}: {summary['url']}",
         f"registry: {registration.message}",
     ]

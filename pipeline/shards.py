@@ -9,6 +9,11 @@
 An image's shard is a hash of its image_id, so every shard mixes all classes (training reads
 whole shards in shuffled order and must not see one class at a time) and a re-run knows, before
 reading any input, which images belong to shards that are already complete.
+
+Every file says it is ours (the format name in the Parquet schema's metadata, the sidecar and the
+manifest), so a re-run rewrites only its own files and reports anything else found at their names;
+and every Parquet page carries a CRC, so a shard damaged after its manifest fails when it is read,
+naming it, instead of handing training different bytes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ SCHEMA = pa.schema([
     ("jpeg", pa.binary()),       # an RGB JPEG: as it came, or converted / resized by the prepare job
     ("width", pa.int32()),       # of the original image
     ("height", pa.int32()),
-])
+], metadata={"format": FORMAT})
 
 
 def shard_of(image_id: str, num_shards: int) -> int:
@@ -57,7 +62,7 @@ class ShardWriter:
         self.split, self.index = split, index
         self._sink = pa.BufferOutputStream()
         # JPEG bytes do not compress; the other columns are tiny.
-        self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="none")
+        self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="none", write_page_checksum=True)
         self._group: list[dict[str, Any]] = []
         self._last_id: str | None = None
         self.rows = 0
@@ -89,6 +94,7 @@ class ShardWriter:
         name = shard_name(self.split, self.index)
         storage.write_bytes(fs, storage.join(root, f"{name}.parquet"), data)
         sidecar = {
+            "format": FORMAT,
             "path": f"{name}.parquet",
             "split": self.split,
             "index": self.index,
@@ -105,25 +111,67 @@ class ShardWriter:
 
 
 def complete_shards(fs: pafs.FileSystem, root: str, split: str, options: dict[str, Any],
-                    num_shards: int) -> dict[int, dict[str, Any]]:
-    """Sidecars of shards that a previous run finished with the same options, verified by sha256.
+                    num_shards: int) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Sidecars of shards that a previous run finished with the same options, verified by sha256;
+    and the files at this split's shard names that this job did not write, each with why (to be
+    reported, never overwritten).
 
-    A shard whose file is missing, differs from its sidecar's hash, or was written with other
-    options is not complete and will be written again.
+    A shard of ours whose file is missing, differs from its sidecar's hash, or was written with
+    other options is not complete and will be written again.
     """
-    done = {}
+    done, foreign = {}, []
     for index in range(num_shards):
         name = shard_name(split, index)
-        sidecar_path = storage.join(root, f"{name}.json")
-        if fs.get_file_info(sidecar_path).type != pafs.FileType.File:
-            continue
-        sidecar = json.loads(storage.read_bytes(fs, sidecar_path))
-        shard_path = storage.join(root, sidecar["path"])
-        if (sidecar.get("options") == options
-                and fs.get_file_info(shard_path).type == pafs.FileType.File
-                and storage.sha256_of(fs, shard_path) == sidecar["sha256"]):
-            done[index] = sidecar
-    return done
+        sidecar_path, shard_path = storage.join(root, f"{name}.json"), storage.join(root, f"{name}.parquet")
+        sidecar_info, shard_info = fs.get_file_info([sidecar_path, shard_path])
+        if sidecar_info.type == pafs.FileType.File:
+            sidecar, problem = _read_sidecar(fs, sidecar_path, name)
+            if problem:
+                foreign.append(f"{name}.json ({problem})")
+            elif (sidecar["options"] == options and shard_info.type == pafs.FileType.File
+                  and storage.sha256_of(fs, shard_path) == sidecar["sha256"]):
+                done[index] = sidecar
+        elif shard_info.type == pafs.FileType.File and not _is_our_shard(fs, shard_path):
+            # No sidecar: ours if a run stopped between the two writes, which its footer tells.
+            foreign.append(f"{name}.parquet (not an {FORMAT} shard, and no sidecar)")
+    return done, foreign
+
+
+def _read_sidecar(fs: pafs.FileSystem, path: str, name: str) -> tuple[dict[str, Any], str]:
+    """The sidecar at `path`, and "" if it is one this format wrote for shard `name`, else what it is."""
+    try:
+        sidecar = json.loads(storage.read_bytes(fs, path))
+    except ValueError:  # not UTF-8, or not JSON
+        return {}, "not JSON"
+    if not isinstance(sidecar, dict):
+        return {}, f"JSON {type(sidecar).__name__}, not an {FORMAT} sidecar"
+    # Sidecars from before the format field was added match on their fields alone.
+    if sidecar.get("format", FORMAT) != FORMAT:
+        return {}, f"format {sidecar['format']!r}, not {FORMAT!r}"
+    missing = sorted({"path", "split", "index", "rows", "bytes", "sha256", "options"} - sidecar.keys())
+    if missing:
+        return {}, f"not an {FORMAT} sidecar: no {', '.join(map(repr, missing))}"
+    if sidecar["path"] != f"{name}.parquet":
+        return {}, f"describes {sidecar['path']!r}, not {name}.parquet"
+    return sidecar, ""
+
+
+def _is_our_shard(fs: pafs.FileSystem, path: str) -> bool:
+    try:
+        with fs.open_input_file(path) as f:
+            metadata = pq.read_schema(f).metadata or {}
+    except pa.ArrowInvalid:  # not Parquet at all
+        return False
+    return metadata.get(b"format") == FORMAT.encode()
+
+
+def foreign_manifest(fs: pafs.FileSystem, root: str) -> str:
+    """What the file at <root>/manifest.json is, if it is not a manifest of this format; "" otherwise."""
+    path = storage.join(root, MANIFEST)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return ""
+    _, problem = _parse_manifest(storage.read_bytes(fs, path))
+    return f"{MANIFEST} ({problem})" if problem else ""
 
 
 def build_manifest(*, source: str, classes: list[str], sidecars: dict[str, list[dict[str, Any]]],
@@ -167,8 +215,20 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 def read_manifest(fs: pafs.FileSystem, root: str) -> tuple[dict[str, Any], str]:
     """The manifest and the sha256 of its bytes (the data's lineage in MLflow)."""
-    data = storage.read_bytes(fs, storage.join(root, MANIFEST))
-    manifest = json.loads(data)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{storage.join(root, MANIFEST)} is not a {FORMAT} manifest")
+    path = storage.join(root, MANIFEST)
+    data = storage.read_bytes(fs, path)
+    manifest, problem = _parse_manifest(data)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return manifest, hashlib.sha256(data).hexdigest()
+
+
+def _parse_manifest(data: bytes) -> tuple[dict[str, Any], str]:
+    """The manifest in `data`, and "" if it is one of this format, else what it is instead."""
+    try:
+        manifest = json.loads(data)
+    except ValueError:  # not UTF-8, or not JSON
+        return {}, f"not JSON, so not an {FORMAT} manifest"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return {}, f"not an {FORMAT} manifest"
+    return manifest, ""

@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -281,18 +282,34 @@ def _read_folder(source: Source, split: str, rows: np.ndarray) -> dict[str, Any]
 
 
 def _read_row_group(source: Source, path: str, group: int) -> dict[str, Any]:
-    with source.filesystem.open_input_file(path) as f:
-        parquet = pq.ParquetFile(f)
-        if source.kind == "shards":
-            table = parquet.read_row_group(group, columns=["image_id", "jpeg", "label"])
-            return {"jpeg": table.column("jpeg").to_pylist(), "key": table.column("image_id").to_pylist(),
-                    "label": table.column("label").to_numpy().astype(np.int64)}
-        table = parquet.read_row_group(group, columns=["image", "label"])
+    if source.kind == "shards":
+        table = _parquet_group(source.filesystem, path, group, ["image_id", "jpeg", "label"])
+        return {"jpeg": table.column("jpeg").to_pylist(), "key": table.column("image_id").to_pylist(),
+                "label": table.column("label").to_numpy().astype(np.int64)}
+    table = _parquet_group(source.filesystem, path, group, ["image", "label"])
     images = table.column("image").to_pylist()
     name = posixpath.basename(path)
     return {"jpeg": [image["bytes"] for image in images],
             "key": [image.get("path") or f"{name}#{group}.{i}" for i, image in enumerate(images)],
             "label": table.column("label").to_numpy().astype(np.int64)}
+
+
+def _parquet_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str]) -> pa.Table:
+    """Row group `group` of a Parquet file; a damaged file is a ValueError naming it.
+
+    The prepared shards carry a CRC per page (shards.py): a shard damaged after the manifest was
+    written fails here instead of handing training other bytes. Storage that stays unreachable
+    (storage.StoreUnavailable) and a file that vanished raise as they are.
+    """
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f, page_checksum_verification=True).read_row_group(group, columns=columns)
+    except (FileNotFoundError, storage.StoreUnavailable):
+        raise
+    except (pa.ArrowInvalid, OSError) as e:  # bad magic, thrift, CRC mismatch, a cut-off file
+        raise ValueError(f"{path}: row group {group} cannot be read ({e}). The file is damaged or was replaced "
+                         f"after it was listed; for prepared shards, re-run jobs/prepare_imagenet.py to rewrite "
+                         f"it") from None
 
 
 def _read_webdataset(source: Source, path: str, rng: np.random.Generator | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,34 +74,63 @@ def upload_folder(folder: Path, uri: str) -> None:
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for every test: start-up costs seconds. 4 logical CPUs on 2 cores, as the job
-    itself would start, so two train workers still leave Ray Data two CPUs."""
+    itself would start, so two train workers still leave Ray Data two CPUs. With its dashboard, which
+    serves Ray's state API: the failure tests find the processes they kill through it.
+
+    Subprocess jobs join it only when told to (RAY_ADDRESS=ray_address(), see test_run_status.py); a
+    job left to itself starts a private Ray of its own."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=True)
+    # address="local": always a new instance, never a `ray start` cluster or another session's Ray found on
+    # this machine (ray.init() without an address joins the latest `ray start` it finds).
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def ray_address() -> str:
+    """The session Ray's GCS address: what RAY_ADDRESS or --address takes to join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (sqlite backend in root, local artifacts) on `port`, answering when this
+    returns. Its own process group, so that stop_mlflow_server ends its workers too and frees the port."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "server.log", "a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process)
+    except BaseException:
+        stop_mlflow_server(process)
+        raise
+    return process
+
+
+def stop_mlflow_server(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process (sqlite backend, local artifacts) on a free port."""
-    root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
     try:
-        wait_for_http(f"{url}/health", process)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        stop_mlflow_server(process)
 
 
 @pytest.fixture(scope="session")

@@ -90,10 +90,16 @@ def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
     from pipeline.runner import worker_resources
 
     sample = config.PRESETS["sample"]
-    assert worker_resources(sample, cluster_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical
-    assert worker_resources(sample, cluster_cpus=2) == {"CPU": 0.5}      # `ray start --head` on 2 cores
+    assert worker_resources(sample, free_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical
+    assert worker_resources(sample, free_cpus=2) == {"CPU": 0.5}      # `ray start --head` on 2 cores
     with pytest.raises(ValueError, match="leaves Ray Data 0 CPU"):
-        worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), cluster_cpus=2)
+        worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), free_cpus=2)
+    # A shared cluster: what other jobs hold is not ours to plan with, and the message says both numbers.
+    with pytest.raises(ValueError, match=r"^1 of the cluster's 8 CPUs free: too few for 2 train workers"):
+        worker_resources(sample, free_cpus=1, total_cpus=8)
+    with pytest.raises(ValueError, match=r"2 train workers x 1 CPU with 2 of the cluster's 8 CPUs free leaves Ray "
+                                         r"Data 0 CPU"):
+        worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), free_cpus=2, total_cpus=8)
     gpu = dataclasses.replace(sample, use_gpu=True)
     assert worker_resources(gpu, 0) == {"CPU": 1.0, "GPU": 1.0}
     assert worker_resources(dataclasses.replace(gpu, placement="grouped"), 0)["GPU"] == 2.0

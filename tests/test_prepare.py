@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -105,25 +106,74 @@ def test_resize_stores_the_shorter_side_at_the_size_asked(ray_session, tmp_path)
     assert manifest["options"]["train"]["resize_shorter"] == 24
 
 
-def test_rerun_completes_a_half_written_output(ray_session, tmp_path):
+def test_rerun_completes_a_half_written_output(ray_session, tmp_path, monkeypatch):
     source = tmp_path / "imagenet"
     fx.write_extracted(source, train_per_class=8)
+    monkeypatch.chdir(tmp_path)  # relative paths: the manifest still records where the images came from
     out = tmp_path / "shards"
-    first = prepare_quietly(str(source), str(out), target_mb=0.002)
+    first = prepare_quietly("imagenet", "shards", target_mb=0.002)
+    assert first["source"] == str(source.resolve())
     parts = sorted((out / "train").glob("part-*.parquet"))
-    assert len(parts) >= 3
-    # A crash half-way: one shard never written, one shard's bytes damaged after its sidecar.
-    lost, damaged = parts[0], parts[1]
+    assert len(parts) >= 4
+    # A crash half-way: one shard never written, one written without its sidecar, one shard's bytes
+    # damaged after its sidecar.
+    lost, orphan, damaged = parts[:3]
     lost.unlink()
     lost.with_suffix(".json").unlink()
+    orphan.with_suffix(".json").unlink()
     damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
     (out / shards.MANIFEST).unlink()
-    untouched = {p: p.stat().st_mtime_ns for p in parts[2:]}
+    untouched = {p: p.stat().st_mtime_ns for p in parts[3:]}
 
-    second = prepare_quietly(str(source), str(out), target_mb=0.002)
+    second = prepare_quietly("imagenet", "shards", target_mb=0.002)
     assert second == first  # the same set, byte for byte (the sha256s are in the manifest)
-    assert {p: p.stat().st_mtime_ns for p in parts[2:]} == untouched  # complete shards were kept
-    assert lost.exists()
+    assert {p: p.stat().st_mtime_ns for p in parts[3:]} == untouched  # complete shards were kept
+    assert lost.exists() and orphan.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("output,where", [(".", "is the input"), ("shards", "is inside the input"),
+                                          ("..", "holds the input"), ("../link/shards", "is inside the input")])
+def test_the_output_is_refused_where_it_overlaps_the_input(tmp_path, output, where):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, bad=False)
+    (tmp_path / "link").symlink_to(source)  # the same folder by another name
+    before = sorted(tmp_path.rglob("*"))
+    out = str(source / output)
+    with pytest.raises(ValueError, match=f"the output {re.escape(repr(out))} .* {where} '{source}' .*Choose an "
+                                         f"output outside the input"):
+        prepare_quietly(str(source), out)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_the_output_may_sit_beside_the_input_under_a_longer_name(s3_server):
+    # "imagenet-shards" starts like "imagenet" but is not inside it.
+    assert prepare.absolute_apart("s3://raw/imagenet", "s3://raw/imagenet-shards/") == (
+        "s3://raw/imagenet", "s3://raw/imagenet-shards")
+    with pytest.raises(ValueError, match="is inside the input"):
+        prepare.absolute_apart("s3://raw/imagenet/", "s3://raw/imagenet/shards")
+
+
+def test_files_it_did_not_write_are_reported_and_never_overwritten(tmp_path):
+    source = tmp_path / "imagenet"
+    fx.write_extracted(source, bad=False)
+    out = tmp_path / "shards"
+    planted = {
+        "train/part-00000.json": (b'{"hello": "world"}', "not an alexnet-ray/imagenet-shards sidecar: no 'bytes'"),
+        "train/part-00001.parquet": (b"the user's own data",
+                                     "not an alexnet-ray/imagenet-shards shard, and no sidecar"),
+        "val/part-00000.json": (b"\x00\xff binary", "not JSON"),
+        "manifest.json": (b'{"format": "someone-else"}', "not an alexnet-ray/imagenet-shards manifest"),
+    }
+    for name, (content, _) in planted.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+
+    with pytest.raises(FileExistsError, match="already holds 4 files that this job did not write") as info:
+        prepare_quietly(str(source), str(out), target_mb=0.002)
+    for name, (content, reason) in planted.items():
+        assert f"{name} ({reason}" in str(info.value)
+        assert (out / name).read_bytes() == content
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(planted)
 
 
 def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):
@@ -136,6 +186,7 @@ def test_prepare_from_and_to_s3(ray_session, s3_server, tmp_path):
     make_bucket("prepared")
     manifest = prepare_quietly("s3://raw/imagenet", "s3://prepared/shards")
     check_against(expected, manifest, "s3://prepared/shards")
+    assert manifest["source"] == "s3://raw/imagenet"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
 
 
