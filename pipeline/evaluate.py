@@ -3,8 +3,8 @@
 Each worker returns sums (loss, correct@1, correct@5, images); the sums are all-reduced and only
 then divided, so the result is the accuracy over the whole validation set, not a mean of means.
 
-    score_batch          one batch, one crop or §4.1's ten (softmax averaged)
-    evaluate             a training worker's validation pass
+    batch_counts         one batch, one crop or §4.1's ten (softmax averaged), counted on the device
+    evaluate             a training worker's validation pass, read from the device once
     evaluate_split       jobs/evaluate.py: a saved model over a whole split on Ray Data, centre crop and
                          ten crops; read tasks decode on CPUs, actors hold the model (GPUs with --use-gpu)
     evaluate_model       the job itself: open the model and the data, evaluate, record in MLflow
@@ -77,42 +77,69 @@ def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """How many labels are among the k highest scores (k is capped at the number of classes)."""
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many labels are among the k highest scores (k capped at the number of classes), as a
+    tensor on the scores' device: counting it does not wait for the device."""
     k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    return int((top == labels[:, None]).any(dim=1).sum())
+    return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
 
 
-def score_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalSums:
-    """Sums for one batch. images: (N, H, W, 3) uint8, or (N, 10, H, W, 3) for ten-crop.
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """topk_hits as a number (which waits for the device)."""
+    return int(topk_hits(scores, labels, k))
 
-    Ten-crop (§4.1 test time) averages the softmax over the ten patches; the loss is then the
-    negative log of that averaged probability.
+
+def batch_counts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One batch's sums as one float64 tensor on the device, so that a pass adds them up without
+    waiting for the device: [loss, correct@1, correct@5, images, per-class images..., per-class top-1...].
+
+    images: (N, H, W, 3) uint8, or (N, 10, H, W, 3) for ten-crop. Ten-crop (§4.1 test time) averages
+    the softmax over the ten patches; the loss is then the negative log of that averaged probability.
     """
     crops = images.shape[1] if images.dim() == 5 else 1
     flat = images.reshape(-1, *images.shape[-3:])
-    logits = model(device_stages.normalize(device_stages.to_float(flat)))
+    with torch.autocast(flat.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(device_stages.normalize(device_stages.to_float(flat)))
     probs = logits.float().softmax(dim=1).reshape(len(labels), crops, -1).mean(dim=1)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
     classes = probs.shape[1]
-    hits = probs.topk(1, dim=1).indices[:, 0] == labels  # the rule topk_correct counts by, ties included
-    return EvalSums(loss.item(), topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), len(labels),
-                    tuple(torch.bincount(labels, minlength=classes).tolist()),
-                    tuple(torch.bincount(labels[hits], minlength=classes).tolist()))
+    hits = probs.topk(1, dim=1).indices[:, 0] == labels  # the rule topk_hits counts by, ties included
+    head = torch.stack([loss.double(), topk_hits(probs, labels, 1).double(), topk_hits(probs, labels, 5).double(),
+                        torch.tensor(float(len(labels)), dtype=torch.float64, device=labels.device)])
+    return torch.cat([head, torch.bincount(labels, minlength=classes).double(),
+                      torch.bincount(labels[hits], minlength=classes).double()])
+
+
+def sums_of(counts: torch.Tensor) -> EvalSums:
+    """batch_counts (or their sum) -> EvalSums; reads the device once."""
+    values = counts.tolist()
+    classes = (len(values) - 4) // 2
+    ints = [int(v) for v in values[1:]]
+    return EvalSums(values[0], ints[0], ints[1], ints[2], tuple(ints[3:3 + classes]), tuple(ints[3 + classes:]))
+
+
+def score_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalSums:
+    """Sums for one batch (see batch_counts)."""
+    return sums_of(batch_counts(model, images, labels))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu") -> EvalSums:
-    """This worker's sums over `batches` of {"image", "label"}; call .all_reduce() for the total."""
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu",
+             autocast_dtype: torch.dtype | None = None) -> EvalSums:
+    """This worker's sums over `batches` of {"image", "label"}; call .all_reduce() for the total.
+
+    The counts add up on the device and are read once, at the end: no step waits for the device.
+    """
     was_training = model.training
     model.eval()
-    sums = EvalSums()
+    total = None
     for batch in batches:
-        sums = sums.add(score_batch(model, batch["image"].to(device), batch["label"].to(device)))
+        counts = batch_counts(model, batch["image"].to(device, non_blocking=True),
+                              batch["label"].to(device, non_blocking=True), autocast_dtype)
+        total = counts if total is None else total + counts
     model.train(was_training)
-    return sums
-
+    return sums_of(total) if total is not None else EvalSums()
 
 
 # --- the evaluation job: a model over a whole split, centre crop and §4.1's ten crops, on Ray ------------

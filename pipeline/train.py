@@ -13,14 +13,15 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, device_stages, pictures
+from pipeline import checkpoint, device_stages, pictures, stages
 from pipeline.config import Config
-from pipeline.evaluate import EvalSums, evaluate, topk_correct
+from pipeline.evaluate import EvalSums, evaluate, topk_hits
 from pipeline.model import build_model
 from pipeline.placement import place_model
 
@@ -55,27 +56,58 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a step computes: the autocast dtype (None: fp32), channels-last memory, fp16's gradient scaler."""
+    dtype: torch.dtype | None
+    channels_last: bool
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+    """--precision and --channels-last for this worker's device; auto is bf16 + channels-last on GPUs
+    that support bf16 (Ampere and later), fp32 on the CPU and on older GPUs."""
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and cuda and not bf16_ok:
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
+    dtype = {"auto": torch.bfloat16 if bf16_ok else None, "fp32": None, "bf16": torch.bfloat16,
+             "fp16": torch.float16}[cfg.precision]
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return Precision(dtype, channels_last, scaler)
+
+
 @dataclass
 class EpochStats:
     sums: EvalSums                        # this worker's loss and top-1/top-5 counts
     seconds: float                        # wall time of the training pass
     data_seconds: float                   # of which blocked waiting for the next batch
+    first_step_seconds: float             # the first step alone (with --compile, mostly compiling)
     first_inputs: torch.Tensor | None     # the first images exactly as the model received them, if kept
 
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Config,
-                    generator: torch.Generator, lighting: dict[str, Any], *, keep_inputs: int = 0,
-                    progress: Callable[[EvalSums, float, float], None] | None = None) -> EpochStats:
+                    generator: torch.Generator, lighting: dict[str, Any], *, precision: Precision | None = None,
+                    keep_inputs: int = 0, progress: Callable[[Callable[[], EvalSums], float, float], None] | None = None
+                    ) -> EpochStats:
     """One pass over this worker's shard.
 
-    keep_inputs: keep that many of the first batch's model inputs (after crop, flip, lighting and
-    normalisation) for the run's picture. progress(sums, data_seconds, seconds) is called after every step.
+    No step waits for the device: the loss and top-1/top-5 counts add up in a tensor on the device and
+    are read once, at the end (and when a progress line is due). keep_inputs: keep that many of the
+    first batch's model inputs (after crop, flip, lighting and normalisation) for the run's picture.
+    progress(read_sums, data_seconds, seconds) is called after every step; read_sums() syncs.
     """
+    precision = precision or Precision(None, False)
     model.train()
-    sums = EvalSums()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct@1, correct@5
+    images = 0                                                     # counted on the host: batch sizes are known
     kept = None
     start = time.perf_counter()
-    data_seconds = 0.0
+    data_seconds = first_step = 0.0
     iterator = iter(batches)
     while True:
         waited = time.perf_counter()
@@ -83,40 +115,59 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
         data_seconds += time.perf_counter() - waited
         if batch is None:
             break
-        images = batch["image"].to(device, non_blocking=True)
+        step_start = time.perf_counter()
+        images_in = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        x = device_stages.to_model_input(images, generator, lighting_std=cfg.lighting_std,
+        x = device_stages.to_model_input(images_in, generator, lighting_std=cfg.lighting_std,
                                          eigval=lighting["eigval"], eigvec=lighting["eigvec"])
+        x = x.contiguous(memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
         if keep_inputs and kept is None:
-            kept = x[:keep_inputs].detach().cpu()
-        logits = model(x)
-        loss = F.cross_entropy(logits, labels)
+            kept = x[:keep_inputs].detach().float().cpu()
+        with precision.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:  # fp16: scale the loss so small gradients do not flush to zero
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         with torch.no_grad():
-            sums = sums.add(EvalSums(loss.item() * len(labels), topk_correct(logits, labels, 1),
-                                     topk_correct(logits, labels, 5), len(labels)))
+            totals += torch.stack([loss.detach().double() * len(labels), topk_hits(logits, labels, 1).double(),
+                                   topk_hits(logits, labels, 5).double()])
+        images += len(labels)
+        if images == len(labels):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once: the first step's own time (compiling, autotuning)
+            first_step = time.perf_counter() - step_start
         if progress is not None:
-            progress(sums, data_seconds, time.perf_counter() - start)
-    return EpochStats(sums, time.perf_counter() - start, data_seconds, kept)
+            progress(lambda: _sums(totals, images), data_seconds, time.perf_counter() - start)
+    return EpochStats(_sums(totals, images), time.perf_counter() - start, data_seconds, first_step, kept)
+
+
+def _sums(totals: torch.Tensor, images: int) -> EvalSums:
+    loss, correct1, correct5 = totals.tolist()  # the one read of the device
+    return EvalSums(loss, int(correct1), int(correct5), images)
 
 
 class ProgressLines:
     """A line every `interval` seconds during an epoch, for logs read off a terminal (CI, `ray job logs`,
     a file), where Ray Data's progress bars are off. Counts are this worker's times the worker count:
-    every worker takes the same number of steps."""
+    every worker takes the same number of steps. The sums are read only when a line is due."""
 
     def __init__(self, *, interval: float, epoch: int, epochs: int, workers: int, total_images: int | None):
         self.interval, self.epoch, self.epochs = interval, epoch, epochs
         self.workers, self.total = workers, total_images
         self.last = time.perf_counter()
 
-    def __call__(self, sums: EvalSums, data_seconds: float, seconds: float) -> None:
+    def __call__(self, read_sums: Callable[[], EvalSums], data_seconds: float, seconds: float) -> None:
         now = time.perf_counter()
         if now - self.last < self.interval:
             return
         self.last = now
+        sums = read_sums()
         images = sums.images * self.workers
         of = f"/{self.total:,}" if self.total else ""
         log.info(f"epoch {self.epoch + 1}/{self.epochs}  {images:,}{of} images  loss {sums.loss / sums.images:.3f}  "
@@ -156,11 +207,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = devices[0]  # where batches go in and logits come out, for either placement
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
+    precision = resolve_precision(cfg, device)
     model = build_model(cfg.model, num_classes=num_classes, width=cfg.width,
                         image_size=cfg.crop_size, dropout=cfg.dropout, init=cfg.init)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = place_and_wrap(model, cfg, devices)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    forward = torch.compile(model) if cfg.compile else model  # the same parameters; checkpoints save `model`
 
     start_epoch = 0
     restored = ray.train.get_checkpoint()
@@ -179,17 +234,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress = ProgressLines(interval=loop_config["progress_interval_s"], epoch=epoch, epochs=cfg.epochs,
                                      workers=workers, total_images=loop_config["train_images"])
         first = rank == 0 and epoch == start_epoch and not restored
-        batches = train_shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=True)
-        stats = train_one_epoch(model, optimizer, batches, device, cfg, generator, loop_config["lighting"],
-                                keep_inputs=PICTURE_IMAGES if first else 0, progress=progress)
+        batches = input_batches(train_shard, cfg, device, drop_last=True, report=loop_config.get("decode_failures"),
+                                crop_rng=np.random.default_rng([cfg.seed, epoch, rank, 2]))
+        stats = train_one_epoch(forward, optimizer, batches, device, cfg, generator, loop_config["lighting"],
+                                precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress)
         train_sums = stats.sums.all_reduce()
         # The slowest worker sets the pace of a synchronous step: report the largest wait.
         waits = torch.tensor([stats.data_seconds / max(stats.seconds, 1e-9)], dtype=torch.float64)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(waits, op=torch.distributed.ReduceOp.MAX)
 
-        val_batches = val_shard.iter_torch_batches(batch_size=cfg.worker_batch_size)
-        val_sums = evaluate(unwrap(model), val_batches, device).all_reduce(classes=num_classes)
+        val_batches = input_batches(val_shard, cfg, device, drop_last=False, report=loop_config.get("decode_failures"))
+        val_sums = evaluate(unwrap(model), val_batches, device, precision.dtype).all_reduce(classes=num_classes)
         metrics = {
             "epoch": epoch,
             **train_sums.metrics("train"),
@@ -202,13 +258,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_seconds": stats.seconds,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
+        if cfg.compile and epoch == start_epoch:
+            metrics["compile_seconds"] = stats.first_step_seconds  # the first step compiles the model
         step_scheduler(scheduler, metrics["val_top1"])
 
         if rank == 0:
             log.info(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
                      f"val top-1 {metrics['val_top1']:.1f}%  top-5 {metrics['val_top5']:.1f}%  "
                      f"lr {lr:g}  {metrics['images_per_s']:.0f} img/s  "
-                     f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%")
+                     f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%"
+                     + (f"  (compiled in {stats.first_step_seconds:.0f} s)" if "compile_seconds" in metrics else ""))
         # Every worker reports (Ray Train waits for all); only rank 0 writes the checkpoint.
         with tempfile.TemporaryDirectory() as directory:
             reported = None
@@ -222,3 +281,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 files=files)
                 reported = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=reported)
+
+
+# Batches Ray Data prepares ahead of the step (the next one is ready when the step ends).
+PREFETCH_BATCHES = 2
+
+
+def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, report=None,
+                  crop_rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of {image (N, C, C, 3) uint8, label} on its device.
+
+    --decode-on cpu: Ray Data's crops, copied from pinned memory without blocking. --decode-on gpu:
+    Ray Data hands on the JPEG bytes, decoded and cropped here (device_stages.decode_on_device and
+    crops_on_device): random crops and flips from crop_rng when given (training), else the centre.
+    """
+    gpu = device.type == "cuda"
+    if cfg.decode_on == "cpu":
+        yield from shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
+                                            prefetch_batches=PREFETCH_BATCHES, pin_memory=gpu)
+        return
+    for batch in shard.iter_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
+                                    prefetch_batches=PREFETCH_BATCHES, batch_format="numpy"):
+        images, rows, failed = device_stages.decode_on_device(list(batch["jpeg"]), [str(k) for k in batch["key"]],
+                                                              device)
+        if failed and report is not None:
+            report.add.remote(failed)
+        if not images:
+            raise ValueError(f"no image of a batch of {len(batch['jpeg'])} decoded: {failed}")
+        n = len(images)
+        if crop_rng is not None:
+            top, left, flip = stages.crop_params(n, crop_rng, resize_size=cfg.resize_size, crop_size=cfg.crop_size,
+                                                 flip_p=cfg.flip_p)
+        else:
+            top = left = np.full(n, (cfg.resize_size - cfg.crop_size) // 2)
+            flip = np.zeros(n, bool)
+        crops = device_stages.crops_on_device(images, top, left, flip, resize_size=cfg.resize_size,
+                                              crop_size=cfg.crop_size)
+        yield {"image": crops, "label": torch.as_tensor(batch["label"][rows]).to(device, non_blocking=True)}

@@ -180,3 +180,33 @@ class _preserve_order:
 
     def __exit__(self, *exc):
         self.options.preserve_order = self.before
+
+
+def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_session, tiny_imagenet):
+    """--decode-on gpu: Ray Data reads bytes; train.input_batches decodes and crops them on the
+    trainer's device (the CPU here: the same calls run nvJPEG on CUDA). The centre crops match the
+    CPU path's image for image; the training crops keep every image and label once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline import train
+
+    folder = data.scan_image_folder(str(tiny_imagenet))
+    gpu_cfg = SimpleNamespace(**{**CFG.to_dict(), "decode_on": "gpu"}, worker_batch_size=8)  # Config needs a GPU
+    raw = data.val_dataset(folder, gpu_cfg).take_batch(4, batch_format="numpy")
+    assert set(raw) == {"jpeg", "key", "label"} and isinstance(raw["jpeg"][0], bytes)
+
+    with _preserve_order():  # both in file order, to compare image for image
+        on_device = list(train.input_batches(data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg,
+                                             torch.device("cpu"), drop_last=False))
+        cpu = data.val_dataset(folder, CFG).take_batch(24, batch_format="numpy")
+    images = torch.cat([b["image"] for b in on_device]).numpy()
+    assert images.shape == cpu["image"].shape and np.array_equal(torch.cat([b["label"] for b in on_device]), cpu["label"])
+    assert np.abs(images.astype(int) - cpu["image"].astype(int)).mean() < 1.5
+
+    crops = list(train.input_batches(data.train_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"),
+                                     drop_last=False, crop_rng=np.random.default_rng(0)))
+    labels = torch.cat([b["label"] for b in crops]).tolist()
+    assert sum(len(b["image"]) for b in crops) == 72 and sorted(np.bincount(labels).tolist()) == [24, 24, 24]
+    assert all(b["image"].shape[1:] == (67, 67, 3) for b in crops)
