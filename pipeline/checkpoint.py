@@ -1,11 +1,13 @@
 """One checkpoint format, and the life of a model from a training epoch to the registry.
 
     save(directory, ...)        rank 0, every epoch: checkpoint.pt (the grouped network, optimiser, scheduler,
-                                epoch, config, classes, metrics, per-class val counts) and any pictures
+                                epoch, config, classes, metrics, per-class val counts) and any pictures;
+                                every --checkpoint-every-steps too, with where in the epoch it was taken
     load(path)                  -> that dict, by torch.load(weights_only=True): tensors and plain Python
                                 only, so opening a checkpoint never runs code from it
     build_model(state)          -> the network it holds, in eval mode, on the CPU
-    resume(state, model, ...)   a restart after a failure: weights, optimiser and scheduler back in place
+    resume(state, model, ...)   a restart after a failure: weights, optimiser and scheduler back in place;
+                                -> the Start (epoch, step, images already trained on) to go on from
     for_serving(state)          the same dict without the optimiser: what a logged model carries (model.pt)
     keep_policy(cfg)            Ray Train keeps the --keep-checkpoints best by val top-1, plus the latest
     should_log(...)             which epochs become MLflow logged models (--log-models)
@@ -45,15 +47,30 @@ _REQUIRED = ("format", "model", "epoch", "config", "num_classes")
 _TRAINING_ONLY = ("optimizer", "scheduler")
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a worker group begins: an epoch, the steps of it already taken, the indices of the images
+    those steps trained on (sources.py), and their train sums (loss sum, top-1, top-5, images)."""
+    epoch: int = 0
+    step: int = 0
+    consumed: Any = None                               # int64 numpy array, or None at an epoch's start
+    sums: tuple[float, int, int, int] | None = None
+
+
 def save(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer, scheduler, epoch: int,
          config: dict[str, Any], num_classes: int, classes: list[str], words: list[str],
          metrics: dict[str, Any], val_per_class: dict[str, list[int]] | None = None,
-         files: dict[str, bytes] | None = None) -> Path:
+         files: dict[str, bytes] | None = None, within_epoch: Start | None = None) -> Path:
     """Write checkpoint.pt (and `files`, e.g. a picture) into `directory`; returns the .pt path.
 
-    Everything in it is a tensor or plain Python (dict, list, str, int, float, bool, None), so load()
-    can use weights_only=True.
+    within_epoch: for a checkpoint taken mid-epoch, how far into `epoch` it is (a restart goes on from
+    there); None when `epoch` is complete. Everything in the file is a tensor or plain Python (dict,
+    list, str, int, float, bool, None), so load() can use weights_only=True.
     """
+    within = None
+    if within_epoch is not None:
+        within = {"step": int(within_epoch.step), "sums": list(within_epoch.sums),
+                  "consumed": torch.as_tensor(within_epoch.consumed, dtype=torch.int64)}
     path = Path(directory) / CHECKPOINT_FILE
     torch.save({
         "format": FORMAT,
@@ -61,6 +78,7 @@ def save(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer, sch
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": int(epoch),
+        "within_epoch": within,               # None: the epoch is complete
         "config": dict(config),
         "num_classes": int(num_classes),
         "classes": list(classes),            # wnids in label order; empty when the data does not name them
@@ -104,12 +122,17 @@ def build_model(state: dict[str, Any]) -> torch.nn.Module:
     return model.eval()
 
 
-def resume(state: dict[str, Any], model: torch.nn.Module, optimizer, scheduler) -> int:
-    """Put a checkpoint's weights, optimiser and scheduler into a placed model; returns the next epoch."""
+def resume(state: dict[str, Any], model: torch.nn.Module, optimizer, scheduler) -> Start:
+    """Put a checkpoint's weights, optimiser and scheduler into a placed model; returns where to go on:
+    the next epoch's start, or the middle of the checkpoint's epoch."""
     placement.load_grouped_state_dict(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1
+    within = state.get("within_epoch")
+    if within is None:
+        return Start(state["epoch"] + 1)
+    loss, top1, top5, images = within["sums"]
+    return Start(state["epoch"], within["step"], within["consumed"].numpy(), (loss, int(top1), int(top5), int(images)))
 
 
 def for_serving(state: dict[str, Any]) -> dict[str, Any]:

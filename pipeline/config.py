@@ -91,8 +91,13 @@ class Config:
     max_failures: int = _f(2, "restarts of the worker group from the latest checkpoint after a failure")
     storage_path: str = _f("", "where Ray Train keeps checkpoints (local path or s3://); "
                                "empty = ./ray_results; a multi-node cluster needs shared storage")
+    sample_log: str = _f("", "write the indices of the images every training step took to this folder (a JSON-lines "
+                             "file per worker and attempt): an audit of what the run trained on")
     keep_checkpoints: int = _f(2, "Ray Train checkpoints kept: this many with the best val top-1, plus the latest "
                                   "(to resume from); 0 = keep every epoch's")
+    checkpoint_every_steps: int = _f(0, "also checkpoint every N training steps within an epoch, so a restart "
+                                        "loses at most N steps; the resumed epoch leaves out exactly the images "
+                                        "already trained on. 0 = at the end of each epoch only")
 
     # tracking
     experiment: str = _f("alexnet", "MLflow experiment name")
@@ -113,6 +118,8 @@ class Config:
         for name in ("epochs", "batch_size", "workers", "resize_size", "crop_size", "lr_step_epochs"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         need(self.plateau_patience >= 0, f"--plateau-patience must be >= 0, got {self.plateau_patience}")
+        need(self.checkpoint_every_steps >= 0,
+             f"--checkpoint-every-steps must be >= 0 (0 = per epoch), got {self.checkpoint_every_steps}")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}")
         need(self.max_failures >= -1, f"--max-failures must be >= -1 (-1 = forever), got {self.max_failures}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")

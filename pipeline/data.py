@@ -11,11 +11,13 @@ each unit's uint8 crops as a block: read, decode, resize and crop fused in one t
 image in the object store, and no torch in the process. Lighting and normalisation are float math
 on the trainer's device (device_stages.py).
 
-The epoch is Ray Data's execution index of the dataset (each epoch re-executes it), so the order of
-samples and the crops are functions of (seed, epoch): different every epoch, the same in every run
-with that seed. (Ray Train's restart after a failure builds new splits of the dataset, whose index
-need not go on from where the old ones stopped: resumed epochs may repeat earlier epochs' orders,
-still with every image once per epoch. An exact mid-epoch resume is not built; see README.) An image that fails to decode is left out of its batch and named in the run's
+The epoch a task belongs to is the training run's epoch: TrainValDataConfig starts the splits it
+builds (at the start, and again after Ray Train restarts the workers from a checkpoint) at the epoch
+the workers resume from, and each pass over the dataset is the next epoch. So the order of samples and
+the crops are functions of (seed, epoch): different every epoch, the same in every run with that seed,
+and the same again after a restart. A checkpoint taken mid-epoch records the indices of the images
+the workers had trained on (sources.py); the resumed epoch leaves exactly those out, with every other
+image's crop unchanged. An image that fails to decode is left out of its batch and named in the run's
 DecodeFailures report; it is never replaced by another image.
 """
 
@@ -65,14 +67,50 @@ class DecodeFailures:
         return dict(self.retried)
 
 
-def current_epoch() -> int:
-    """The epoch a Ray Data task belongs to: its dataset's execution index.
+@ray.remote(num_cpus=0)
+class ResumePoint:
+    """Where the workers start: an epoch, and the indices of its training images already trained on
+    (None: from the epoch's start). Rank 0 sets it from the checkpoint before it asks for its dataset
+    shard; TrainValDataConfig reads it when Ray Train builds the shards."""
 
-    DataContext._execution_idx is private, but the only per-execution value Ray Data hands to tasks
-    (its own FileShuffleConfig reseeds from it); tests/test_data.py checks that two passes over a
-    dataset get two orders, and that another run with the seed gets the same two.
+    def __init__(self):
+        self.point: tuple[int, np.ndarray | None] = (0, None)
+
+    def set(self, epoch: int, consumed: np.ndarray | None) -> None:
+        self.point = (epoch, consumed)
+
+    def get(self) -> tuple[int, np.ndarray | None]:
+        return self.point
+
+
+# Set in a dataset's DataContext, which Ray Data hands to every task of the dataset.
+EPOCH_BASE = "alexnet.epoch_base"   # the epoch = this + the dataset's execution index
+SKIP = "alexnet.skip"               # (epoch, ObjectRef of the sorted indices to leave out of it)
+
+
+def start_at(dataset: ray.data.Dataset, epoch: int, consumed: np.ndarray | None = None) -> ray.data.Dataset:
+    """Make the next pass over `dataset` epoch `epoch`, leaving out the images `consumed` names.
+
+    Ray Data counts the passes over a dataset (DataContext._execution_idx, private, but the only
+    per-pass value it hands to tasks; its own FileShuffleConfig reseeds from it); tests/test_data.py
+    checks that passes are epochs and that a resumed epoch leaves out exactly what it is told to.
     """
-    return DataContext.get_current()._execution_idx
+    context = dataset.context
+    context.set_config(EPOCH_BASE, epoch - context._execution_idx)
+    skip = None if consumed is None or not len(consumed) else (epoch, ray.put(np.unique(consumed)))
+    context.set_config(SKIP, skip)
+    return dataset
+
+
+def current_epoch() -> int:
+    """The epoch a Ray Data task belongs to (start_at)."""
+    context = DataContext.get_current()
+    return context._execution_idx + context.get_config(EPOCH_BASE, 0)
+
+
+def _skipped(epoch: int) -> np.ndarray | None:
+    skip = DataContext.get_current().get_config(SKIP)
+    return ray.get(skip[1]) if skip is not None and skip[0] == epoch else None
 
 
 def _check_labels(labels: np.ndarray, keys, num_classes: int) -> None:
@@ -88,24 +126,29 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
     on as its own block (with decode=False, for --decode-on gpu, the bytes are handed on instead)."""
     epoch = current_epoch()
     train = split == "train"
+    skipped = _skipped(epoch) if train else None
     errors = "raise" if report is None else "collect"
     retried_before = Counter(storage.retries())
     for unit in batch["id"]:
         rows = sources.read_unit(source, split, int(unit), seed=seed, epoch=epoch, shuffle=train)
         _check_labels(rows["label"], rows["key"], source.num_classes)
+        keep = None if skipped is None else ~np.isin(rows["index"], skipped)
         if not decode:
+            if keep is not None:
+                kept = np.flatnonzero(keep)
+                rows = {k: v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept] for k, v in rows.items()}
             yield {"jpeg": np.array(rows["jpeg"], dtype=object), "key": np.array(rows["key"], dtype=object),
-                   "label": rows["label"]}
+                   "label": rows["label"], "index": rows["index"]}
             continue
         if train:
             rng = np.random.default_rng([seed, epoch, int(unit), 1])
             out = stages.random_crops(rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p,
-                                      errors=errors)
+                                      errors=errors, keep=keep)
         else:
             out = stages.center_crops(rows, resize_size=resize_size, crop_size=crop_size, errors=errors)
         if out.get("failed"):
             report.add.remote(out["failed"])
-        columns = {"image": out["image"], "label": out["label"]}
+        columns = {"image": out["image"], "label": out["label"], "index": out["index"]}
         if keys:
             columns["key"] = np.array(out["key"], dtype=object)
         yield columns
@@ -161,9 +204,19 @@ def execution_options(cfg):
 
 class TrainValDataConfig(ray.train.DataConfig):
     """Splits "train" equally (DDP needs the same number of steps on every worker) and "val"
-    unequally, so that no validation image is dropped and top-1/top-5 are over all of them."""
+    unequally, so that no validation image is dropped and top-1/top-5 are over all of them.
+
+    resume_point: a ResumePoint actor; "train" starts where it says (Ray Train calls configure again
+    for the new workers after a restart).
+    """
+
+    def __init__(self, *args, resume_point=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_point = resume_point
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if "train" in datasets and self.resume_point is not None:
+            start_at(datasets["train"], *ray.get(self.resume_point.get.remote()))
         others = {k: v for k, v in datasets.items() if k != "val"}
         output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
         if "val" in datasets:

@@ -141,6 +141,10 @@ def storage_path(cfg: Config) -> str:
 PROGRESS_INTERVAL_S = 60.0
 
 
+class TrainingFailed(RuntimeError):
+    """The worker group failed more often than --max-failures allows; the message ends with the last error."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run; its MLflow run is marked KILLED."""
 
@@ -246,6 +250,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     with sigterm_as_interrupt() as caught:
         try:
             report = data.DecodeFailures.remote()
+            resume_point = data.ResumePoint.remote()
             recorder = tracking.start_recorder(tracking_uri=tracking_uri, run_id=run_id, data_uri=source.uri,
                                                data_fingerprint=data_fingerprint, decode_failures=report)
             callback = tracking.MLflowCallback(recorder, epochs=cfg.epochs, log_models=cfg.log_models)
@@ -255,13 +260,15 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                                    "lighting": lighting.to_dict(), "classes": list(source.wnids),
                                    "words": class_words(cfg, source), "train_images": source.images.get("train"),
                                    "progress_interval_s": 0.0 if interactive else PROGRESS_INTERVAL_S,
-                                   "decode_failures": report},  # --decode-on gpu: the workers report there
+                                   "decode_failures": report,   # --decode-on gpu: the workers report there
+                                   "resume_point": resume_point},
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                     placement_strategy=cfg.worker_strategy),
                 datasets={"train": data.train_dataset(source, cfg, report),
                           "val": data.val_dataset(source, cfg, report)},
-                dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg)),
+                dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg),
+                                                       resume_point=resume_point),
                 run_config=ray.train.RunConfig(
                     name=f"alexnet-{run_id[:12]}",
                     storage_path=storage,
@@ -270,7 +277,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                     callbacks=[callback, *callbacks],
                 ),
             )
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except ray.train.TrainingFailedError as e:
+                restarts = "no restarts" if cfg.max_failures == 0 else f"all {cfg.max_failures} restarts used"
+                raise TrainingFailed(f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last "
+                                     f"attempt ended with: {e}") from e
             delivery = wait_for_records(recorder, tracking_uri, TRACKING_WAIT_S, checkpoints=result.path)
             registration = registry.register_best(tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
                 "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,

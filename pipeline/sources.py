@@ -18,7 +18,10 @@ Unit k of an epoch is:
 The permutations are drawn from (seed, epoch): every epoch a fresh order of samples, the same for
 the same seed, and every image exactly once per epoch. (A shard mixes all classes, because the
 prepare job assigns images to shards by a hash of their id.) Every reader yields the same rows:
-{jpeg: encoded bytes, key: a name for reports, label: int64}.
+{jpeg: encoded bytes, key: a name for reports, label: int64, index: int64}. `index` names an image
+within its split whatever the epoch's order (a file's place in the listing, or a shard's / tar's place
+times 2**20 plus the row's place in it): a checkpoint taken mid-epoch records the indices the workers
+consumed, and the resumed epoch reads past exactly those (data.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ IMAGENET_CLASSES = 1000
 # decoding on one core, so the first batch comes soon after the first unit starts.
 UNIT_IMAGES = shards.ROW_GROUP_SIZE
 WEBDATASET_SHUFFLE_BUFFER = 256
+# index = piece << PIECE_BITS | row, for Parquet row groups and tars (a million images a piece at most).
+PIECE_BITS = 20
 # Object storage answers each GET after tens of milliseconds: a folder task fetches in parallel.
 FETCH_THREADS = 16
 
@@ -251,13 +256,14 @@ def read_unit(source: Source, split: str, unit: int, *, seed: int, epoch: int, s
         files = _permutation(len(source.files[split]), seed, epoch, shuffle)
         return _read_folder(source, split, files[unit * UNIT_IMAGES:(unit + 1) * UNIT_IMAGES])
     if source.kind == "webdataset":
-        return _read_webdataset(source, source.files[split][order[unit]], rng)
+        return _read_webdataset(source, source.files[split][order[unit]], rng, piece=int(order[unit]))
     path, group = source.row_groups[split][order[unit]]
     batch = _read_row_group(source, path, group)
+    batch["index"] = (int(order[unit]) << PIECE_BITS) + np.arange(len(batch["label"]), dtype=np.int64)
     if rng is not None:
         perm = rng.permutation(len(batch["label"]))
         batch = {"jpeg": [batch["jpeg"][i] for i in perm], "key": [batch["key"][i] for i in perm],
-                 "label": batch["label"][perm]}
+                 "label": batch["label"][perm], "index": batch["index"][perm]}
     return batch
 
 
@@ -278,7 +284,8 @@ def _read_folder(source: Source, split: str, rows: np.ndarray) -> dict[str, Any]
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             data = list(pool.map(lambda p: storage.read_bytes(fs, p), paths))
     return {"jpeg": data, "key": [source.keys[split][i] for i in rows],
-            "label": np.array([source.labels[split][i] for i in rows], dtype=np.int64)}
+            "label": np.array([source.labels[split][i] for i in rows], dtype=np.int64),
+            "index": np.asarray(rows, dtype=np.int64)}
 
 
 def _read_row_group(source: Source, path: str, group: int) -> dict[str, Any]:
@@ -312,16 +319,19 @@ def _parquet_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str
                          f"it") from None
 
 
-def _read_webdataset(source: Source, path: str, rng: np.random.Generator | None) -> dict[str, Any]:
-    samples = _tar_samples(source.filesystem, path)
+def _read_webdataset(source: Source, path: str, rng: np.random.Generator | None, *, piece: int) -> dict[str, Any]:
+    samples = (((piece << PIECE_BITS) + row, *sample) for row, sample in enumerate(_tar_samples(source.filesystem,
+                                                                                                 path)))
     if rng is not None:
         samples = _shuffle_buffer(samples, WEBDATASET_SHUFFLE_BUFFER, rng)
-    jpeg, keys, labels = [], [], []
-    for key, image, label in samples:
+    indices, jpeg, keys, labels = [], [], [], []
+    for index, key, image, label in samples:
+        indices.append(index)
         jpeg.append(image)
         keys.append(key)
         labels.append(label)
-    return {"jpeg": jpeg, "key": keys, "label": np.array(labels, dtype=np.int64)}
+    return {"jpeg": jpeg, "key": keys, "label": np.array(labels, dtype=np.int64),
+            "index": np.array(indices, dtype=np.int64)}
 
 
 def _tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[tuple[str, bytes, int]]:

@@ -58,14 +58,20 @@ def crop_params(n: int, rng: np.random.Generator, *, resize_size: int, crop_size
 
 
 def random_crops(batch: Batch, rng: np.random.Generator, *, resize_size: int = 256, crop_size: int = 224,
-                 flip_p: float = 0.5, errors: str = "raise", max_pixels: int = MAX_PIXELS) -> Batch:
+                 flip_p: float = 0.5, errors: str = "raise", max_pixels: int = MAX_PIXELS,
+                 keep: np.ndarray | None = None) -> Batch:
     """§2 + §4.1, the training view: reads `jpeg` and `key`, writes `image` (N, crop_size, crop_size, 3)
     uint8; a random patch of each image's central square, mirrored with probability flip_p.
 
-    errors: see decode. The crop draws happen before decoding, so a failed image does not shift the
-    other images' crops.
+    errors: see decode. keep: a mask of the rows to decode; the others are left out (a resumed epoch
+    skips what was trained on). The crop draws happen first, for every row: a failed or skipped image
+    does not shift the other images' crops.
     """
     top, left, flip = crop_params(len(batch["jpeg"]), rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p)
+    if keep is not None:
+        rows = np.flatnonzero(keep).tolist()
+        batch = {k: _take(v, rows) for k, v in batch.items()}
+        top, left, flip = top[rows], left[rows], flip[rows]
     return _decode_crops(batch, top, left, flip, resize_size=resize_size, crop_size=crop_size, errors=errors,
                          max_pixels=max_pixels)
 

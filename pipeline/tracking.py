@@ -43,7 +43,7 @@ from pipeline import checkpoint as checkpoints
 # worker's), decode_failures (images left out so far) and storage_retries_<cause> (reads from object
 # storage retried so far).
 EPOCH_METRICS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                 "lr", "images_per_s", "data_wait_fraction", "epoch_seconds")
+                 "lr", "images_per_s", "data_wait_fraction", "epoch_seconds", "train_images", "train_steps")
 MODEL_METRICS = ("val_loss", "val_top1", "val_top5")
 CURVES = ("epoch", "train_loss", "val_loss", "train_top1", "val_top1", "val_top5")
 PICTURES = "pictures"  # the run's artifact folder of PNGs
@@ -445,6 +445,8 @@ class MLflowCallback(ray.train.UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         # Every worker reports the same all-reduced numbers; rank 0's stand for the run.
         m = metrics[0]
+        if "step" in m:  # a checkpoint inside an epoch (--checkpoint-every-steps): only for resuming
+            return
         epoch = int(m["epoch"])
         improved = m["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, m["val_top1"])

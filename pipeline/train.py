@@ -9,9 +9,14 @@ side).
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import logging
+import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,9 +56,10 @@ def step_scheduler(scheduler, val_top1: float) -> None:
         scheduler.step()
 
 
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Dropout and lighting noise per (run, worker, epoch): a resumed epoch redraws the same."""
-    return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
+def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """Dropout and lighting noise per (run, worker, epoch, step): an epoch resumed mid-way redraws what
+    the uninterrupted run drew."""
+    return int(np.random.SeedSequence([seed, rank, epoch, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass(frozen=True)
@@ -88,33 +94,54 @@ class EpochStats:
     data_seconds: float                   # of which blocked waiting for the next batch
     first_step_seconds: float             # the first step alone (with --compile, mostly compiling)
     first_inputs: torch.Tensor | None     # the first images exactly as the model received them, if kept
+    steps: int = 0                        # steps taken
 
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Config,
                     generator: torch.Generator, lighting: dict[str, Any], *, precision: Precision | None = None,
-                    keep_inputs: int = 0, progress: Callable[[Callable[[], EvalSums], float, float], None] | None = None
-                    ) -> EpochStats:
+                    keep_inputs: int = 0,
+                    progress: Callable[[Callable[[], EvalSums], float, float], None] | None = None,
+                    seeds: Callable[[int], int] | None = None, first_step: int = 0, checkpoint_every: int = 0,
+                    on_checkpoint: Callable[[int, Callable[[], EvalSums], list[np.ndarray]], None] | None = None,
+                    on_batch: Callable[[int, dict], None] | None = None) -> EpochStats:
     """One pass over this worker's shard.
 
     No step waits for the device: the loss and top-1/top-5 counts add up in a tensor on the device and
-    are read once, at the end (and when a progress line is due). keep_inputs: keep that many of the
-    first batch's model inputs (after crop, flip, lighting and normalisation) for the run's picture.
-    progress(read_sums, data_seconds, seconds) is called after every step; read_sums() syncs.
+    are read once, at the end (and when a progress line or a checkpoint is due). keep_inputs: keep that
+    many of the first batch's model inputs (after crop, flip, lighting and normalisation) for the run's
+    picture. progress(read_sums, data_seconds, seconds) is called after every step; read_sums() syncs.
+
+    Resuming mid-epoch: steps are numbered from first_step; seeds(step) reseeds dropout and lighting
+    (torch's global RNG and `generator`) before each step. Every checkpoint_every steps, when another
+    batch follows, on_checkpoint(steps done, read_sums, indices of the images trained on) is called
+    (batches carry their images' indices, sources.py). on_batch(step, batch) sees each batch first.
     """
     precision = precision or Precision(None, False)
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct@1, correct@5
     images = 0                                                     # counted on the host: batch sizes are known
+    consumed: list[np.ndarray] = []
     kept = None
     start = time.perf_counter()
-    data_seconds = first_step = 0.0
+    data_seconds = first_step_seconds = 0.0
     iterator = iter(batches)
-    while True:
+    for step in itertools.count(first_step):
         waited = time.perf_counter()
         batch = next(iterator, None)  # the time spent here is time the model waits for data
         data_seconds += time.perf_counter() - waited
         if batch is None:
             break
+        if checkpoint_every and on_checkpoint is not None and step > first_step and step % checkpoint_every == 0:
+            # Taken before this batch is trained on, so never at an epoch's end: its own checkpoint follows.
+            on_checkpoint(step, lambda: _sums(totals, images), consumed)
+        if on_batch is not None:
+            on_batch(step, batch)
+        if "index" in batch:
+            consumed.append(batch["index"].numpy())
+        if seeds is not None:
+            seed = seeds(step)
+            torch.manual_seed(seed)
+            generator.manual_seed(seed)
         step_start = time.perf_counter()
         images_in = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
@@ -141,10 +168,11 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
         if images == len(labels):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # once: the first step's own time (compiling, autotuning)
-            first_step = time.perf_counter() - step_start
+            first_step_seconds = time.perf_counter() - step_start
         if progress is not None:
             progress(lambda: _sums(totals, images), data_seconds, time.perf_counter() - start)
-    return EpochStats(_sums(totals, images), time.perf_counter() - start, data_seconds, first_step, kept)
+    return EpochStats(_sums(totals, images), time.perf_counter() - start, data_seconds, first_step_seconds, kept,
+                      steps=step - first_step)
 
 
 def _sums(totals: torch.Tensor, images: int) -> EvalSums:
@@ -217,28 +245,68 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg)
     forward = torch.compile(model) if cfg.compile else model  # the same parameters; checkpoints save `model`
 
-    start_epoch = 0
+    start = checkpoint.Start()
     restored = ray.train.get_checkpoint()
-    if restored:  # a restart after a failure: continue from the last reported epoch
+    if restored:  # a restart after a failure: go on from the last checkpoint, at an epoch's end or inside one
         with restored.as_directory() as directory:
-            start_epoch = checkpoint.resume(checkpoint.load(directory), model, optimizer, scheduler)
+            start = checkpoint.resume(checkpoint.load(directory), model, optimizer, scheduler)
+        if rank == 0:
+            log.info(f"resuming at epoch {start.epoch + 1}" + (f", step {start.step}" if start.step else ""))
+    if rank == 0 and loop_config.get("resume_point") is not None:
+        # Before any worker asks for its shard: Ray Train builds the splits then, starting where we start.
+        ray.get(loop_config["resume_point"].set.remote(start.epoch, start.consumed))
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
+    samples = SampleLog(cfg.sample_log, rank, start) if cfg.sample_log else None
+
+    def report(metrics: dict[str, Any], **saved) -> None:
+        """Every worker reports (Ray Train waits for all); only rank 0 writes the checkpoint."""
+        with tempfile.TemporaryDirectory() as directory:
+            reported = None
+            if rank == 0:
+                checkpoint.save(directory, model=model, optimizer=optimizer, scheduler=scheduler,
+                                config=cfg.to_dict(), num_classes=num_classes, classes=loop_config["classes"],
+                                words=loop_config["words"], metrics=metrics, **saved)
+                reported = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=reported)
+
+    def save_mid_epoch(epoch: int, resumed: checkpoint.Start, before: EvalSums, step: int,
+                       read_sums: Callable[[], EvalSums], consumed: list[np.ndarray]) -> None:
+        """A checkpoint inside the epoch: where it is, and the images every worker has trained on."""
+        sums = read_sums().all_reduce().add(before)
+        everyone = _all_gather(np.concatenate(consumed) if consumed else np.empty(0, np.int64))
+        if resumed.consumed is not None:
+            everyone.append(resumed.consumed)
+        within = checkpoint.Start(epoch, step, np.concatenate(everyone),
+                                  (sums.loss, sums.correct1, sums.correct5, sums.images))
+        if rank == 0:
+            log.info(f"epoch {epoch + 1}/{cfg.epochs}  checkpoint at step {step}  {sums.images:,} images")
+        # Ranked below every epoch's checkpoint by --keep-checkpoints; Ray Train keeps the latest anyway.
+        report({"epoch": epoch, "step": step, "train_images": sums.images, checkpoint.SCORE: float("-inf")},
+               epoch=epoch, within_epoch=within)
+
+    for epoch in range(start.epoch, cfg.epochs):
+        resumed = start if epoch == start.epoch else checkpoint.Start(epoch)
+        before = EvalSums(*resumed.sums) if resumed.sums else EvalSums()   # the steps before a restart
+        generator = torch.Generator()
         lr = optimizer.param_groups[0]["lr"]
         progress = None
         if rank == 0 and loop_config["progress_interval_s"]:
             progress = ProgressLines(interval=loop_config["progress_interval_s"], epoch=epoch, epochs=cfg.epochs,
                                      workers=workers, total_images=loop_config["train_images"])
-        first = rank == 0 and epoch == start_epoch and not restored
+        first = rank == 0 and epoch == start.epoch and not restored
+        # Everything random in a step is drawn from (seed, epoch, rank, step): a resumed step draws the same.
         batches = input_batches(train_shard, cfg, device, drop_last=True, report=loop_config.get("decode_failures"),
-                                crop_rng=np.random.default_rng([cfg.seed, epoch, rank, 2]))
+                                crop_rngs=lambda i: np.random.default_rng([cfg.seed, epoch, rank, resumed.step + i, 2]))
         stats = train_one_epoch(forward, optimizer, batches, device, cfg, generator, loop_config["lighting"],
-                                precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress)
-        train_sums = stats.sums.all_reduce()
+                                precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress,
+                                seeds=lambda step: step_seed(cfg.seed, rank, epoch, step),
+                                first_step=resumed.step, checkpoint_every=cfg.checkpoint_every_steps,
+                                on_checkpoint=functools.partial(save_mid_epoch, epoch, resumed, before),
+                                on_batch=functools.partial(samples.write, epoch) if samples else None)
+        this_attempt = stats.sums.all_reduce()
+        train_sums = this_attempt.add(before)
         # The slowest worker sets the pace of a synchronous step: report the largest wait.
         waits = torch.tensor([stats.data_seconds / max(stats.seconds, 1e-9)], dtype=torch.float64)
         if torch.distributed.is_initialized():
@@ -251,14 +319,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **train_sums.metrics("train"),
             **val_sums.metrics("val"),
             "lr": lr,
-            "images_per_s": train_sums.images / stats.seconds,
+            "images_per_s": this_attempt.images / stats.seconds,
             "data_wait_fraction": waits.item(),
             "train_images": train_sums.images,
+            "train_steps": resumed.step + stats.steps,
             "val_images": val_sums.images,
             "epoch_seconds": stats.seconds,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
-        if cfg.compile and epoch == start_epoch:
+        if cfg.compile and epoch == start.epoch:
             metrics["compile_seconds"] = stats.first_step_seconds  # the first step compiles the model
         step_scheduler(scheduler, metrics["val_top1"])
 
@@ -268,19 +337,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      f"lr {lr:g}  {metrics['images_per_s']:.0f} img/s  "
                      f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%"
                      + (f"  (compiled in {stats.first_step_seconds:.0f} s)" if "compile_seconds" in metrics else ""))
-        # Every worker reports (Ray Train waits for all); only rank 0 writes the checkpoint.
-        with tempfile.TemporaryDirectory() as directory:
-            reported = None
-            if rank == 0:
-                files = {}
-                if stats.first_inputs is not None:
-                    files[checkpoint.TRAIN_BATCH_FILE] = pictures.model_inputs_png(stats.first_inputs)
-                checkpoint.save(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                config=cfg.to_dict(), num_classes=num_classes, classes=loop_config["classes"],
-                                words=loop_config["words"], metrics=metrics, val_per_class=val_sums.per_class(),
-                                files=files)
-                reported = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=reported)
+        files = {}
+        if stats.first_inputs is not None:
+            files[checkpoint.TRAIN_BATCH_FILE] = pictures.model_inputs_png(stats.first_inputs)
+        report(metrics, epoch=epoch, val_per_class=val_sums.per_class(), files=files)
+
+
+def _all_gather(array: np.ndarray) -> list[np.ndarray]:
+    """Every worker's array (just this one without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [array]
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, array)
+    return everyone
+
+
+class SampleLog:
+    """--sample-log DIR: the indices of the images each training step took, one JSON line per step, in
+    a file per worker and attempt (a restart starts a new one, whose first line says where it resumed).
+    An audit of what the run trained on: tests/test_resume.py checks a resumed epoch with it."""
+
+    def __init__(self, folder: str, rank: int, start: checkpoint.Start):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"rank{rank}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl")
+        self._write({"start": [start.epoch, start.step]})
+
+    def write(self, epoch: int, step: int, batch: dict) -> None:
+        self._write({"epoch": epoch, "step": step, "index": batch["index"].tolist()})
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 # Batches Ray Data prepares ahead of the step (the next one is ready when the step ends).
@@ -288,20 +375,21 @@ PREFETCH_BATCHES = 2
 
 
 def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, report=None,
-                  crop_rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's batches of {image (N, C, C, 3) uint8, label} on its device.
+                  crop_rngs: Callable[[int], np.random.Generator] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of {image (N, C, C, 3) uint8, label, index} (index stays on the CPU).
 
     --decode-on cpu: Ray Data's crops, copied from pinned memory without blocking. --decode-on gpu:
     Ray Data hands on the JPEG bytes, decoded and cropped here (device_stages.decode_on_device and
-    crops_on_device): random crops and flips from crop_rng when given (training), else the centre.
+    crops_on_device): random crops and flips from crop_rngs(i) for the i-th batch when given
+    (training), else the centre.
     """
     gpu = device.type == "cuda"
     if cfg.decode_on == "cpu":
         yield from shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
                                             prefetch_batches=PREFETCH_BATCHES, pin_memory=gpu)
         return
-    for batch in shard.iter_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
-                                    prefetch_batches=PREFETCH_BATCHES, batch_format="numpy"):
+    for i, batch in enumerate(shard.iter_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
+                                                 prefetch_batches=PREFETCH_BATCHES, batch_format="numpy")):
         images, rows, failed = device_stages.decode_on_device(list(batch["jpeg"]), [str(k) for k in batch["key"]],
                                                               device)
         if failed and report is not None:
@@ -309,12 +397,13 @@ def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, 
         if not images:
             raise ValueError(f"no image of a batch of {len(batch['jpeg'])} decoded: {failed}")
         n = len(images)
-        if crop_rng is not None:
-            top, left, flip = stages.crop_params(n, crop_rng, resize_size=cfg.resize_size, crop_size=cfg.crop_size,
+        if crop_rngs is not None:
+            top, left, flip = stages.crop_params(n, crop_rngs(i), resize_size=cfg.resize_size, crop_size=cfg.crop_size,
                                                  flip_p=cfg.flip_p)
         else:
             top = left = np.full(n, (cfg.resize_size - cfg.crop_size) // 2)
             flip = np.zeros(n, bool)
         crops = device_stages.crops_on_device(images, top, left, flip, resize_size=cfg.resize_size,
                                               crop_size=cfg.crop_size)
-        yield {"image": crops, "label": torch.as_tensor(batch["label"][rows]).to(device, non_blocking=True)}
+        yield {"image": crops, "label": torch.as_tensor(batch["label"][rows]).to(device, non_blocking=True),
+               "index": torch.as_tensor(batch["index"][rows])}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,12 @@ def step_on(model, optimizer, seed: int) -> None:
     optimizer.step()
 
 
-def save(directory, model, optimizer, scheduler, epoch: int = 4):
+def save(directory, model, optimizer, scheduler, epoch: int = 4, within_epoch=None):
     return checkpoint.save(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                            config=CFG.to_dict(), num_classes=3, classes=CLASSES, words=["a", "b", "c"],
                            metrics={"val_top1": 50.0, "node_id": "abc"},
                            val_per_class={"correct": [1, 2, 3], "images": [4, 4, 4]},
-                           files={checkpoint.TRAIN_BATCH_FILE: b"\x89PNG..."})
+                           files={checkpoint.TRAIN_BATCH_FILE: b"\x89PNG..."}, within_epoch=within_epoch)
 
 
 @pytest.mark.parametrize("placement", ["data", "grouped"])
@@ -55,13 +56,24 @@ def test_a_restart_continues_exactly_where_the_checkpoint_left(tmp_path, placeme
     state = checkpoint.load(tmp_path)  # weights_only=True: tensors and plain Python only
 
     restored, restored_opt, restored_sched = trained_parts(placement, steps=0, seed=99)  # other weights, no momentum
-    assert checkpoint.resume(state, restored, restored_opt, restored_sched) == 5  # the epoch after the saved one
+    assert checkpoint.resume(state, restored, restored_opt, restored_sched) == checkpoint.Start(5)  # the next epoch
     assert restored_sched.state_dict() == scheduler.state_dict()
     # The next step from the restored state equals the next step of the original: momentum came back too.
     step_on(model, optimizer, seed=7)
     step_on(restored, restored_opt, seed=7)
     for (key, a), b in zip(grouped_state_dict(model).items(), grouped_state_dict(restored).values()):
         assert torch.equal(a, b), key
+
+
+def test_a_mid_epoch_checkpoint_resumes_inside_its_epoch(tmp_path):
+    model, optimizer, scheduler = trained_parts()
+    consumed = np.array([7, 3, 2 << 20, 11], dtype=np.int64)
+    save(tmp_path, model, optimizer, scheduler, epoch=4,
+         within_epoch=checkpoint.Start(4, 3, consumed, (12.5, 2, 4, 4)))
+    restored, restored_opt, restored_sched = trained_parts(steps=0, seed=99)
+    start = checkpoint.resume(checkpoint.load(tmp_path), restored, restored_opt, restored_sched)
+    assert (start.epoch, start.step, start.sums) == (4, 3, (12.5, 2, 4, 4))   # the same epoch, not the next
+    assert start.consumed.tolist() == consumed.tolist()
 
 
 def test_the_checkpoint_carries_what_its_readers_need(tmp_path):

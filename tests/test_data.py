@@ -119,6 +119,34 @@ def test_every_epoch_a_fresh_order_of_samples_reproducible_by_seed_from_a_folder
         assert epochs_of(other_seed, 1) != epochs_of(plan(), 1)
 
 
+def test_a_resumed_epoch_is_that_epoch_without_the_images_already_trained_on(ray_session, tiny_imagenet):
+    """data.start_at: the next pass is epoch 2 itself (order and crops), not the first epoch again, as a
+    restarted worker group gets; with indices to skip, exactly those images are left out and every
+    other image keeps its crop."""
+    folder = data.scan_image_folder(str(tiny_imagenet))
+    cfg = dataclasses.replace(CFG, deterministic=True)
+
+    def rows_of_pass(dataset) -> dict[str, tuple]:  # one execution of the dataset: one epoch
+        return {k: (int(i), image) for batch in dataset.iter_batches(batch_size=8, batch_format="numpy")
+                for k, i, image in zip(batch["key"], batch["index"], batch["image"])}
+
+    with _preserve_order():
+        plan = data.train_dataset(folder, cfg, keys=True)
+        passes = [rows_of_pass(plan) for _ in range(3)]                               # epochs 0, 1, 2
+        at_two = rows_of_pass(data.start_at(data.train_dataset(folder, cfg, keys=True), 2))
+        consumed = np.array(sorted(i for i, _ in list(passes[2].values())[:30]))
+        resumed_plan = data.start_at(data.train_dataset(folder, cfg, keys=True), 2, consumed)
+        resumed = rows_of_pass(resumed_plan)
+        after = rows_of_pass(resumed_plan)                                            # the pass after: epoch 3
+    assert list(at_two) == list(passes[2]) and list(at_two) != list(passes[0])         # the same order...
+    assert all(np.array_equal(at_two[k][1], passes[2][k][1]) for k in at_two)         # ... and crops
+    assert len(resumed) == 72 - 30 and not {i for i, _ in resumed.values()} & set(consumed.tolist())
+    assert list(resumed) == [k for k in passes[2] if passes[2][k][0] not in consumed]
+    assert all(np.array_equal(resumed[k][1], passes[2][k][1]) for k in resumed)
+    assert len(after) == 72 and list(after) not in (list(passes[2]), list(passes[0]))  # skips only epoch 2
+    assert sorted(i for i, _ in passes[0].values()) == list(range(72))                # a folder's index: its file
+
+
 def test_every_epoch_a_fresh_order_of_samples_from_shards(ray_session, tiny_imagenet, tmp_path):
     """Shards are read a row group at a time: the rows inside it are permuted anew every epoch."""
     from pipeline import prepare
@@ -195,7 +223,7 @@ def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_se
     folder = data.scan_image_folder(str(tiny_imagenet))
     gpu_cfg = SimpleNamespace(**{**CFG.to_dict(), "decode_on": "gpu"}, worker_batch_size=8)  # Config needs a GPU
     raw = data.val_dataset(folder, gpu_cfg).take_batch(4, batch_format="numpy")
-    assert set(raw) == {"jpeg", "key", "label"} and isinstance(raw["jpeg"][0], bytes)
+    assert set(raw) == {"jpeg", "key", "label", "index"} and isinstance(raw["jpeg"][0], bytes)
 
     with _preserve_order():  # both in file order, to compare image for image
         on_device = list(train.input_batches(data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg,
@@ -206,7 +234,7 @@ def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_se
     assert np.abs(images.astype(int) - cpu["image"].astype(int)).mean() < 1.5
 
     crops = list(train.input_batches(data.train_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"),
-                                     drop_last=False, crop_rng=np.random.default_rng(0)))
+                                     drop_last=False, crop_rngs=lambda i: np.random.default_rng([0, i])))
     labels = torch.cat([b["label"] for b in crops]).tolist()
     assert sum(len(b["image"]) for b in crops) == 72 and sorted(np.bincount(labels).tolist()) == [24, 24, 24]
     assert all(b["image"].shape[1:] == (67, 67, 3) for b in crops)
