@@ -95,9 +95,9 @@ class Config:
                              "file per worker and attempt): an audit of what the run trained on")
     keep_checkpoints: int = _f(2, "Ray Train checkpoints kept: this many with the best val top-1, plus the latest "
                                   "(to resume from); 0 = keep every epoch's")
-    checkpoint_every_steps: int = _f(0, "also checkpoint every N training steps within an epoch, so a restart "
-                                        "loses at most N steps; the resumed epoch leaves out exactly the images "
-                                        "already trained on. 0 = at the end of each epoch only")
+    checkpoint_every_steps: int = _f(0, "also checkpoint every N training steps within an epoch: a restart goes "
+                                        "on from the last one, leaving out exactly the images already trained on. "
+                                        "0 = at the end of each epoch only")
 
     # tracking
     experiment: str = _f("alexnet", "MLflow experiment name")
