@@ -216,8 +216,13 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
         if parallel == 1:
             done = [one(a) for a in runs]  # in this thread: Ctrl-C and SIGTERM stop the run as the train job's do
         else:
-            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ablation") as pool:
+            # Only the main thread receives Ctrl-C: it cancels the runs not yet started, and the running ones
+            # (whose fit() has no signal handler off the main thread) finish before the parent is marked KILLED.
+            pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ablation")
+            try:
                 done = list(pool.map(one, runs))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         rows, ids = [], {}
         baseline_top1 = None
         for ablation, outcome in zip(runs, done):

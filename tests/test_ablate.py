@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
-from conftest import TINY_RUN
+from conftest import ROOT, TINY_RUN
 from pipeline import ablate, figure1
 from pipeline.config import PRESETS
 
@@ -107,3 +110,11 @@ def test_an_ablation_runs_concurrently_under_one_parent_and_registers_nothing(
     logged = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/ablation.md")
     assert result.table in logged and "§3.1" in logged
     assert json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/ablation.json"))["runs"] == result.runs
+
+
+def test_the_job_refuses_a_bad_grid_at_once_naming_it(tmp_path):
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "ablate.py"), "--ablate", "pool=none"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert job.returncode == 2, job.stderr
+    assert "--ablate pool=none: pool='none': expected one of overlapping, non-overlapping" in job.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
