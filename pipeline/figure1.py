@@ -62,13 +62,14 @@ def train_curve(x: torch.Tensor, y: torch.Tensor, *, activation: str, lr: float,
     model = FourLayerCNN(num_classes=int(y.max()) + 1, activation=activation)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
-    steps = len(x) // BATCH
+    batch = min(BATCH, len(x))  # a data set smaller than a batch is one step
+    steps = len(x) // batch
     window = max(1, steps // WINDOWS)
     curve, wrong, seen = [], 0, 0
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for step in range(steps):
-            rows = order[step * BATCH:(step + 1) * BATCH]
+            rows = order[step * batch:(step + 1) * batch]
             logits = model(x[rows])
             loss = F.cross_entropy(logits, y[rows])
             optimizer.zero_grad()

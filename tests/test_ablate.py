@@ -118,3 +118,27 @@ def test_the_job_refuses_a_bad_grid_at_once_naming_it(tmp_path):
     assert job.returncode == 2, job.stderr
     assert "--ablate pool=none: pool='none': expected one of overlapping, non-overlapping" in job.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
+
+
+def test_figure1_logs_both_curves_the_ratio_and_the_plot(tiny_imagenet, mlflow_server, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = figure1.run(root=str(tiny_imagenet), epochs=2, learning_rates=(0.01,), experiment="figure1-e2e")
+    assert set(result["curves"]) == {"relu", "tanh"} and result["images"] == 72
+    for curve in result["curves"].values():  # 72 images: one step an epoch, one point a step
+        assert [at for at, _ in curve] == [1.0, 2.0] and all(0 <= error <= 100 for _, error in curve)
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["paper_ratio"] == 6.0
+    for activation, curve in result["curves"].items():
+        logged = [m.value for m in sorted(client.get_metric_history(result["run_id"], f"train_error_{activation}"),
+                                          key=lambda m: m.step)]
+        assert logged == pytest.approx([error for _, error in curve])
+    reached = result["epochs_to_threshold"]
+    assert (result["ratio"] is None) == (None in reached.values())
+    if result["ratio"] is not None:
+        assert run.data.metrics["ratio"] == pytest.approx(reached["tanh"] / reached["relu"])
+    png = mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="figure1.png")
+    assert Image.open(png).format == "PNG"
+    assert "the paper: ~6x" in mlflow.artifacts.load_text(f"{run.info.artifact_uri}/figure1.md")
