@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from pipeline import placement
-from pipeline.model import build_model as build_network
+from pipeline.model import build_from_config
 
 CHECKPOINT_FILE = "checkpoint.pt"      # in a Ray Train checkpoint directory
 MODEL_FILE = "model.pt"                # in a logged model: the checkpoint without the optimiser
@@ -115,9 +115,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 def build_model(state: dict[str, Any]) -> torch.nn.Module:
     """The network a checkpoint holds, with its weights, in eval mode, on the CPU."""
-    cfg = state["config"]
-    model = build_network(cfg["model"], num_classes=state["num_classes"], width=cfg["width"],
-                          image_size=cfg["crop_size"], dropout=cfg["dropout"], init=cfg["init"])
+    model = build_from_config(state["config"], state["num_classes"])  # the run's ablation switches too
     model.load_state_dict(state["model"])
     return model.eval()
 

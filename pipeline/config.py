@@ -43,15 +43,29 @@ class Config:
     crop_size: int = _f(227, "random training crop / central eval crop; the paper says 224, 227 makes "
                              "conv1's arithmetic exact ((227-11)/4+1 = 55), as in Caffe's reference model")
     flip_p: float = _f(0.5, "probability of a horizontal reflection (§4.1)")
-    lighting_std: float = _f(0.1, "std of the PCA lighting coefficients alpha (§4.1); 0 disables it")
+    lighting_std: float = _f(0.1, "std of the PCA lighting coefficients alpha (§4.1); 0 disables it "
+                                   "(which --lighting off says in words)")
+    augment: str = _f("on", "training crops (§4.1): on = a random crop and a horizontal reflection (--flip-p) of "
+                            "each image, new every epoch; off = the central crop, unflipped, every epoch (as "
+                            "validation sees it)", choices=("on", "off"))
 
     # model
     model: str = _f("alexnet", "alexnet: the paper's network (LRN, groups); torchvision: torchvision's variant",
                     choices=("alexnet", "torchvision"))
     width: float = _f(1.0, "multiplier on every layer's width (alexnet only); 1.0 is the paper's network")
-    dropout: float = _f(0.5, "dropout probability on fc6 and fc7 (§4.2)")
-    init: str = _f("paper", "alexnet weights: paper = N(0, 0.01) and biases of 1 (§5); kaiming = He init, "
-                            "which a narrow network needs to learn within a few epochs", choices=("paper", "kaiming"))
+    dropout: float = _f(0.5, "dropout probability on fc6 and fc7 (§4.2); 0 = none")
+    activation: str = _f("relu", "alexnet's nonlinearity after conv1-5, fc6 and fc7 (§3.1): relu (the paper) or "
+                                 "tanh, the saturating unit ReLU replaced", choices=("relu", "tanh"))
+    lrn: str = _f("on", "alexnet's local response normalisation after conv1 and conv2 (§3.3): on (the paper) or off",
+                  choices=("on", "off"))
+    pool: str = _f("overlapping", "alexnet's max pooling after conv1, conv2, conv5 (§3.4): overlapping = 3x3 every "
+                                  "2 px (the paper); non-overlapping = 2x2 every 2 px. Maps 55-27-13-6 at 227 either "
+                                  "way; at 112 px 26-12-5-2 against 26-13-6-3", choices=("overlapping", "non-overlapping"))
+    init: str = _f("paper", "alexnet weights: paper = N(0, 0.01) and biases of --init-bias (§5); kaiming = He init, "
+                            "which a narrow network needs to learn within a few epochs; xavier = Glorot init; "
+                            "kaiming and xavier start every bias at 0", choices=("paper", "kaiming", "xavier"))
+    init_bias: float = _f(1.0, "with --init paper, the bias of conv2, conv4, conv5, fc6 and fc7 (§5: 1; Caffe's "
+                               "reference model: 0.1); every other bias starts at 0")
 
     # optimisation (§5)
     epochs: int = _f(90, "passes over the training set")
@@ -133,6 +147,17 @@ class Config:
              "--decode-on gpu decodes on the train workers' GPUs: it needs --use-gpu (and a cluster with GPUs)")
         need(self.placement == "data" or self.model == "alexnet",
              f"--placement grouped splits the paper's network into towers; --model {self.model} has no towers")
+        switched = [f"--{_flag(k)} {v}" for k, v in
+                    (("activation", self.activation), ("lrn", self.lrn), ("pool", self.pool)) if v != PAPER_LAYERS[k]]
+        need(self.model == "alexnet" or not switched and self.init_bias == 1.0,
+             f"{', '.join(switched) or '--init-bias'} switches the paper's network; --model {self.model} has no such "
+             f"switch")
+        need(self.placement == "data" or not switched,
+             f"--placement grouped builds the paper's towers (ReLU, LRN, overlapping pooling): "
+             f"{', '.join(switched)} needs --placement data")
+        need(self.init == "paper" or self.init_bias == 1.0,
+             f"--init-bias {self.init_bias:g} is the bias --init paper gives conv2/4/5, fc6 and fc7; --init "
+             f"{self.init} starts every bias at 0")
         need(self.crop_size <= self.resize_size,
              f"--crop-size {self.crop_size} must not exceed --resize-size {self.resize_size}")
         need(self.batch_size % self.workers == 0,
@@ -154,6 +179,10 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+# The layers the paper's towers compute (placement.py); switching one needs --placement data.
+PAPER_LAYERS = {"activation": "relu", "lrn": "on", "pool": "overlapping"}
+
+
 PRESETS: dict[str, Config] = {
     "paper": Config(),
     # A reduced AlexNet (all widths / 4) at 112 px on the generated 10-class sample: trains on a
@@ -172,6 +201,63 @@ PRESETS: dict[str, Config] = {
 DEFAULT_PRESET = "sample"
 
 
+# The paper's design choices as ablation switches (jobs/ablate.py): name -> its values (float: a number).
+# `lighting` is not a field of its own, so that one number says whether and how much: off is
+# --lighting-std 0, on is the config's std (the paper's 0.1 where that is 0).
+SWITCHES: dict[str, Any] = {
+    "activation": ("relu", "tanh"),                       # §3.1
+    "lrn": ("on", "off"),                                 # §3.3
+    "pool": ("overlapping", "non-overlapping"),           # §3.4
+    "dropout": float,                                     # §4.2
+    "lighting": ("on", "off"),                            # §4.1
+    "augment": ("on", "off"),                             # §4.1
+    "init": ("paper", "kaiming", "xavier"),               # §5
+    "init_bias": float,                                   # §5
+}
+
+
+def switches(cfg: Config) -> dict[str, Any]:
+    """The choice `cfg` makes for each switch."""
+    return {name: ("on" if cfg.lighting_std > 0 else "off") if name == "lighting" else getattr(cfg, name)
+            for name in SWITCHES}
+
+
+def switched(cfg: Config) -> dict[str, Any]:
+    """The switches `cfg` sets otherwise than its preset does: what an ablation changed."""
+    base = switches(PRESETS[cfg.preset])
+    return {name: value for name, value in switches(cfg).items() if value != base[name]}
+
+
+def describe(choices: dict[str, Any]) -> str:
+    """{"activation": "tanh", "lrn": "off"} -> "activation=tanh, lrn=off"; {} -> "" (the preset's own)."""
+    return ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                     for name, value in choices.items())
+
+
+def with_switches(cfg: Config, choices: dict[str, str]) -> Config:
+    """`cfg` with switches set from text ({"activation": "tanh", "dropout": "0"}); a bad name or value is
+    a ValueError naming it and what it could be."""
+    overrides: dict[str, Any] = {}
+    for name, text in choices.items():
+        kind = SWITCHES.get(name)
+        if kind is None:
+            raise ValueError(f"unknown switch {name!r}; the switches are {', '.join(SWITCHES)}")
+        if kind is float:
+            try:
+                value: Any = float(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r}: expected a number") from None
+        elif text not in kind:
+            raise ValueError(f"{name}={text!r}: expected one of {', '.join(kind)}")
+        else:
+            value = text
+        if name == "lighting":
+            overrides["lighting_std"] = 0.0 if value == "off" else (cfg.lighting_std or PRESETS["paper"].lighting_std)
+        else:
+            overrides[name] = value
+    return dataclasses.replace(cfg, **overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train AlexNet with Ray Data + Ray Train, tracked in MLflow. "
@@ -188,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
             kwargs["choices"] = f.metadata.get("choices")
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+    parser.add_argument("--lighting", choices=SWITCHES["lighting"], default=argparse.SUPPRESS,
+                        help="PCA lighting (§4.1) in words: off = --lighting-std 0; on = the preset's std "
+                             "(default: on)")
     return parser
 
 
@@ -201,7 +290,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         action.default = argparse.SUPPRESS
     parser.parse_args(argv, namespace=given)
     overrides = {k: v for k, v in vars(given).items() if k != "preset"}
+    lighting = overrides.pop("lighting", None)
     try:
-        return dataclasses.replace(PRESETS[args.preset], **overrides)
+        cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
+        if lighting is not None:
+            if "lighting_std" in overrides and (lighting == "on") != (cfg.lighting_std > 0):
+                raise ValueError(f"--lighting {lighting} contradicts --lighting-std {cfg.lighting_std:g}")
+            cfg = with_switches(cfg, {"lighting": lighting})
+        return cfg
     except ValueError as e:
         parser.error(str(e))

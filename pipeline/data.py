@@ -121,9 +121,12 @@ def _check_labels(labels: np.ndarray, keys, num_classes: int) -> None:
 
 
 def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, seed: int, resize_size: int,
-                crop_size: int, flip_p: float, report, keys: bool, decode: bool = True) -> Iterator[dict[str, Any]]:
+                crop_size: int, flip_p: float, report, keys: bool, decode: bool = True,
+                augment: bool = True) -> Iterator[dict[str, Any]]:
     """One Ray Data task: the read units named by batch["id"], each read, decoded, cropped and handed
-    on as its own block (with decode=False, for --decode-on gpu, the bytes are handed on instead)."""
+    on as its own block (with decode=False, for --decode-on gpu, the bytes are handed on instead).
+    Training crops are random crops and flips (§4.1), or with augment=False (--augment off) the
+    central crops validation takes; the order of the samples is shuffled either way."""
     epoch = current_epoch()
     train = split == "train"
     skipped = _skipped(epoch) if train else None
@@ -140,7 +143,7 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
             yield {"jpeg": np.array(rows["jpeg"], dtype=object), "key": np.array(rows["key"], dtype=object),
                    "label": rows["label"], "index": rows["index"]}
             continue
-        if train:
+        if train and augment:
             rng = np.random.default_rng([seed, epoch, int(unit), 1])
             out = stages.random_crops(rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p,
                                       errors=errors, keep=keep)
@@ -169,7 +172,8 @@ def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Datas
     tasks = num_tasks(units, cpus)
     decode = cfg.decode_on == "cpu"
     fn = partial(_read_units, source=source, split=split, seed=cfg.seed, resize_size=cfg.resize_size,
-                 crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys, decode=decode)
+                 crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys, decode=decode,
+                 augment=cfg.augment == "on")
     # One row per read unit, a few rows per Ray task; Ray fuses the range and the map.
     dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(fn, batch_size=None,
                                                                            batch_format="numpy")

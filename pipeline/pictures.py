@@ -5,6 +5,7 @@
     curves_png(history)             loss and top-1 / top-5 per epoch, train and val
     per_class_png(correct, images)  val top-1 per class, sorted, the best and worst named
     conv1_png(weight)               the conv1 kernels, one tile each, tower 0 above tower 1 (§6.1, Figure 3)
+    figure1_png(curves)             training error against epochs, ReLU solid and tanh dashed (§3.1, Figure 1)
 
 Image grids are drawn with NumPy and PIL (the workers import this module); the plots use matplotlib,
 imported only when a plot is drawn, on its non-interactive Agg canvas.
@@ -131,4 +132,24 @@ def per_class_png(table: dict[str, Any], *, title: str = "") -> bytes:
     worst = ", ".join(f"{r['name']} {r['top1']:.0f}%" for r in table["worst"])
     axes.text(0.01, 0.02, f"best: {best}\nworst: {worst}", transform=axes.transAxes, fontsize=9,
               verticalalignment="bottom", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+    return _png_of(figure)
+
+
+def figure1_png(curves: dict[str, Sequence[tuple[float, float]]], *, threshold: float, labels: dict[str, str],
+                title: str) -> bytes:
+    """{activation: [(epochs, training error %)]} -> the paper's Figure 1: ReLU solid, tanh dashed, the
+    threshold as a dotted line, and where each curve first reaches it."""
+    figure = _figure(7, 4.5)
+    axes = figure.subplots()
+    for activation, curve in curves.items():
+        at, error = zip(*curve)
+        style = "-" if activation == "relu" else "--"
+        line, = axes.plot(at, error, style, label=labels.get(activation, activation))
+        reached = next((a for a, e in curve if e <= threshold), None)
+        if reached is not None:
+            axes.axvline(reached, color=line.get_color(), alpha=0.4, linewidth=1)
+    axes.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"{threshold:g}% training error")
+    axes.set(xlabel="epochs", ylabel="training error rate %", ylim=(0, 100), title=title)
+    axes.legend()
+    axes.grid(alpha=0.3)
     return _png_of(figure)

@@ -171,6 +171,9 @@ class TwoTowerAlexNet(nn.Module):
         if not isinstance(model, AlexNet):
             raise TypeError(f"the grouped placement needs the paper's AlexNet (pipeline.model.AlexNet), "
                             f"got {type(model).__name__}")
+        if not model.paper_layers:  # the towers compute ReLU, LRN and 3/2 pooling, whatever the model had
+            raise ValueError("the grouped placement builds the paper's towers (ReLU, LRN, overlapping pooling); "
+                             "a network with --activation, --lrn or --pool switched trains with --placement data")
         two = cls.__new__(cls)  # skip __init__: its random initialisation would be overwritten at once
         nn.Module.__init__(two)
         two.width, two.image_size = alexnet_geometry(model)

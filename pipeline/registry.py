@@ -31,8 +31,9 @@ PREVIOUS = "previous"
 DEFAULT_NAME = "alexnet"
 SAMPLE_NAME = "alexnet-sample"
 # Lineage tags every registered version carries (README "Model registry").
-LINEAGE = ("run_id", "git_sha", "data_uri", "data_fingerprint", "data_kind", "preset", "epoch", "logged_model_id",
-           "val_top1", "val_top5", "val_images")
+# switches: the ablation switches the run set otherwise than its preset ("activation=tanh, lrn=off"), or "none".
+LINEAGE = ("run_id", "git_sha", "data_uri", "data_fingerprint", "data_kind", "preset", "switches", "epoch",
+           "logged_model_id", "val_top1", "val_top5", "val_images")
 
 
 def model_name(registered_model: str, *, sample: bool) -> str:

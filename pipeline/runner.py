@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pipeline import checkpoint, data, registry, sample, tracking
+from pipeline import checkpoint, config, data, registry, sample, tracking
 from pipeline.config import Config
 from pipeline.lighting import IMAGENET as IMAGENET_LIGHTING
 from pipeline.lighting import Lighting
@@ -194,10 +194,13 @@ def class_words(cfg: Config, source: data.Source) -> list[str]:
     return []
 
 
-def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | None = None,
+        register: bool = True) -> dict[str, Any]:
     """Train as `cfg` says; returns the final metrics, where they were recorded and where the model went.
 
     callbacks: extra ray.train.UserCallback instances, beside the MLflow one.
+    tags: extra tags on the MLflow run (an ablation's parent run and switches, ablate.py).
+    register: False registers nothing (ablation runs: an experiment must never take `champion`).
     """
     import ray
     import ray.train
@@ -241,7 +244,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "worker_batch_size": cfg.worker_batch_size,
         "resources_per_worker": resources,
         "registered_model_resolved": model_name,
-    }, tags={"data_fingerprint": data_fingerprint})
+    }, tags={"data_fingerprint": data_fingerprint, **(tags or {})})
     run_id = run_info.run_id
     print(f"[mlflow] run {run_id} in experiment {cfg.experiment!r} at {tracking_uri}")
 
@@ -284,9 +287,14 @@ def run(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                 raise TrainingFailed(f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last "
                                      f"attempt ended with: {e}") from e
             delivery = wait_for_records(recorder, tracking_uri, TRACKING_WAIT_S, checkpoints=result.path)
-            registration = registry.register_best(tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
-                "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
-                "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val")})
+            if register:
+                registration = registry.register_best(tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
+                    "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
+                    "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val"),
+                    "switches": config.describe(config.switched(cfg)) or "none"})
+            else:
+                registration = registry.Registration(model_name, None, False, "nothing registered: not asked to "
+                                                                              "(an ablation run)")
             final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
             tracking.finish_run(tracking_uri, run_id, "FINISHED", {
                 "final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"],

@@ -79,6 +79,19 @@ def git_sha() -> str:
         return "unknown"
 
 
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created if needed (with a sqlite store, its artifacts beside the database)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if tracking_uri.startswith("sqlite:"):  # keep artifacts beside the local database
+            location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.get_experiment_by_name(name).experiment_id
+
+
 def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str, str]):
     """Create the experiment if needed and a run holding the resolved config; returns its RunInfo.
 
@@ -88,14 +101,8 @@ def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str,
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        location = None
-        if tracking_uri.startswith("sqlite:"):  # keep artifacts beside the local database
-            location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
     client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+    experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
     run = client.create_run(experiment_id, tags={"git_sha": git_sha(), "preset": cfg.preset, **tags})
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint, device_stages, pictures, stages
 from pipeline.config import Config
 from pipeline.evaluate import EvalSums, evaluate, topk_hits
-from pipeline.model import build_model
+from pipeline.model import build_from_config
 from pipeline.placement import place_model
 
 # Images of the first training batch kept for the run's picture of what the model sees.
@@ -236,8 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
     precision = resolve_precision(cfg, device)
-    model = build_model(cfg.model, num_classes=num_classes, width=cfg.width,
-                        image_size=cfg.crop_size, dropout=cfg.dropout, init=cfg.init)
+    model = build_from_config(cfg.to_dict(), num_classes)  # with its ablation switches, as checkpoints rebuild it
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = place_and_wrap(model, cfg, devices)
@@ -298,7 +297,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         first = rank == 0 and epoch == start.epoch and not restored
         # Everything random in a step is drawn from (seed, epoch, rank, step): a resumed step draws the same.
         batches = input_batches(train_shard, cfg, device, drop_last=True, report=loop_config.get("decode_failures"),
-                                crop_rngs=lambda i: np.random.default_rng([cfg.seed, epoch, rank, resumed.step + i, 2]))
+                                crop_rngs=(lambda i: np.random.default_rng([cfg.seed, epoch, rank, resumed.step + i, 2]))
+                                if cfg.augment == "on" else None)
         stats = train_one_epoch(forward, optimizer, batches, device, cfg, generator, loop_config["lighting"],
                                 precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress,
                                 seeds=lambda step: step_seed(cfg.seed, rank, epoch, step),

@@ -126,8 +126,8 @@ def test_kaiming_init_for_narrow_networks():
         expected_std = 0.01 if name == "fc8" else (2 / fan_in) ** 0.5
         assert layer.weight.std().item() == pytest.approx(expected_std, rel=0.1), name
         assert torch.count_nonzero(layer.bias) == 0, name
-    with pytest.raises(ValueError, match="unknown init 'xavier'"):
-        AlexNet(init="xavier")
+    with pytest.raises(ValueError, match="unknown init 'orthogonal'"):
+        AlexNet(init="orthogonal")
 
 
 def test_lrn_matches_the_papers_formula(paper_model):

@@ -38,7 +38,7 @@ def finished_run(server: str, experiment: str, val_top1: dict[int, float], data=
 def register(server: str, name: str, run_id: str, data=DATA_A) -> registry.Registration:
     return registry.register_best(tracking_uri=server, run_id=run_id, name=name, lineage={
         "git_sha": "0123abc", "data_uri": data[0], "data_fingerprint": data[1], "data_kind": "shards",
-        "preset": "paper", "val_images": 50000})
+        "preset": "paper", "switches": "lrn=off", "val_images": 50000})
 
 
 def aliases(server: str, name: str) -> dict[str, str]:
@@ -90,7 +90,7 @@ def test_every_version_carries_its_lineage(mlflow_server, name):
     assert best.tags["epoch"] == "1" and best.source_run_id == run_id
     assert {k: mv.tags[k] for k in registry.LINEAGE} == {
         "run_id": run_id, "git_sha": "0123abc", "data_uri": DATA_A[0], "data_fingerprint": DATA_A[1],
-        "data_kind": "shards", "preset": "paper", "epoch": "1", "logged_model_id": best.model_id,
+        "data_kind": "shards", "preset": "paper", "switches": "lrn=off", "epoch": "1", "logged_model_id": best.model_id,
         "val_top1": "60.0000", "val_top5": "80.0000", "val_images": "50000"}
     assert mv.run_id == run_id
 

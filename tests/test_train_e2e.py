@@ -98,6 +98,7 @@ def test_the_best_epoch_is_registered_with_its_lineage_and_is_champion(run):
     assert champion.tags["git_sha"] == mlflow_run.data.tags["git_sha"]
     assert champion.tags["data_fingerprint"] == mlflow_run.data.params["data_fingerprint"]
     assert champion.tags["data_uri"] == cfg.data and champion.tags["preset"] == "sample"
+    assert champion.tags["switches"] == "none"  # the sample preset's own choices: no ablation switch set
     logged = client.get_logged_model(champion.tags["logged_model_id"])
     assert logged.tags["epoch"] == str(best_epoch) and logged.source_run_id == run_id
     assert mlflow_run.data.tags["registered"] == f"models:/{cfg.registered_model}/{champion.version}"
