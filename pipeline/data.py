@@ -137,9 +137,7 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
         _check_labels(rows["label"], rows["key"], source.num_classes)
         keep = None if skipped is None else ~np.isin(rows["index"], skipped)
         if not decode:
-            if keep is not None:
-                kept = np.flatnonzero(keep)
-                rows = {k: v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept] for k, v in rows.items()}
+            rows = _kept(rows, keep)
             yield {"jpeg": np.array(rows["jpeg"], dtype=object), "key": np.array(rows["key"], dtype=object),
                    "label": rows["label"], "index": rows["index"]}
             continue
@@ -148,7 +146,7 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
             out = stages.random_crops(rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p,
                                       errors=errors, keep=keep)
         else:
-            out = stages.center_crops(rows, resize_size=resize_size, crop_size=crop_size, errors=errors)
+            out = stages.center_crops(_kept(rows, keep), resize_size=resize_size, crop_size=crop_size, errors=errors)
         if out.get("failed"):
             report.add.remote(out["failed"])
         columns = {"image": out["image"], "label": out["label"], "index": out["index"]}
@@ -158,6 +156,13 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
     retried = Counter(storage.retries()) - retried_before
     if retried and report is not None:
         report.add_retries.remote(dict(retried))
+
+
+def _kept(rows: dict[str, Any], keep: np.ndarray | None) -> dict[str, Any]:
+    if keep is None:
+        return rows
+    kept = np.flatnonzero(keep)
+    return {k: v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept] for k, v in rows.items()}
 
 
 def num_tasks(units: int, cpus: int) -> int:
