@@ -96,6 +96,11 @@ class Config:
     placement: str = _f("data", "data: one device per worker, DDP across workers; grouped: the paper's two towers "
                                 "on two devices inside each worker (both on the CPU without GPUs), DDP across "
                                 "workers", choices=("data", "grouped"))
+    train_resource: str = _f("", "a custom resource each train worker takes 1 of, so the workers run only on the "
+                                 "nodes that offer it (cluster/: the GPU node types offer `train`); empty = none")
+    data_resource: str = _f("", "a custom resource each Ray Data decode task takes a sliver of, so decoding runs "
+                                "only on the nodes that offer it (cluster/: the CPU-only node types offer "
+                                "`data: 1`, and scale up for it); empty = any node with a free CPU")
     worker_strategy: str = _f("PACK", "Ray placement strategy for the train workers (SPREAD puts them on "
                                       "different nodes)", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     deterministic: bool = _f(False, "fixed data order (Ray Data preserve_order, fixed read blocks): the same "

@@ -165,6 +165,19 @@ def _kept(rows: dict[str, Any], keep: np.ndarray | None) -> dict[str, Any]:
     return {k: v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept] for k, v in rows.items()}
 
 
+# Each decode task takes this much of --data-resource: a node that offers 1 runs up to 1,000 of them at
+# once, so its CPUs, not the marker, bound how many run there.
+DATA_RESOURCE_SHARE = 0.001
+
+
+def placement_args(cfg) -> dict[str, Any]:
+    """Ray remote args that keep the decode tasks on the nodes offering --data-resource (the CPU-only
+    nodes of a cluster that also has GPU nodes). With it set Ray cannot fuse the range of unit numbers
+    into the decode task, so the tiny tasks that list the numbers may run elsewhere; every read of an
+    image is in the decode task."""
+    return {"resources": {cfg.data_resource: DATA_RESOURCE_SHARE}} if cfg.data_resource else {}
+
+
 def num_tasks(units: int, cpus: int) -> int:
     """Ray tasks for `units` read units on a cluster of `cpus`: up to UNITS_PER_TASK units each,
     but TASKS_PER_CPU tasks per CPU when there are enough units."""
@@ -181,7 +194,8 @@ def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Datas
                  augment=cfg.augment == "on")
     # One row per read unit, a few rows per Ray task; Ray fuses the range and the map.
     dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(fn, batch_size=None,
-                                                                           batch_format="numpy")
+                                                                           batch_format="numpy",
+                                                                           **placement_args(cfg))
     # A block closes when it outgrows this: just under one unit's crops, so every unit leaves its
     # task as soon as it is decoded and the first batch waits for one unit, not for a whole task.
     # Undecoded (--decode-on gpu), a unit is its JPEG bytes: 40 KB an image at the least (256-px shards).

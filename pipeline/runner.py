@@ -21,6 +21,7 @@ file) the bars are off, and rank 0 prints a progress line every PROGRESS_INTERVA
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -69,6 +70,14 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 
 
+def submitted_job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env this job was submitted with (`ray job submit --runtime-env`). Ray
+    gives them to every task of the job already, and refuses to start a driver whose ray.init names one
+    of them again ("Failed to merge the Job's runtime env"), even with the same value."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
 def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
     """Join the Ray cluster the user points at, else start a private local Ray for this job alone.
 
@@ -86,7 +95,7 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in submitted_job_env_vars()}
     runtime_env = {"env_vars": env} if env else None
     source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS", "")
@@ -114,8 +123,15 @@ def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = N
     checked, not trusted: a request that leaves Ray Data no CPU on a CPU-only cluster is refused with
     the numbers, because the job would hang, not fail.
     """
-    if cfg.use_gpu:
-        return {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 2.0 if cfg.placement == "grouped" else 1.0}
+    if cfg.use_gpu or cfg.train_resource:
+        # The workers go to GPU (or --train-resource) nodes, which an autoscaler may not have started yet:
+        # the CPUs free now are not the ones they will take, nor the ones Ray Data decodes on.
+        resources = {"CPU": cfg.cpus_per_worker or 1.0}
+        if cfg.use_gpu:
+            resources["GPU"] = 2.0 if cfg.placement == "grouped" else 1.0
+        if cfg.train_resource:
+            resources[cfg.train_resource] = 1.0
+        return resources
     cpus = cfg.cpus_per_worker or min(1.0, (free_cpus - 1.0) / cfg.workers)
     left_for_data = free_cpus - cpus * cfg.workers
     of = f" of the cluster's {total_cpus:g}" if total_cpus is not None and total_cpus != free_cpus else ""

@@ -1,0 +1,28 @@
+"""The fake cloud's node provider, loaded by the autoscaler of tests/ray_head.py's head (provider type
+"external"): Ray's FakeMultiNodeProvider, every node a raylet on this machine, but each with a runtime-env
+directory of its own, as each machine of a real cluster has its own disk.
+
+Ray's fake nodes share the head's session directory, and each node unpacks a job's working_dir into
+session/runtime_resources by deleting and re-extracting it: a node added while a job runs would pull
+the working directory out from under the job's processes on the head (their cwd deleted, so
+`Path.cwd()` fails in MLflow's log_model). That cannot happen across machines.
+"""
+
+import itertools
+
+import ray._private.parameter
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+
+class SeparateDisksProvider(FakeMultiNodeProvider):
+    _disks = itertools.count(1)
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        # The parent builds the node's RayParams inline; give it the directory name (called under its lock).
+        make_params = ray._private.parameter.RayParams
+        disk = f"runtime_resources_node{next(self._disks)}"
+        ray._private.parameter.RayParams = lambda *a, **kw: make_params(*a, runtime_env_dir_name=disk, **kw)
+        try:
+            super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+        finally:
+            ray._private.parameter.RayParams = make_params
