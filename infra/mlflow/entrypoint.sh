@@ -5,7 +5,7 @@
 #
 # Configured from the environment only, so that no secret is in the image or in git. Each secret can
 # come as a variable or as a file (VAR_FILE, a mounted Kubernetes secret):
-#   MLFLOW_BACKEND_STORE_URI        postgresql://USER:PASSWORD@HOST:5432/mlflow          (secret)
+#   MLFLOW_BACKEND_STORE_URI        the postgresql:// URI of the database, password in it (secret)
 #   MLFLOW_AUTH_ADMIN_PASSWORD      the first admin's password, used once on an empty store (secret)
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app, the same on every replica    (secret)
 #   MLFLOW_ARTIFACTS_DESTINATION    s3://BUCKET/mlflow-artifacts; S3 credentials from the AWS chain
