@@ -1,5 +1,6 @@
 # Who may do what, and nothing more:
-#   ray nodes (head, workers, KubeRay pods)  read the shards (write them only while shards_writable), read and
+#   ray nodes (head, workers, KubeRay pods)  read ImageNet's archives and the shards (write the shards only while
+#                                            shards_writable), read and
 #                                            write Ray Train's checkpoints; nothing of MLflow's prefix
 #   the head, in addition                    launch, tag, stop and terminate this cluster's worker nodes, and
 #                                            hand them the worker profile: the autoscaler's needs
@@ -18,13 +19,13 @@ data "aws_iam_policy_document" "ray_data" {
     condition {
       test     = "StringLike"
       variable = "s3:prefix"
-      values   = ["${local.shards_prefix}/*", "${local.shards_prefix}", "${local.results_prefix}/*", "${local.results_prefix}"]
+      values   = ["${local.raw_prefix}/*", local.raw_prefix, "${local.shards_prefix}/*", local.shards_prefix, "${local.results_prefix}/*", local.results_prefix]
     }
   }
   statement {
-    sid       = "ReadShards"
+    sid       = "ReadImageNetAndShards"
     actions   = ["s3:GetObject"]
-    resources = ["${local.bucket_arn}/${local.shards_prefix}/*"]
+    resources = ["${local.bucket_arn}/${local.raw_prefix}/*", "${local.bucket_arn}/${local.shards_prefix}/*"]
   }
   dynamic "statement" {
     for_each = var.shards_writable ? [1] : []

@@ -84,6 +84,7 @@ data "aws_vpc" "selected" {
 
 locals {
   # Prefixes of the bucket, each with its readers and writers (iam.tf).
+  raw_prefix       = "ilsvrc2012"       # ImageNet as downloaded (uploaded by hand), read by the prepare job
   shards_prefix    = "imagenet-shards"  # written once by jobs/prepare_imagenet.py, read by every node
   results_prefix   = "ray-results"      # Ray Train's checkpoints (--storage-path), written by the workers
   artifacts_prefix = "mlflow-artifacts" # the MLflow server's alone (proxied artifacts)
