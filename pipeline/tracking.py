@@ -226,9 +226,12 @@ class Recorder:
     """
 
     def __init__(self, *, tracking_uri: str, run_id: str, data_uri: str, data_fingerprint: str,
-                 decode_failures=None):
+                 decode_failures=None, credentials: dict[str, str] | None = None):
         import mlflow
 
+        # The driver's sign-in to a server with authentication (start_recorder): this actor's process is
+        # its own, so the environment is where MLflow's client looks for them.
+        os.environ.update(credentials or {})
         # Our own retry loop replaces MLflow's (7 retries with backoff, ~4 minutes per call): a record that
         # fails is kept and retried here, without blocking the records behind it for minutes. This process
         # is this actor's alone.
@@ -419,13 +422,22 @@ class Recorder:
         self._add(Record(f"{PICTURES}/{name}", send, key=name))
 
 
+# How MLflow's client signs in to a server with authentication (the team server's basic auth, a token
+# proxy). A file ~/.mlflow/credentials on the driver's node works too: the Recorder runs there.
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def start_recorder(**kwargs):
     """A Recorder on this machine, the driver's: where a sqlite store is, and a node that lasts as long as
-    the job (a worker node of an autoscaling cluster may go away mid-run, and the records with it)."""
+    the job (a worker node of an autoscaling cluster may go away mid-run, and the records with it).
+
+    It signs in as the driver does: the driver's MLflow credentials go along as constructor arguments, not
+    in a runtime_env, whose variables Ray's dashboard and state API show to anyone who can list actors."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    credentials = {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Recorder.options(scheduling_strategy=here).remote(**kwargs)
+    return Recorder.options(scheduling_strategy=here).remote(credentials=credentials, **kwargs)
 
 
 def _client(tracking_uri: str):
