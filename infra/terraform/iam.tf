@@ -165,8 +165,16 @@ resource "aws_iam_instance_profile" "ray_head" {
 
 # --- IRSA: the KubeRay pods' and the MLflow server's service accounts -----------------------------------------
 
-data "aws_iam_policy_document" "irsa_ray" {
-  count = local.irsa ? 1 : 0
+# The service account each IRSA role trusts (cluster/kuberay/security.yaml, infra/mlflow/k8s.yaml).
+locals {
+  irsa_subjects = {
+    ray    = "system:serviceaccount:ray:alexnet-ray"
+    mlflow = "system:serviceaccount:mlflow:mlflow"
+  }
+}
+
+data "aws_iam_policy_document" "irsa" {
+  for_each = { for name, subject in local.irsa_subjects : name => subject if local.irsa }
   statement {
     actions = ["sts:AssumeRoleWithWebIdentity"]
     principals {
@@ -176,7 +184,7 @@ data "aws_iam_policy_document" "irsa_ray" {
     condition {
       test     = "StringEquals"
       variable = "${var.eks_oidc_issuer}:sub"
-      values   = ["system:serviceaccount:ray:alexnet-ray"] # cluster/kuberay/serviceaccount.yaml
+      values   = [each.value]
     }
     condition {
       test     = "StringEquals"
@@ -189,34 +197,13 @@ data "aws_iam_policy_document" "irsa_ray" {
 resource "aws_iam_role" "kuberay" {
   count              = local.irsa ? 1 : 0
   name               = "alexnet-kuberay"
-  assume_role_policy = data.aws_iam_policy_document.irsa_ray[0].json
+  assume_role_policy = data.aws_iam_policy_document.irsa["ray"].json
 }
 
 resource "aws_iam_role_policy_attachment" "kuberay_data" {
   count      = local.irsa ? 1 : 0
   role       = aws_iam_role.kuberay[0].name
   policy_arn = aws_iam_policy.ray_data.arn
-}
-
-data "aws_iam_policy_document" "irsa_mlflow" {
-  count = local.irsa ? 1 : 0
-  statement {
-    actions = ["sts:AssumeRoleWithWebIdentity"]
-    principals {
-      type        = "Federated"
-      identifiers = [var.eks_oidc_provider_arn]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${var.eks_oidc_issuer}:sub"
-      values   = ["system:serviceaccount:mlflow:mlflow"] # infra/mlflow/k8s.yaml
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${var.eks_oidc_issuer}:aud"
-      values   = ["sts.amazonaws.com"]
-    }
-  }
 }
 
 data "aws_iam_policy_document" "mlflow_artifacts" {
@@ -246,7 +233,7 @@ data "aws_iam_policy_document" "mlflow_artifacts" {
 resource "aws_iam_role" "mlflow" {
   count              = local.irsa ? 1 : 0
   name               = "alexnet-mlflow"
-  assume_role_policy = data.aws_iam_policy_document.irsa_mlflow[0].json
+  assume_role_policy = data.aws_iam_policy_document.irsa["mlflow"].json
 }
 
 resource "aws_iam_role_policy" "mlflow_artifacts" {
