@@ -304,10 +304,11 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                                      f"attempt ended with: {e}") from e
             delivery = wait_for_records(recorder, tracking_uri, TRACKING_WAIT_S, checkpoints=result.path)
             if register:
-                registration = registry.register_best(tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
-                    "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
-                    "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val"),
-                    "switches": config.describe(config.switched(cfg)) or "none"})
+                registration = registry.register_best(
+                    tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
+                        "git_sha": tracking.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
+                        "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val"),
+                        "switches": config.describe(config.switched(cfg)) or "none"})
             else:
                 registration = registry.Registration(model_name, None, False, "nothing registered: not asked to "
                                                                               "(an ablation run)")

@@ -296,9 +296,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                      workers=workers, total_images=loop_config["train_images"])
         first = rank == 0 and epoch == start.epoch and not restored
         # Everything random in a step is drawn from (seed, epoch, rank, step): a resumed step draws the same.
+        crop_rngs = lambda i: np.random.default_rng([cfg.seed, epoch, rank, resumed.step + i, 2])  # noqa: E731
         batches = input_batches(train_shard, cfg, device, drop_last=True, report=loop_config.get("decode_failures"),
-                                crop_rngs=(lambda i: np.random.default_rng([cfg.seed, epoch, rank, resumed.step + i, 2]))
-                                if cfg.augment == "on" else None)
+                                crop_rngs=crop_rngs if cfg.augment == "on" else None)
         stats = train_one_epoch(forward, optimizer, batches, device, cfg, generator, loop_config["lighting"],
                                 precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress,
                                 seeds=lambda step: step_seed(cfg.seed, rank, epoch, step),
