@@ -147,6 +147,16 @@ def test_a_resumed_epoch_is_that_epoch_without_the_images_already_trained_on(ray
     assert sorted(i for i, _ in passes[0].values()) == list(range(72))                # a folder's index: its file
 
 
+def test_a_resumed_epoch_with_centre_crops_leaves_out_what_was_trained_on(ray_session, tiny_imagenet):
+    """--augment off trains on centre crops, in a fresh order every epoch: the skip applies there too."""
+    folder = data.scan_image_folder(str(tiny_imagenet))
+    cfg = dataclasses.replace(CFG, augment="off")
+    consumed = np.arange(0, 72, 3)
+    plan = data.start_at(data.train_dataset(folder, cfg, keys=True), 1, consumed)
+    indices = [int(i) for b in plan.iter_batches(batch_size=8, batch_format="numpy") for i in b["index"]]
+    assert sorted(indices) == sorted(set(range(72)) - set(consumed.tolist()))
+
+
 def test_every_epoch_a_fresh_order_of_samples_from_shards(ray_session, tiny_imagenet, tmp_path):
     """Shards are read a row group at a time: the rows inside it are permuted anew every epoch."""
     from pipeline import prepare
