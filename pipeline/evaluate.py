@@ -84,11 +84,6 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """topk_hits as a number (which waits for the device)."""
-    return int(topk_hits(scores, labels, k))
-
-
 def batch_counts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One batch's sums as one float64 tensor on the device, so that a pass adds them up without

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import sample, sources, stages
+from pipeline import device_stages, sample, sources, stages
 from pipeline.model import FourLayerCNN
 
 SIZE = 32                 # CIFAR-10's images
@@ -49,10 +49,8 @@ def load_images(root: str) -> tuple[torch.Tensor, torch.Tensor]:
         out = stages.center_crops(rows, resize_size=SIZE, crop_size=SIZE)
         images.append(out["image"])
         labels.append(np.asarray(out["label"]))
-    x = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(stages.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(stages.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.from_numpy(np.concatenate(labels)).long()
+    x = device_stages.normalize(device_stages.to_float(torch.from_numpy(np.concatenate(images))))
+    return x, torch.from_numpy(np.concatenate(labels)).long()
 
 
 def train_curve(x: torch.Tensor, y: torch.Tensor, *, activation: str, lr: float, epochs: int,

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import EvalSums, score_batch, topk_correct
+from pipeline.evaluate import EvalSums, score_batch, topk_hits
 
 
 def test_topk_counts_and_caps_k_at_the_class_count():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
-    assert topk_correct(scores, labels, 1) == 1
-    assert topk_correct(scores, labels, 2) == 2  # label 2 is second for row 1; label 0 is third for row 2
-    assert topk_correct(scores, labels, 5) == 3  # only 3 classes: top-5 is every class
+    assert topk_hits(scores, labels, 1) == 1
+    assert topk_hits(scores, labels, 2) == 2  # label 2 is second for row 1; label 0 is third for row 2
+    assert topk_hits(scores, labels, 5) == 3  # only 3 classes: top-5 is every class
 
 
 def test_sums_are_exact_counts_not_means_of_means():
