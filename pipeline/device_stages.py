@@ -5,21 +5,38 @@
     pca_lighting        (N, 3, H, W), generator     -> same                        §4.1: adds the shift to every pixel
     normalize           (N, 3, H, W)                -> same                        subtract the mean, divide by std
     to_model_input      (N, H, W, 3) uint8, gen.    -> (N, 3, H, W) float          the three above in one pass
+    to_device           CPU tensor, device          -> the same, on device         pinned first for CUDA: no wait
 
   decoding on the device (optional: the CPUs then only read bytes)
     decode_on_device    jpeg (bytes), key            -> image (list of (3, H, W) uint8), failed
     crops_on_device     image (list), top/left/flip  -> (N, C, C, 3) uint8           the CPU crops' semantics
+    stream_reuse_check  device                       -> {corrupted, iterations}      for the GPU check: vision
+                                                                                     PR #9606's repro
 
 to_model_input is what the trainer calls: all three are affine per image and channel, so
 normalize(pca_lighting(to_float(x))) = x * 1/(255 std) + (shift - mean) / std, one conversion and one
 multiply-add over the batch instead of four passes: 7 ms instead of 32 for a 64-image batch of 224
 crops on one core of the dev VM (9.6 M floats), which on a CPU-only machine is a third of what an
 image costs. tests/test_device_stages.py holds it equal to the chain.
+
+Nothing here makes the host wait for work queued on the device (README: "no step waits for the
+device"). What would, on CUDA, and what runs instead:
+
+    would wait                                   instead
+    torch.tensor(x, device=cuda); .to(cuda)      constants built once per device and kept there; per-batch
+      from pageable memory                         values by to_device: pinned, then non_blocking
+    bincount, nonzero, torch.unique, boolean-    evaluate.batch_counts: index_add_ onto zeros, hits as 0/1
+      mask indexing, .item(), .tolist()            weights; read once per pass (evaluate.sums_of)
+
+decode_jpeg on CUDA still waits for its own nvJPEG stream (torchvision does), never for the caller's
+queue. tests/test_no_host_sync.py checks what a CPU can see (none of these is called; the constants are
+built once); the GPU check runs the same code under torch.cuda.set_sync_debug_mode("error").
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +46,21 @@ from pipeline import decode
 from pipeline.stages import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 
 Floats = tuple[float, ...]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on `device` without the host waiting for the device: to CUDA it goes from pinned
+    memory, non_blocking (from pageable memory the copy is synchronous); anywhere else it is moved.
+
+    The pinned copy may be dropped at once: the caching host allocator records an event for it and
+    reuses the block only after the transfer is done. (pin_memory itself needs CUDA: only for CUDA.)
+    """
+    device = torch.device(device)
+    if tensor.device.type != "cpu":  # not what this is for: an ordinary copy
+        return tensor.to(device)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -53,13 +85,34 @@ def pca_lighting(images: torch.Tensor, generator: torch.Generator, *, std: float
     if std == 0:
         return images
     rgb = lighting_shift(images.shape[0], generator, std=std, eigval=eigval, eigvec=eigvec)
-    return images + rgb.to(images.device, images.dtype)[:, :, None, None]
+    return images + to_device(rgb.to(images.dtype), images.device)[:, :, None, None]
+
+
+# The per-channel constants live on the device, built on the first call for that device (and dtype,
+# width, mean, std): a copy per call would be a blocking host-to-device transfer. Built outside
+# inference mode so that a cache first filled by an inference_mode caller serves any caller. On CUDA
+# they are copied on the stream current at that first call; the callers run on one stream.
+@functools.lru_cache(maxsize=16)
+def _channel_constants(device: torch.device, dtype: torch.dtype, mean: Floats,
+                       std: Floats) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's mean and std, (3, 1, 1) on `device`."""
+    with torch.inference_mode(False):
+        return tuple(to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (mean, std))
+
+
+@functools.lru_cache(maxsize=16)
+def _row_constants(device: torch.device, width: int, mean: Floats,
+                   std: Floats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """to_model_input's mean and std (3,), and 1 / (255 std) repeated along a row of `width` RGB
+    triples (width * 3,), float32 on `device`."""
+    with torch.inference_mode(False):
+        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        return tuple(to_device(t, device) for t in (mean_t, std_t, (1 / (255 * std_t)).repeat(width)))
 
 
 def normalize(images: torch.Tensor, *, mean: Floats = IMAGENET_MEAN, std: Floats = IMAGENET_STD) -> torch.Tensor:
     """Subtract the per-channel mean and divide by the per-channel std; (N, 3, H, W)."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
+    mean_t, std_t = _channel_constants(images.device, images.dtype, tuple(mean), tuple(std))
     return (images - mean_t) / std_t
 
 
@@ -72,15 +125,15 @@ def to_model_input(images: torch.Tensor, generator: torch.Generator, *, lighting
     Draws from `generator` exactly as pca_lighting does (nothing when lighting_std is 0).
     """
     n, h, w, _ = images.shape
-    shift = torch.zeros(n, 3)
-    if lighting_std:
-        shift = lighting_shift(n, generator, std=lighting_std, eigval=eigval, eigvec=eigvec)
-    mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+    mean_t, std_t, scale = _row_constants(images.device, w, tuple(mean), tuple(std))   # scale: (w * 3,)
+    if lighting_std:  # drawn on the CPU generator, then the (n, 3) shift alone travels
+        shift = to_device(lighting_shift(n, generator, std=lighting_std, eigval=eigval, eigvec=eigvec), images.device)
+    else:
+        shift = torch.zeros(n, 3, device=images.device)
     # Each image row is w RGB triples: repeating the per-channel factors along it lets the
     # multiply-add run over long contiguous rows (a trailing dimension of 3 defeats vectorisation:
     # 3x slower on a CPU).
-    scale = (1 / (255 * std_t)).repeat(w).to(images.device)                            # (w * 3,)
-    offset = ((shift - mean_t) / std_t).repeat(1, w).to(images.device)[:, None, :]     # (n, 1, w * 3)
+    offset = ((shift - mean_t) / std_t).repeat(1, w)[:, None, :]     # (n, 1, w * 3)
     if images.device.type == "cpu":
         # NumPy's uint8 -> float32 conversion is vectorised, torch's on the CPU is not (5 vs 17 ms
         # for a 64-image batch of 224 crops on the dev VM).
@@ -97,41 +150,93 @@ def decode_on_device(jpegs: Sequence[bytes], keys: Sequence[str], device: torch.
     """Image bytes -> (3, H, W) uint8 RGB tensors on `device`; (images, the rows they came from, failed).
 
     JPEGs that libjpeg converts itself (YCbCr, grayscale) are decoded together by torchvision's
-    decode_jpeg, which on a CUDA device is nvJPEG; anything else (CMYK, PNG) is decoded by the CPU
-    decoder for that image alone, never replaced. A file that fails is left out and named in
-    `failed` with the reason, as on the CPU path. The pixel limit is checked from the header first.
+    decode_jpeg, which on a CUDA device is nvJPEG. The CPU decoder (decode.decode_image) takes the
+    rest, one image at a time: files that are not such JPEGs (CMYK, PNG) and files the device's
+    decoder refuses (nvJPEG reads fewer chroma subsamplings than libjpeg). A file that both refuse is
+    left out and named in `failed` with the CPU decoder's reason, as on the CPU path, never replaced.
+    The pixel limit is checked from the header first.
+    """
+    device = torch.device(device)
+    failed: dict[str, str] = {}
+    for_device, for_cpu = [], []
+    for i, (data, key) in enumerate(zip(jpegs, keys)):
+        size = decode.plain_jpeg_size(data)
+        if size is None:
+            for_cpu.append(i)
+            continue
+        try:
+            decode.check_pixels(key, *size, max_pixels)
+            for_device.append(i)
+        except decode.DecodeError as e:
+            failed[key] = e.reason
+    decoded = dict(zip(for_device, _decode_jpegs([jpegs[i] for i in for_device], device)))
+    images = {i: image for i, image in decoded.items() if image is not None}
+    refused = [i for i, image in decoded.items() if image is None]   # by the device's decoder: retried here
+    for i in for_cpu + refused:
+        try:
+            pixels = decode.decode_image(jpegs[i], key=keys[i], max_pixels=max_pixels)
+        except decode.DecodeError as e:
+            failed[keys[i]] = e.reason
+            continue
+        images[i] = to_device(torch.tensor(pixels), device).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
+    rows = sorted(images)
+    return [images[i] for i in rows], rows, failed
+
+
+def _decode_jpegs(files: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """torchvision's decode_jpeg over `files`, all in one call; None for each file it refuses."""
+    if not files:
+        return []
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+    try:
+        return _decode_on_stream(encoded, device)
+    except RuntimeError:  # one file it refuses fails the whole call: find which, one at a time
+        pass
+    out: list[torch.Tensor | None] = []
+    for data in encoded:
+        try:
+            out.extend(_decode_on_stream([data], device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+@functools.cache
+def _decode_stream(device_index: int) -> torch.cuda.Stream:
+    """The stream nvJPEG's outputs are allocated on, one per GPU (see _decode_on_stream)."""
+    return torch.cuda.Stream(device=device_index)
+
+
+def _decode_on_stream(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """decode_jpeg(encoded) in RGB on `device`; on CUDA, never into memory the caller's stream still reads.
+
+    torchvision's nvJPEG decode allocates its outputs while the caller's stream is current, then writes
+    them on a private stream that does not wait for the caller's (pytorch/vision PR #9606, not merged).
+    The caching allocator hands out a block as soon as it is freed on its stream, so kernels queued on
+    the caller's stream may still read the block nvJPEG overwrites. Making the private stream wait
+    would not help: nvJPEG's hardware engine does not honour device-side waits, only a host wait
+    holds it back (meta-pytorch/torchcodec PR #1634).
+
+    Instead, no host wait: decode while a stream of our own is current, so the outputs come from that
+    stream's pool, which never holds a block freed on the caller's stream. record_stream(caller) then
+    keeps each output's block out of that pool until the caller's kernels queued up to its free have
+    run, which the allocator checks on the host by querying events, without waiting on them. Nothing
+    but these outputs is allocated on the decode stream (in RGB mode torchvision runs no kernel of its
+    own), and torchvision waits for its private stream before returning, so the pixels are written
+    when the call returns; wait_stream orders the caller after the decode stream regardless.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    images: dict[int, torch.Tensor] = {}
-    failed: dict[str, str] = {}
-    on_device: list[int] = []
-    for i, (data, key) in enumerate(zip(jpegs, keys)):
-        size = decode.plain_jpeg_size(data) if data else None
-        try:
-            if size is None:  # not for the device's decoder: the CPU decoder, for this image only
-                pixels = decode.decode_image(data, key=key, max_pixels=max_pixels)
-                images[i] = torch.tensor(pixels).permute(2, 0, 1).to(device)  # a copy: PIL's arrays are read-only
-            else:
-                decode.check_pixels(key, *size, max_pixels)
-                on_device.append(i)
-        except decode.DecodeError as e:
-            failed[key] = e.reason
-    if on_device:
-        encoded = [torch.frombuffer(bytearray(jpegs[i]), dtype=torch.uint8) for i in on_device]
-        try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad file fails the whole call: find it, one image at a time
-            decoded = []
-            for i, data in zip(on_device, encoded):
-                try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:
-                    failed[keys[i]] = f"corrupt JPEG ({str(e).splitlines()[0]})"
-                    decoded.append(None)
-        images.update((i, image) for i, image in zip(on_device, decoded) if image is not None)
-    rows = sorted(images)
-    return [images[i] for i in rows], rows, failed
+    if device.type != "cuda":
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    caller = torch.cuda.current_stream(device)
+    side = _decode_stream(caller.device_index)
+    with torch.cuda.stream(side):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(side)
+    for image in images:
+        image.record_stream(caller)
+    return images
 
 
 def crops_on_device(images: Sequence[torch.Tensor], top, left, flip, *, resize_size: int = 256,
@@ -150,3 +255,57 @@ def crops_on_device(images: Sequence[torch.Tensor], top, left, flip, *, resize_s
                                    align_corners=False, antialias=False)[0].round_().clamp_(0, 255).to(torch.uint8)
         out.append(region.flip(-1) if f else region)
     return torch.stack(out).permute(0, 2, 3, 1).contiguous()
+
+
+def stream_reuse_check(device: torch.device | str, *, guarded: bool = True, tensors: int = 8, iterations: int = 5,
+                       side: int = 512) -> dict[str, Any]:
+    """pytorch/vision PR #9606's repro, for the GPU check: does decoding write over memory that kernels
+    queued on the caller's stream have yet to read? Single-threaded and deterministic; each iteration
+
+      1. fills `tensors` (3, side, side) uint8 tensors with 1, 2, ... and synchronizes;
+      2. queues a long kernel (ten 8192^2 matmuls, 11 TFLOP: a tenth of a second or more), then one sum
+         per tensor;
+      3. frees the tensors, their sums still queued: the blocks are free on the caller's stream;
+      4. decodes as many side x side JPEGs: outputs the size of the freed blocks, the allocator's best fit;
+      5. synchronizes and counts the sums that differ from their exact value.
+
+    guarded: decode with decode_on_device (must give 0); False calls torchvision's decode_jpeg itself,
+    the control that shows the check sees the fault (> 0 where nvJPEG's hardware engine decodes).
+    Synchronizes the device: not for use under torch.cuda.set_sync_debug_mode("error").
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"corrupted": 0, "iterations": 0, "note": f"no CUDA streams on {device}: only meaningful on a GPU"}
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(tensors):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    keys = [f"reuse{i}" for i in range(tensors)]
+    values = range(1, tensors + 1)
+    expected = torch.tensor([v * 3 * side * side for v in values])
+    a = torch.randn(8192, 8192, device=device)
+    c = torch.empty_like(a)
+    corrupted = 0
+    for _ in range(iterations):
+        filled = [torch.full((3, side, side), v, dtype=torch.uint8, device=device) for v in values]
+        torch.cuda.synchronize(device)
+        for _ in range(10):
+            torch.mm(a, a, out=c)
+        sums = torch.stack([t.sum(dtype=torch.int64) for t in filled])
+        del filled
+        if guarded:
+            decoded = decode_on_device(jpegs, keys, device)[0]
+        else:
+            decoded = decode_jpeg([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs],
+                                  mode=ImageReadMode.RGB, device=device)
+        torch.cuda.synchronize(device)
+        corrupted += int((sums.cpu() != expected).sum())
+        del decoded
+    return {"corrupted": corrupted, "iterations": iterations, "sums": iterations * tensors, "guarded": guarded}

@@ -3,7 +3,8 @@
 Each worker returns sums (loss, correct@1, correct@5, images); the sums are all-reduced and only
 then divided, so the result is the accuracy over the whole validation set, not a mean of means.
 
-    batch_counts         one batch, one crop or §4.1's ten (softmax averaged), counted on the device
+    batch_counts         one batch, one crop or §4.1's ten (softmax averaged), counted on the device without
+                         the host waiting for it (index_add_, not bincount or a boolean mask)
     evaluate             a training worker's validation pass, read from the device once
     evaluate_split       jobs/evaluate.py: a saved model over a whole split on Ray Data, centre crop and
                          ten crops; read tasks decode on CPUs, actors hold the model (GPUs with --use-gpu)
@@ -39,11 +40,13 @@ class EvalSums:
                         self.correct5 + other.correct5, self.images + other.images,
                         _add(self.class_images, other.class_images), _add(self.class_correct1, other.class_correct1))
 
-    def all_reduce(self, classes: int = 0) -> "EvalSums":
+    def all_reduce(self, classes: int = 0, device: torch.device | str = "cpu") -> "EvalSums":
         """The sums over every worker of the process group (a no-op without one).
 
         classes: the per-class counts to keep (0 drops them). Every worker must send a tensor of the
         same length, and a worker whose shard was empty has seen no class at all.
+        device: this worker's device, where the process group's backend reduces (NCCL serves CUDA
+        tensors only, gloo CPU ones). The result is read back once.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self
@@ -52,9 +55,11 @@ class EvalSums:
         images, correct = ((list(v) or [0] * classes) if classes else [] for v in
                            (self.class_images, self.class_correct1))
         t = torch.tensor([self.loss, self.correct1, self.correct5, self.images, *images, *correct], dtype=torch.float64)
+        t = device_stages.to_device(t, device)
         dist.all_reduce(t)  # float64 counts are exact far beyond ImageNet's 50,000 images
-        counts = [int(v) for v in t[1:].tolist()]
-        return EvalSums(t[0].item(), counts[0], counts[1], counts[2], tuple(counts[3:3 + classes]),
+        loss, *rest = t.tolist()
+        counts = [int(v) for v in rest]
+        return EvalSums(loss, counts[0], counts[1], counts[2], tuple(counts[3:3 + classes]),
                         tuple(counts[3 + classes:]))
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
@@ -100,10 +105,20 @@ def batch_counts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
     classes = probs.shape[1]
     hits = probs.topk(1, dim=1).indices[:, 0] == labels  # the rule topk_hits counts by, ties included
+    ones = torch.ones(len(labels), dtype=torch.float64, device=labels.device)
     head = torch.stack([loss.double(), topk_hits(probs, labels, 1).double(), topk_hits(probs, labels, 5).double(),
-                        torch.tensor(float(len(labels)), dtype=torch.float64, device=labels.device)])
-    return torch.cat([head, torch.bincount(labels, minlength=classes).double(),
-                      torch.bincount(labels[hits], minlength=classes).double()])
+                        ones.sum()])
+    return torch.cat([head, _by_class(labels, ones, classes), _by_class(labels, hits.double(), classes)])
+
+
+def _by_class(labels: torch.Tensor, weights: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes,) float64: the weights (1 an image, 1 a hit) added up by label, on the labels' device.
+
+    index_add_ onto zeros instead of torch.bincount (which on CUDA reads the largest label back to size
+    its output) or labels[hits] (a boolean mask: the host waits to learn how many): nothing here waits
+    for the device. Sums of whole numbers in float64 are exact in any order of addition.
+    """
+    return torch.zeros(classes, dtype=torch.float64, device=labels.device).index_add_(0, labels, weights)
 
 
 def sums_of(counts: torch.Tensor) -> EvalSums:

@@ -1,5 +1,9 @@
 """The late float stages: §4.1 lighting against a NumPy reference, each parameter's effect, and the
-one-pass to_model_input equal to the chain it replaces."""
+one-pass to_model_input equal to the chain it replaces. Decoding on the device, run here on the CPU: the
+CPU path's crops, a file the device's decoder refuses retried by the CPU decoder, and the order of the
+CUDA decode's streams (stubbed)."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -105,3 +109,88 @@ def test_device_decode_falls_back_per_image_and_names_failures():
     assert set(failed) == {"c", "d"} and failed["c"] == "zero-byte file" and "JPEG" in failed["d"]
     big = device_stages.decode_on_device([good], ["big"], "cpu", max_pixels=100)[2]
     assert big["big"].startswith("image too large: 60 x 40")
+
+
+def test_a_file_the_device_decoder_refuses_is_decoded_by_the_cpu_decoder(monkeypatch):
+    """nvJPEG reads fewer JPEG variants than libjpeg (chroma subsamplings): a file it refuses is retried
+    on the CPU, and only a file both refuse is named in `failed`, with the CPU decoder's reason."""
+    import io
+
+    import torchvision.io
+    from PIL import Image
+
+    from pipeline import decode
+
+    pixels = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    def saved(**options):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", **options)
+        return buf.getvalue()
+    plain, refused = saved(quality=90), saved(quality=80, subsampling=1)   # 4:2:2, as nvJPEG might refuse
+    corrupt = plain[:len(plain) // 2]
+
+    real, offered = torchvision.io.decode_jpeg, []
+    def device_decoder(encoded, *args, **kwargs):  # the real decoder, refusing `refused` as nvJPEG would
+        files = [bytes(e.numpy()) for e in (encoded if isinstance(encoded, list) else [encoded])]
+        offered.extend(files)
+        if refused in files:
+            raise RuntimeError("Error while decoding JPEG images: simulated nvJPEG refusal")
+        return real(encoded, *args, **kwargs)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
+
+    images, rows, failed = device_stages.decode_on_device([plain, refused, corrupt], list("abc"), "cpu")
+    assert refused in offered                       # the device's decoder was asked first
+    assert rows == [0, 1] and list(failed) == ["c"]
+    assert torch.equal(images[1].permute(1, 2, 0), torch.from_numpy(decode.decode_image(refused)))
+    assert failed["c"].startswith("truncated or corrupt JPEG")  # the CPU decoder's words
+
+
+def test_stream_reuse_check_has_nothing_to_check_on_the_cpu():
+    result = device_stages.stream_reuse_check("cpu")
+    assert result["corrupted"] == 0 and result["iterations"] == 0 and "CUDA" in result["note"]
+
+
+def test_cuda_decode_runs_on_its_own_stream_and_hands_the_outputs_to_the_callers(monkeypatch, request):
+    """The order _decode_on_stream keeps on CUDA (pytorch/vision PR #9606), with the CUDA calls stubbed:
+    decode_jpeg runs while the decode stream is current (its outputs come from that stream's pool), then
+    the caller's stream waits for it and every output is recorded as used by the caller's stream."""
+    import torchvision.io
+
+    events, current = [], []
+
+    class Stream:
+        def __init__(self, name, device_index=0):
+            self.name, self.device_index = name, device_index
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    class Image:
+        def __init__(self, i):
+            self.i = i
+
+        def record_stream(self, stream):
+            events.append(("record", self.i, stream.name))
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        yield
+        current.pop()
+
+    def decode_jpeg(encoded, **kwargs):
+        events.append(("decode", current[-1].name))
+        return [Image(i) for i in range(len(encoded))]
+
+    current.append(Stream("caller"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream("decode", device))
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    device_stages._decode_stream.cache_clear()
+    request.addfinalizer(device_stages._decode_stream.cache_clear)   # it would hold a stub stream
+    out = device_stages._decode_on_stream([torch.zeros(1, dtype=torch.uint8)] * 2, torch.device("cuda", 0))
+    assert [image.i for image in out] == [0, 1]
+    assert events == [("decode", "decode"), ("wait", "caller", "decode"), ("record", 0, "caller"),
+                      ("record", 1, "caller")]
+    assert current[-1].name == "caller"

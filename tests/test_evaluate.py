@@ -163,3 +163,74 @@ def test_evaluation_job_names_a_model_it_cannot_find(tmp_path):
                              str(missing)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2
     assert f"no checkpoint at '{missing}'" in result.stderr
+
+
+# --- counting on the device, reducing on the process group's device (issue 16, items 2 and 6) ---------------
+
+
+class FixedLogits(torch.nn.Module):
+    """Ignores the pixels and returns the logits it was given, one row per image."""
+
+    def __init__(self, logits: np.ndarray):
+        super().__init__()
+        self.logits = torch.from_numpy(logits)
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_batch_counts_per_class_equal_an_independent_numpy_count():
+    from pipeline.evaluate import batch_counts, sums_of
+
+    rng = np.random.default_rng(5)
+    classes, n = 9, 60
+    logits = rng.integers(0, 4, (n, classes)).astype(np.float32)   # small integers: many tied maxima
+    labels = rng.integers(0, 7, n)                                  # repeated labels; classes 7 and 8 unseen
+    sums = sums_of(batch_counts(FixedLogits(logits), torch.zeros(n, 2, 2, 3, dtype=torch.uint8),
+                                torch.from_numpy(labels)))
+
+    # A hit is the label being the one class top-1 picks (topk_hits' rule). Where the maximum is unique
+    # that is NumPy's argmax; where it is tied, torch's pick among the tied classes decides.
+    tied = (logits == logits.max(1, keepdims=True)).sum(1) > 1
+    picked = torch.from_numpy(logits).softmax(1).topk(1).indices[:, 0].numpy()
+    assert np.array_equal(picked[~tied], logits[~tied].argmax(1))
+    assert (tied & (logits[np.arange(n), labels] == logits.max(1))).any()  # ties on the label happen here
+    hit = picked == labels
+    assert sums.class_images == tuple(int((labels == c).sum()) for c in range(classes))
+    assert sums.class_correct1 == tuple(int(hit[labels == c].sum()) for c in range(classes))
+    assert sums.images == n and sums.correct1 == int(hit.sum()) == sum(sums.class_correct1)
+    assert sums.class_images[7:] == (0, 0)
+
+
+@pytest.fixture
+def one_process_group():
+    """A real torch.distributed process group of one gloo worker, destroyed after the test."""
+    import torch.distributed as dist
+
+    from conftest import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_all_reduce_runs_on_the_workers_device_and_reads_back_once(one_process_group, monkeypatch):
+    """NCCL serves CUDA tensors only: the tensor handed to all_reduce must be on the worker's device, and
+    the result is read from it once (each read waits for the device)."""
+    import torch.distributed as dist
+
+    real, devices, reads = dist.all_reduce, [], []
+    def all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        return real(tensor, *args, **kwargs)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or pytest.fail("item() read"))
+
+    sums = EvalSums(2.5, 3, 4, 5, (2, 3, 0), (1, 2, 0))
+    assert sums.all_reduce(classes=3, device=torch.device("cpu")) == sums   # one worker: its own sums
+    assert devices == [torch.device("cpu")] and reads == ["tolist"]
+    # A worker that scored no batch sends zeros of the full length; without classes none are kept.
+    assert EvalSums(1.0, 1, 1, 1).all_reduce(classes=3, device="cpu").class_images == (0, 0, 0)
+    assert sums.all_reduce(device="cpu") == EvalSums(2.5, 3, 4, 5)
