@@ -89,6 +89,7 @@ def time_step(variant: str, devices: list[torch.device], *, placement: str = "da
 
     compile_s = None
     if compiled:  # the first call compiles: timed on its own, as a user's first epoch would feel it
+        torch.compiler.reset()  # a cold compile, not a recompile from an earlier batch size's cache
         synchronize(*devices)
         start = time.perf_counter()
         step()
@@ -190,6 +191,19 @@ def run_gpu(*, device: str = "auto", batch_sizes: tuple[int, ...] = (128, 256), 
     log(f"[gpu] towers fp32 batch {batch_sizes[0]}: one device {towers[0].images_per_s:.1f} img/s, "
         f"two towers {towers[1].images_per_s:.1f} img/s ({towers[1].images_per_s / towers[0].images_per_s:.3f}x)")
 
+    report = {
+        "device": str(dev), "device_name": device_name(dev), "torch": torch.__version__,
+        "width": width, "image_size": image_size, "steps": steps, "warmup": warmup,
+        "step": [t.__dict__ for t in steps_out],
+        "towers": [t.__dict__ for t in towers],
+    }
+    try:  # the step numbers above stand even where the decoder is missing (a bare GPU machine)
+        from pipeline import decode  # noqa: F401  (simplejpeg and OpenCV: this project's dependencies)
+    except ImportError as e:
+        log(f"[gpu] data: skipped, the decoder's dependencies are missing ({e}); BENCHMARKS.md says which wheels "
+            f"to carry")
+        report["data"] = {"skipped": str(e)}
+        return report
     jpegs = photo_jpegs(images)
     cpu_rate = cpu_data_rate(jpegs)
     device_rate = device_data_rate(jpegs, dev, batch_size=batch_sizes[-1])
@@ -197,12 +211,7 @@ def run_gpu(*, device: str = "auto", batch_sizes: tuple[int, ...] = (128, 256), 
     log(f"[gpu] data: CPU path {cpu_rate:.0f} img/s per core; device path {device_rate:.0f} img/s; feeding "
         f"the fastest step ({fastest.variant}, batch {fastest.batch_size}, {fastest.images_per_s:.0f} img/s) "
         f"takes {fastest.images_per_s / cpu_rate:.1f} CPU cores")
-    return {
-        "device": str(dev), "device_name": device_name(dev), "torch": torch.__version__,
-        "width": width, "image_size": image_size, "steps": steps, "warmup": warmup,
-        "step": [t.__dict__ for t in steps_out],
-        "towers": [t.__dict__ for t in towers],
-        "data": {"images": images, "jpeg_size": [500, 375], "cpu_images_per_s_per_core": cpu_rate,
-                 "device_images_per_s": device_rate, "device_batch_size": batch_sizes[-1],
-                 "cpu_cores_to_feed_fastest_step": fastest.images_per_s / cpu_rate},
-    }
+    report["data"] = {"images": images, "jpeg_size": [500, 375], "cpu_images_per_s_per_core": cpu_rate,
+                      "device_images_per_s": device_rate, "device_batch_size": batch_sizes[-1],
+                      "cpu_cores_to_feed_fastest_step": fastest.images_per_s / cpu_rate}
+    return report

@@ -21,7 +21,8 @@ exchange points). LRN normalises within a tower's maps, as model.per_tower does 
 
 Both towers are driven from one Python thread. CUDA kernel launches are asynchronous, so while the
 host queues tower 1's work, tower 0's device is already computing: the two devices run side by side
-between exchange points, which is the point of the split.
+between exchange points, which is the point of the split. For that, each exchange queues all of its
+copies before either tower's next layers (exchange()); tests/test_placement.py records the order.
 """
 
 from __future__ import annotations
@@ -136,9 +137,16 @@ class Tower(nn.Module):
         return self.dropout(F.relu(fc(x)))
 
 
-def _gather(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """An exchange point: both towers' activations, in tower order, on `device`."""
-    return torch.cat([part.to(device) for part in parts], dim=1)
+def exchange(parts: Sequence[torch.Tensor], devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """An exchange point: for each tower, both towers' activations in tower order, on that tower's device.
+
+    Every copy is queued before either tower computes on the result. A copy between GPUs is ordered after
+    the work already queued on its source device, so copying tower 0's maps to device 1 only after tower
+    0's next layers were queued would make tower 1 wait for them at every exchange, and the towers would
+    take turns instead of running side by side.
+    """
+    copies = [[part.to(device, non_blocking=True) for part in parts] for device in devices]
+    return [torch.cat(both, dim=1) for both in copies]
 
 
 def _two_devices(devices: Sequence[torch.device | str]) -> tuple[torch.device, ...]:
@@ -224,15 +232,16 @@ class TwoTowerAlexNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         towers, devices = self.towers, self.devices
         # conv1 reads the whole image on each tower; conv2 and both LRNs stay within a tower.
-        pool2 = [tower.conv1_to_pool2(x.to(d)) for tower, d in zip(towers, devices)]          # (B, 128, 13, 13) each
+        images = [x.to(d, non_blocking=True) for d in devices]
+        pool2 = [tower.conv1_to_pool2(image) for tower, image in zip(towers, images)]          # (B, 128, 13, 13) each
         # Exchange 1: conv3 reads both towers' pool2 maps (tower 0's channels first, as in the grouped model).
-        pool5 = [tower.conv3_to_pool5(_gather(pool2, d)) for tower, d in zip(towers, devices)]  # (B, 4608) each
+        pool5 = [tower.conv3_to_pool5(both) for tower, both in zip(towers, exchange(pool2, devices))]  # (B, 4608)
         # Exchange 2: fc6 reads the flattened pool5 of both towers; flatten(cat) == cat(flatten) per tower.
-        fc6 = [tower.hidden(tower.fc6, _gather(pool5, d)) for tower, d in zip(towers, devices)]  # (B, 2048) each
+        fc6 = [tower.hidden(tower.fc6, both) for tower, both in zip(towers, exchange(pool5, devices))]  # (B, 2048)
         # Exchanges 3 and 4: fc7 and fc8 read both towers' previous layer.
-        fc7 = [tower.hidden(tower.fc7, _gather(fc6, d)) for tower, d in zip(towers, devices)]    # (B, 2048) each
-        logits = [tower.fc8(_gather(fc7, d)) for tower, d in zip(towers, devices)]               # (B, 500) each
-        return _gather(logits, devices[0])                                                      # (B, 1000) on device 0
+        fc7 = [tower.hidden(tower.fc7, both) for tower, both in zip(towers, exchange(fc6, devices))]    # (B, 2048)
+        logits = [tower.fc8(both) for tower, both in zip(towers, exchange(fc7, devices))]               # (B, 500)
+        return exchange(logits, devices[:1])[0]                                                 # (B, 1000) on device 0
 
 
 def place_model(model: AlexNet, placement: str, devices: Sequence[torch.device | str]) -> nn.Module:

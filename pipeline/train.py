@@ -92,14 +92,14 @@ class EpochStats:
     sums: EvalSums                        # this worker's loss and top-1/top-5 counts
     seconds: float                        # wall time of the training pass
     data_seconds: float                   # of which blocked waiting for the next batch
-    first_step_seconds: float             # the first step alone (with --compile, mostly compiling)
+    first_step_seconds: float             # the first step alone with time_first_step (compiling), else 0
     first_inputs: torch.Tensor | None     # the first images exactly as the model received them, if kept
     steps: int = 0                        # steps taken
 
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Config,
                     generator: torch.Generator, lighting: dict[str, Any], *, precision: Precision | None = None,
-                    keep_inputs: int = 0,
+                    keep_inputs: int = 0, time_first_step: bool = False,
                     progress: Callable[[Callable[[], EvalSums], float, float], None] | None = None,
                     seeds: Callable[[int], int] | None = None, first_step: int = 0, checkpoint_every: int = 0,
                     on_checkpoint: Callable[[int, Callable[[], EvalSums], list[np.ndarray]], None] | None = None,
@@ -109,7 +109,9 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
     No step waits for the device: the loss and top-1/top-5 counts add up in a tensor on the device and
     are read once, at the end (and when a progress line or a checkpoint is due). keep_inputs: keep that
     many of the first batch's model inputs (after crop, flip, lighting and normalisation) for the run's
-    picture. progress(read_sums, data_seconds, seconds) is called after every step; read_sums() syncs.
+    picture. time_first_step: wait for the first step to finish, to time it alone (with --compile, mostly
+    compiling). progress(read_sums, data_seconds, seconds) is called after every step; read_sums() syncs.
+    Nothing else reads the device: jobs/gpu_check.py runs the steps under set_sync_debug_mode("error").
 
     Resuming mid-epoch: steps are numbered from first_step; seeds(step) reseeds dropout and lighting
     (torch's global RNG and `generator`) before each step. Every checkpoint_every steps, when another
@@ -137,7 +139,7 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
         if on_batch is not None:
             on_batch(step, batch)
         if "index" in batch:
-            consumed.append(batch["index"].numpy())
+            consumed.append(host_indices(batch))
         if seeds is not None:
             seed = seeds(step)
             torch.manual_seed(seed)
@@ -165,7 +167,7 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
             totals += torch.stack([loss.detach().double() * len(labels), topk_hits(logits, labels, 1).double(),
                                    topk_hits(logits, labels, 5).double()])
         images += len(labels)
-        if images == len(labels):
+        if time_first_step and images == len(labels):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # once: the first step's own time (compiling, autotuning)
             first_step_seconds = time.perf_counter() - step_start
@@ -173,6 +175,16 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], device, cfg: Conf
             progress(lambda: _sums(totals, images), data_seconds, time.perf_counter() - start)
     return EpochStats(_sums(totals, images), time.perf_counter() - start, data_seconds, first_step_seconds, kept,
                       steps=step - first_step)
+
+
+def host_indices(batch: dict) -> np.ndarray:
+    """The batch's image indices, which the loop keeps on the host (resume points, --sample-log). A copy
+    back from a GPU would make every step wait for the device, so one there is a bug upstream."""
+    index = batch["index"]
+    if index.device.type != "cpu":
+        raise RuntimeError(f"the batch's index column is on {index.device}, expected the CPU: the loop reads it on "
+                           f"the host every step (input_batches asks Ray Data for CPU batches)")
+    return index.numpy()
 
 
 def _sums(totals: torch.Tensor, images: int) -> EvalSums:
@@ -202,12 +214,23 @@ class ProgressLines:
                  f"{images / seconds:.0f} img/s  waiting for data {100 * data_seconds / seconds:.0f}%")
 
 
+def prepare_device(device: torch.device) -> None:
+    """Make `device` this process's CUDA device and let cuDNN pick its fastest algorithms, as
+    jobs/benchmark.py gpu measures the step. all_gather_object over NCCL (mid-epoch checkpoints) sends
+    from torch.cuda.current_device(): every worker must name its own GPU there, not cuda:0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # a run has two batch shapes (and a last val batch): tuned once each
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.device]) -> torch.nn.Module:
-    """Place the model (one device, or the paper's two towers on two) and wrap it in DDP.
+def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.device], *,
+                   channels_last: bool = False) -> torch.nn.Module:
+    """Place the model (one device, or the paper's two towers on two), in channels_last memory if asked,
+    and wrap it in DDP.
 
     A two-device module is wrapped with device_ids=None: DDP then leaves placement to the module and
     all-reduces each tower's gradients from wherever they live.
@@ -215,6 +238,8 @@ def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.devi
     from torch.nn.parallel import DistributedDataParallel
 
     model = place_model(model, cfg.placement, devices)
+    if channels_last:  # after placing: the grouped placement builds new modules, in the default format
+        model = model.to(memory_format=torch.channels_last)
     if not torch.distributed.is_initialized():
         return model
     single_gpu = cfg.placement == "data" and devices[0].type == "cuda"
@@ -233,13 +258,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, workers = context.get_world_rank(), context.get_world_size()
     devices = ray.train.torch.get_devices() if cfg.use_gpu else [torch.device("cpu")]
     device = devices[0]  # where batches go in and logits come out, for either placement
+    prepare_device(device)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
     precision = resolve_precision(cfg, device)
     model = build_from_config(cfg.to_dict(), num_classes)  # with its ablation switches, as checkpoints rebuild it
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = place_and_wrap(model, cfg, devices)
+    model = place_and_wrap(model, cfg, devices, channels_last=precision.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     forward = torch.compile(model) if cfg.compile else model  # the same parameters; checkpoints save `model`
@@ -273,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def save_mid_epoch(epoch: int, resumed: checkpoint.Start, before: EvalSums, step: int,
                        read_sums: Callable[[], EvalSums], consumed: list[np.ndarray]) -> None:
         """A checkpoint inside the epoch: where it is, and the images every worker has trained on."""
-        sums = read_sums().all_reduce().add(before)
+        sums = read_sums().all_reduce(device=device).add(before)
         everyone = _all_gather(np.concatenate(consumed) if consumed else np.empty(0, np.int64))
         if resumed.consumed is not None:
             everyone.append(resumed.consumed)
@@ -300,20 +324,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = input_batches(train_shard, cfg, device, drop_last=True, report=loop_config.get("decode_failures"),
                                 crop_rngs=crop_rngs if cfg.augment == "on" else None)
         stats = train_one_epoch(forward, optimizer, batches, device, cfg, generator, loop_config["lighting"],
-                                precision=precision, keep_inputs=PICTURE_IMAGES if first else 0, progress=progress,
+                                precision=precision, keep_inputs=PICTURE_IMAGES if first else 0,
+                                time_first_step=cfg.compile and epoch == start.epoch, progress=progress,
                                 seeds=lambda step: step_seed(cfg.seed, rank, epoch, step),
                                 first_step=resumed.step, checkpoint_every=cfg.checkpoint_every_steps,
                                 on_checkpoint=functools.partial(save_mid_epoch, epoch, resumed, before),
                                 on_batch=functools.partial(samples.write, epoch) if samples else None)
-        this_attempt = stats.sums.all_reduce()
+        this_attempt = stats.sums.all_reduce(device=device)
         train_sums = this_attempt.add(before)
         # The slowest worker sets the pace of a synchronous step: report the largest wait.
-        waits = torch.tensor([stats.data_seconds / max(stats.seconds, 1e-9)], dtype=torch.float64)
+        # On the worker's device: NCCL, the process group of GPU workers, reduces CUDA tensors only.
+        waits = torch.full((1,), stats.data_seconds / max(stats.seconds, 1e-9), dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(waits, op=torch.distributed.ReduceOp.MAX)
 
         val_batches = input_batches(val_shard, cfg, device, drop_last=False, report=loop_config.get("decode_failures"))
-        val_sums = evaluate(unwrap(model), val_batches, device, precision.dtype).all_reduce(classes=num_classes)
+        val_sums = evaluate(unwrap(model), val_batches, device, precision.dtype).all_reduce(classes=num_classes,
+                                                                                           device=device)
         metrics = {
             "epoch": epoch,
             **train_sums.metrics("train"),
@@ -385,8 +412,11 @@ def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, 
     """
     gpu = device.type == "cuda"
     if cfg.decode_on == "cpu":
+        # device="cpu", not Ray's default "auto": in a Ray Train worker "auto" is the worker's GPU and
+        # would move `index` there too, which the loop reads on the host. Pinned, the loop's
+        # non_blocking copies of image and label overlap the step before.
         yield from shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
-                                            prefetch_batches=PREFETCH_BATCHES, pin_memory=gpu)
+                                            prefetch_batches=PREFETCH_BATCHES, pin_memory=gpu, device="cpu")
         return
     for i, batch in enumerate(shard.iter_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
                                                  prefetch_batches=PREFETCH_BATCHES, batch_format="numpy")):
@@ -405,5 +435,5 @@ def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, 
             flip = np.zeros(n, bool)
         crops = device_stages.crops_on_device(images, top, left, flip, resize_size=cfg.resize_size,
                                               crop_size=cfg.crop_size)
-        yield {"image": crops, "label": torch.as_tensor(batch["label"][rows]).to(device, non_blocking=True),
+        yield {"image": crops, "label": device_stages.to_device(torch.as_tensor(batch["label"][rows]), device),
                "index": torch.as_tensor(batch["index"][rows])}
