@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test ui clean
+.PHONY: train test ui clean device-wheels device-check
 
 # checkov (the IaC scan in tests/test_cluster_configs.py) pins boto3, packaging and others below this
 # project's versions: it gets a venv of its own.
@@ -31,3 +31,14 @@ ui: $(VENV)/.installed
 
 clean:
 	rm -rf ray_results mlartifacts mlflow.db
+
+# The device check (BENCHMARKS.md, "The device check"). On this machine: the wheels a lent GPU machine lacks
+# (Python 3.12, no network there). There: no venv, only its own torch; OUT is the folder that comes back.
+DEVICE_WHEELS := .device/wheels
+device-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(DEVICE_WHEELS) simplejpeg
+
+device-check:
+	python3 -m pip install --quiet --no-index --no-deps --target .device/site $(DEVICE_WHEELS)/*.whl
+	PYTHONPATH=.device/site timeout 480 python3 jobs/gpu_check.py --out $(OUT)/gpu_check.json
