@@ -5,7 +5,9 @@
     1. ask the tracking server whether it is there; resolve the data (generate the cached sample when --data
        is empty with --preset sample) and fail fast on a bad path or data too small for one step
     2. join the Ray cluster the user points at (--address, RAY_ADDRESS, `ray job submit`), or start a
-       private local one; plan the workers' CPUs on what is free, so the job cannot deadlock
+       private local one; plan the workers' CPUs on what is free, so the job cannot deadlock; refuse
+       workers no node can hold (GPUs on a machine without, a --train-resource nobody offers) unless an
+       autoscaler can add such nodes
     3. build the Ray Data plans and a TorchTrainer whose MLflowCallback hands every epoch to the Recorder,
        which delivers it to MLflow (and keeps it while the server is down)
     4. fit, wait for the records, register the run's best model (registry.py), close the MLflow run, say
@@ -89,8 +91,10 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
 
     The private instance gets a logical CPU per train worker on top of the physical cores: on a
     2-core laptop two workers holding one CPU each would otherwise leave Ray Data none, and the
-    job would wait forever for its first batch.
+    job would wait forever for its first batch. It is this machine alone, with no autoscaler: on_private_ray()
+    says whether this process is on it (check_placeable refuses there what this machine cannot hold).
     """
+    global _private_gcs_address
     import ray
 
     if ray.is_initialized():
@@ -101,6 +105,7 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env=runtime_env)
+        _private_gcs_address = ray.get_runtime_context().gcs_address
         return
     try:
         ray.init(address=address, runtime_env=runtime_env)
@@ -113,6 +118,165 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
             f"cannot join the Ray cluster at {address!r} ({source}: {str(e).splitlines()[0]}): start one there "
             f"(`ray start --head`){auth}; or unset RAY_ADDRESS and drop --address to run on a private local "
             f"Ray") from None
+
+
+# The GCS address of the private local Ray connect_ray started in this process, if it did: that Ray is this
+# machine alone, and never has an autoscaler.
+_private_gcs_address: str | None = None
+
+
+def on_private_ray() -> bool:
+    """Whether this process is connected to the private local Ray that connect_ray started for it."""
+    import ray
+
+    return (_private_gcs_address is not None and ray.is_initialized()
+            and ray.get_runtime_context().gcs_address == _private_gcs_address)
+
+
+# How long has_autoscaler waits for the cluster's monitor to publish its first report (it publishes one every
+# AUTOSCALER_UPDATE_INTERVAL_S, 5 s by default): a cluster that has just started may not have one yet.
+AUTOSCALER_REPORT_WAIT_S = 12.0
+
+
+def has_autoscaler(wait_s: float = AUTOSCALER_REPORT_WAIT_S) -> bool:
+    """Whether the Ray cluster this process is connected to has an autoscaler that can add nodes.
+
+    Ray 2.60 has no public API that says so. This reads what `ray status` reads: the report the cluster's
+    monitor (autoscaler v1, Ray's default) writes to the GCS's internal KV store every round. Every Ray head
+    runs a monitor; without an autoscaling config (`ray start --head`, ray.init(), KubeRay without
+    enableInTreeAutoscaling) it runs a read-only provider that only mirrors the nodes there are, each
+    typed by its own id ("node_<node id>", ray.autoscaler._private.util.format_readonly_node_type). With a
+    config (the cluster launcher, KubeRay's autoscaler, tests/fake_cloud.py) the nodes carry the config's
+    node-type names. (ray._private.state.state.get_cluster_config(), which Ray Data and Train read, stays
+    empty under both of Ray's open-source autoscalers.)
+
+    Only a report that shows the read-only provider answers False. Anything this cannot read (no report
+    within wait_s, autoscaler v2, which writes none, a format it does not know) answers True: a job that
+    might still get its nodes is never refused. tests/test_gpu_requests.py guards the format on a real
+    local Ray (False), and tests/test_cluster_jobs.py's job on the fake autoscaling cluster fails if this
+    says False there.
+    """
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental import internal_kv
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        # The monitor's first reports, before its autoscaler has run a round, have no autoscaler_report.
+        raw = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        try:
+            node_types = json.loads(raw)["autoscaler_report"]["node_type_mapping"]
+        except (ValueError, KeyError, TypeError):
+            node_types = None
+        if isinstance(node_types, dict) and node_types:
+            return any(node_type != format_readonly_node_type(node_id) for node_id, node_type in node_types.items())
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.5)
+
+
+def _amount(name: str, n: float) -> str:
+    if name in ("CPU", "GPU"):
+        return f"{n:g} {name}{'' if n == 1 else 's'}"
+    return f"{n:g} of the resource `{name}`"
+
+
+def _shown(resources: dict[str, float]) -> str:
+    """{GPU: 2, CPU: 1}: GPUs first, custom resources, CPUs last."""
+    order = sorted(resources, key=lambda k: (k != "GPU", k == "CPU", k))
+    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in order) + "}"
+
+
+def _either(choices: list[str]) -> str:
+    """a; a or b; a, b, or c"""
+    if len(choices) < 3:
+        return " or ".join(choices)
+    return ", ".join(choices[:-1]) + ", or " + choices[-1]
+
+
+def unplaceable(cfg: Config, resources: dict[str, float], nodes: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why the train workers' bundles (cfg.workers x `resources`, cfg.worker_strategy) fit on none of
+    `nodes` (ray.nodes()) even when every node is idle, as (what the job asks for and what is missing,
+    what the user can do); None when they fit. Each worker's bundle must fit on ONE node: the cluster's
+    totals can hold 2 GPUs in two 1-GPU nodes while no node holds a worker that needs 2."""
+    totals = [node.get("Resources") or {} for node in nodes if node.get("Alive")]
+    wanted = {k: v for k, v in resources.items() if v > 0}
+    holds = [min((int(total.get(k, 0.0) / v + 1e-9) for k, v in wanted.items()), default=cfg.workers)
+             for total in totals]
+    flags = []
+    if cfg.use_gpu:
+        flags += ["--use-gpu", "--placement grouped"] if cfg.placement == "grouped" else ["--use-gpu"]
+    if cfg.train_resource:
+        flags.append(f"--train-resource {cfg.train_resource}")
+    if cfg.cpus_per_worker:
+        flags.append(f"--cpus-per-worker {cfg.cpus_per_worker:g}")
+    if cfg.worker_strategy.startswith("STRICT"):
+        flags.append(f"--worker-strategy {cfg.worker_strategy}")
+    asks = (f"{' '.join(flags) if flags else 'the job'} asks for {cfg.workers} train workers x "
+            f"{_shown(resources)}")
+    largest = {k: max((total.get(k, 0.0) for total in totals), default=0.0) for k in wanted}
+    missing = [k for k in sorted(wanted, key=lambda k: (k != "GPU", k == "CPU", k)) if largest[k] < wanted[k]]
+    remedies = []
+    if max(holds, default=0) == 0:
+        if missing:
+            why = "no node of this Ray cluster has " + " or ".join(
+                f"{_amount(k, wanted[k])} (the largest has {largest[k]:g})" for k in missing)
+        else:
+            why = f"no single node of this Ray cluster has all of {_shown(resources)}"
+        if "GPU" in missing:
+            remedies.append("drop --use-gpu")
+            if cfg.placement == "grouped" and largest["GPU"] >= 1:
+                remedies.append("use --placement data")
+        if cfg.train_resource in missing:
+            remedies.append(f"drop --train-resource {cfg.train_resource}")
+        if cfg.cpus_per_worker and "CPU" in missing:
+            remedies.append("use a smaller --cpus-per-worker")
+        if "GPU" in missing:
+            where = "GPU nodes"
+        elif cfg.train_resource in missing:
+            where = f"nodes that offer `{cfg.train_resource}`"
+        else:
+            where = "bigger nodes"
+        remedies.append(f"point --address at a cluster with {where}")
+        return f"{asks}; {why}", _either(remedies)
+    if cfg.worker_strategy == "STRICT_PACK":
+        fit = max(holds)
+        why = f"--worker-strategy STRICT_PACK puts them all on one node, and the largest holds {fit}"
+    elif cfg.worker_strategy == "STRICT_SPREAD":
+        fit = sum(1 for h in holds if h)
+        why = (f"--worker-strategy STRICT_SPREAD puts each on a node of its own, and {fit} "
+               f"node{'' if fit == 1 else 's'} can hold one")
+    else:
+        fit, why = sum(holds), f"all the nodes of this Ray cluster together hold {sum(holds)} of them"
+    if fit >= cfg.workers:
+        return None
+    remedies.append(f"use at most --workers {fit}" if fit else "use fewer --workers")
+    if cfg.worker_strategy.startswith("STRICT"):
+        remedies.append("use --worker-strategy PACK")
+    remedies.append("point --address at a bigger cluster")
+    return f"{asks}; {why}", _either(remedies)
+
+
+def check_placeable(cfg: Config, resources: dict[str, float]) -> None:
+    """Refuse at once, before anything starts, train workers that no node of the cluster can ever hold,
+    when no autoscaler can add one: Ray Train would wait for them forever. With an autoscaler, say that
+    the job waits for it to start such nodes, and go on."""
+    import ray
+
+    problem = unplaceable(cfg, resources, ray.nodes())
+    if problem is None:
+        return
+    asks, remedies = problem  # what the job asks for and what is missing; what the user can do
+    if on_private_ray():
+        raise ValueError(f"{asks}, and this job's private local Ray (no --address, no RAY_ADDRESS) is this "
+                         f"machine alone, with no autoscaler to add one: {remedies}")
+    if not has_autoscaler():
+        raise ValueError(f"{asks}, and the cluster has no autoscaler to add one: {remedies}")
+    print(f"[ray] {asks} now: waiting for the cluster's autoscaler to start nodes with those resources",
+          flush=True)
 
 
 def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = None) -> dict[str, float]:
@@ -244,6 +408,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
     connect_ray(train_workers=cfg.workers, address=cfg.address)
     resources = worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU"))
+    check_placeable(cfg, resources)  # else a request no node can hold waits in fit() forever
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which
     # execute them in other processes, run with that copy: setting it here reaches them.
     DataContext.get_current().enable_progress_bars = interactive
