@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from pipeline import ablate  # noqa: E402
+from pipeline.experiments import ablate  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(ablate.main())

@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "gpu":
-        from pipeline import gpu_benchmark
+        from pipeline.experiments import gpu_benchmark
 
         report = gpu_benchmark.run_gpu(device=args.device, batch_sizes=args.batch_sizes, variants=args.variants,
                                        width=args.width, image_size=args.image_size, steps=args.steps,
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(report))
         return 0
-    from pipeline import benchmark
+    from pipeline.experiments import benchmark
 
     try:
         report = benchmark.run_data(data_dir=args.data, images=args.images, epochs=args.epochs, cores=args.cores,

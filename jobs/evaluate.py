@@ -38,10 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline import evaluate  # after parsing: --help and flag errors answer without importing Ray
+    from pipeline.experiments import evaluation  # after parsing: --help and flag errors answer without importing Ray
 
     try:
-        result = evaluate.evaluate_model(args.model, args.data, use_gpu=args.use_gpu, actors=args.actors,
+        result = evaluation.evaluate_model(args.model, args.data, use_gpu=args.use_gpu, actors=args.actors,
                                          record=not args.no_record)
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a lent machine runs it from a clone, uninstalled
 
-from pipeline import device_check  # noqa: E402
+from pipeline.experiments import device_check  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,11 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline import prepare, storage
+    from pipeline.data import prepare, storage
 
     try:
         prepare.absolute_apart(args.source, args.output)  # before Ray starts: a wrong output is answered at once
-        from pipeline.runner import connect_ray
+        from pipeline.cluster import connect_ray
 
         connect_ray()
         prepare.prepare(args.source, args.output, resize=args.resize, quality=args.quality,

@@ -17,24 +17,25 @@ from pipeline import config  # noqa: E402
 
 def main(argv=None) -> int:
     cfg = config.parse_args(argv)
-    from pipeline import runner, tracking  # after parsing: --help and flag errors answer without importing Ray
+    from pipeline.tracking import runs  # after parsing: --help and flag errors answer without importing Ray
+    from pipeline.train import driver
 
     try:
-        summary = runner.run(cfg)
-    except runner.RunInterrupted as e:
+        summary = driver.run(cfg)
+    except driver.RunInterrupted as e:
         print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED; nothing registered",
               file=sys.stderr)
         return e.exit_code
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input, or a server (Ray, MLflow) that does not answer
         return 2
-    except tracking.RecordsNotDelivered as e:
+    except runs.RecordsNotDelivered as e:
         print(f"error: {e}", file=sys.stderr)  # trained, but the tracking server did not come back in time
         return 1
     import ray
 
     ray.shutdown()  # Ray's buffered log lines come out now, so that the job's last lines are these
-    print(runner.where_it_went(summary), flush=True)
+    print(driver.where_it_went(summary), flush=True)
     return 0
 
 

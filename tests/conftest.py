@@ -136,7 +136,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_imagenet(tmp_path_factory) -> Path:
     """3 classes, 24 train and 8 val images each, in ImageNet layout (grayscale and CMYK included)."""
-    from pipeline.sample import generate_sample_imagenet
+    from pipeline.data.sample import generate_sample_imagenet
 
     return generate_sample_imagenet(tmp_path_factory.mktemp("data") / "tiny", num_classes=3,
                                     train_per_class=24, val_per_class=8, seed=1)
@@ -154,8 +154,8 @@ def trained_run(ray_session, mlflow_server, tiny_imagenet, tmp_path_factory):
     Returns (cfg, summary)."""
     import dataclasses
 
-    from pipeline import runner
     from pipeline.config import PRESETS
+    from pipeline.train import driver
 
     cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet),
                               storage_path=str(tmp_path_factory.mktemp("ray_results")), **TINY_RUN)
@@ -164,7 +164,7 @@ def trained_run(ray_session, mlflow_server, tiny_imagenet, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        summary = runner.run(cfg)
+        summary = driver.run(cfg)
     finally:
         for key, value in saved.items():
             if value is None:

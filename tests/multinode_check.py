@@ -18,9 +18,9 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline import runner  # noqa: E402
 from pipeline.config import PRESETS  # noqa: E402
-from pipeline.sample import generate_sample_imagenet  # noqa: E402
+from pipeline.data.sample import generate_sample_imagenet  # noqa: E402
+from pipeline.train import driver  # noqa: E402
 
 
 class WorkerNodes(ray.train.UserCallback):
@@ -51,7 +51,7 @@ def main() -> None:
     out = {}
     for strategy in ("STRICT_SPREAD", "STRICT_PACK"):
         nodes = work / f"{strategy}-nodes.json"
-        summary = runner.run(dataclasses.replace(base, worker_strategy=strategy), callbacks=[WorkerNodes(nodes)])
+        summary = driver.run(dataclasses.replace(base, worker_strategy=strategy), callbacks=[WorkerNodes(nodes)])
         client = mlflow.MlflowClient(tracking_uri)
         history = {key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key),
                                                  key=lambda m: m.step)]

@@ -12,10 +12,10 @@ import sys
 
 import mlflow
 import pytest
-
 from conftest import ROOT, TINY_RUN
-from pipeline import ablate, figure1
+
 from pipeline.config import PRESETS
+from pipeline.experiments import ablate, figure1
 
 
 def test_grid_entries_parse_and_bad_ones_are_refused():

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, train
 from pipeline.config import PRESETS
-from pipeline.model import build_model
-from pipeline.placement import grouped_state_dict, place_model
+from pipeline.models import checkpoint
+from pipeline.models.alexnet import build_model
+from pipeline.models.placement import grouped_state_dict, place_model
+from pipeline.train import worker
 
 CFG = dataclasses.replace(PRESETS["paper"], width=0.125, crop_size=67, resize_size=80, schedule="plateau")
 CLASSES = ["n01440764", "n01443537", "n01484850"]
@@ -25,8 +26,8 @@ def trained_parts(placement: str = "data", steps: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     model = place_model(build_model("alexnet", num_classes=3, width=CFG.width, image_size=CFG.crop_size, dropout=0.0),
                         placement, ["cpu"])
-    optimizer = train.make_optimizer(model, CFG)
-    scheduler = train.make_scheduler(optimizer, CFG)
+    optimizer = worker.make_optimizer(model, CFG)
+    scheduler = worker.make_scheduler(optimizer, CFG)
     for step in range(steps):
         step_on(model, optimizer, seed=step)
         scheduler.step(float(step))

@@ -134,7 +134,7 @@ def test_kuberay_pods_run_with_token_auth_and_the_irsa_service_account():
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(":role/alexnet-kuberay")
     iam = (INFRA / "terraform" / "iam.tf").read_text()
     subject = f"system:serviceaccount:{account['metadata']['namespace']}:{account['metadata']['name']}"
-    assert re.search(rf'name\s*=\s*"alexnet-kuberay"', iam) and f'"{subject}"' in iam  # the role trusts this account
+    assert re.search(r'name\s*=\s*"alexnet-kuberay"', iam) and f'"{subject}"' in iam  # the role trusts this account
 
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())

@@ -21,19 +21,20 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
+import tomllib
 import yaml
-
 from conftest import ROOT
-from pipeline import data, runner
-from pipeline.config import parse_args
 from ray_head import ray_head
+
+from pipeline import cluster, data
+from pipeline.config import parse_args
+from pipeline.train import driver
 
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
 
@@ -190,7 +191,7 @@ def test_a_submitted_job_scales_gpu_and_cpu_nodes_from_zero_splits_the_work_and_
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     try:
-        summary = runner.run(single)
+        summary = driver.run(single)
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -214,8 +215,8 @@ def compress(samples):
 def test_train_and_data_resources_reach_ray():
     cfg = parse_args(["--train-resource", "train", "--data-resource", "data"])
     # No CPU free yet (an autoscaling cluster at zero nodes): the workers wait for their nodes, no refusal.
-    assert runner.worker_resources(cfg, free_cpus=0.0) == {"CPU": 1.0, "train": 1.0}
-    assert runner.worker_resources(dataclasses.replace(cfg, use_gpu=True, placement="grouped"), free_cpus=0.0) == {
+    assert cluster.worker_resources(cfg, free_cpus=0.0) == {"CPU": 1.0, "train": 1.0}
+    assert cluster.worker_resources(dataclasses.replace(cfg, use_gpu=True, placement="grouped"), free_cpus=0.0) == {
         "CPU": 1.0, "GPU": 2.0, "train": 1.0}
     assert data.placement_args(cfg) == {"resources": {"data": data.DATA_RESOURCE_SHARE}}
     assert data.placement_args(parse_args([])) == {}

@@ -13,7 +13,6 @@ import time
 import uuid
 
 import mlflow
-
 from conftest import ROOT
 from test_run_status import TINY_FLAGS
 

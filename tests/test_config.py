@@ -71,7 +71,7 @@ def test_train_help_and_unknown_flag_answer_without_starting_anything():
 
 
 def test_default_tracking_store_is_local_and_survives_ray_job_working_dirs(tmp_path, monkeypatch):
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.runs import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -87,7 +87,7 @@ def test_default_tracking_store_is_local_and_survives_ray_job_working_dirs(tmp_p
 
 
 def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
-    from pipeline.runner import worker_resources
+    from pipeline.cluster import worker_resources
 
     sample = config.PRESETS["sample"]
     assert worker_resources(sample, free_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical

@@ -13,13 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
-from pipeline import stages, train
-from pipeline.config import PRESETS
-from pipeline.model import build_from_config
 
-LIGHTING = {"eigval": stages.IMAGENET_EIGVAL, "eigvec": stages.IMAGENET_EIGVEC}
+from pipeline.config import PRESETS
+from pipeline.models.alexnet import build_from_config
+from pipeline.train import worker
+from pipeline.transforms import constants
+
+LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 CFG = dataclasses.replace(PRESETS["sample"], width=0.125, crop_size=67, resize_size=76, batch_size=8, workers=1)
 # What a lent GPU machine lacks (BENCHMARKS.md, "The device check"): it has torch, torchvision, pyarrow,
 # Pillow, OpenCV and NumPy, and simplejpeg only when its wheel is carried.
@@ -43,12 +44,12 @@ def test_batches_stay_on_the_host_where_ray_would_move_them_to_the_gpu(ray_sessi
     monkeypatch.setattr(ray.train.utils, "_in_ray_train_worker", lambda: True)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("meta"))
     shard = crops_dataset(ray_session).iterator()
-    batches = list(train.input_batches(shard, CFG, torch.device("cpu"), drop_last=True))
+    batches = list(worker.input_batches(shard, CFG, torch.device("cpu"), drop_last=True))
     assert len(batches) == 2 and all(v.device.type == "cpu" for b in batches for v in b.values())
     # and the loop trains on them, reading the indices on the host
     model = build_from_config(CFG.to_dict(), 10)
     consumed = []
-    stats = train.train_one_epoch(model, train.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
+    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
                                   torch.Generator(), LIGHTING, checkpoint_every=1,
                                   on_checkpoint=lambda step, sums, seen: consumed.append(np.concatenate(seen)))
     assert stats.sums.images == 16 and len(set(consumed[0].tolist())) == 8
@@ -59,7 +60,7 @@ def test_the_loop_refuses_indices_that_are_not_on_the_host():
              "index": torch.arange(2, device="meta")}
     model = build_from_config(CFG.to_dict(), 10)
     with pytest.raises(RuntimeError, match="index column is on meta, expected the CPU"):
-        train.train_one_epoch(model, train.make_optimizer(model, CFG), [batch], torch.device("cpu"), CFG,
+        worker.train_one_epoch(model, worker.make_optimizer(model, CFG), [batch], torch.device("cpu"), CFG,
                               torch.Generator(), LIGHTING)
 
 
@@ -77,10 +78,10 @@ def test_channels_last_steps_train_like_the_default_layout(placement):
     models = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        model = train.place_and_wrap(build_from_config(cfg.to_dict(), 10), cfg, [torch.device("cpu")],
+        model = worker.place_and_wrap(build_from_config(cfg.to_dict(), 10), cfg, [torch.device("cpu")],
                                      channels_last=channels_last)
-        precision = train.Precision(None, channels_last)
-        train.train_one_epoch(model, train.make_optimizer(model, cfg), batches_of_shapes(), torch.device("cpu"), cfg,
+        precision = worker.Precision(None, channels_last)
+        worker.train_one_epoch(model, worker.make_optimizer(model, cfg), batches_of_shapes(), torch.device("cpu"), cfg,
                               torch.Generator(), LIGHTING, precision=precision)
         models.append(model)
     convs = [m for m in models[1].modules() if isinstance(m, torch.nn.Conv2d)]
@@ -93,9 +94,9 @@ def test_a_compiled_model_trains_and_times_its_first_step():
     """--compile as the worker loop runs it: torch.compile (inductor, C++ on the CPU) of the placed model;
     the first step, timed alone, is the compilation; the steps change the weights and count every image."""
     torch.manual_seed(0)
-    model = train.place_and_wrap(build_from_config(CFG.to_dict(), 10), CFG, [torch.device("cpu")])
+    model = worker.place_and_wrap(build_from_config(CFG.to_dict(), 10), CFG, [torch.device("cpu")])
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train.train_one_epoch(torch.compile(model), train.make_optimizer(model, CFG), batches_of_shapes(),
+    stats = worker.train_one_epoch(torch.compile(model), worker.make_optimizer(model, CFG), batches_of_shapes(),
                                   torch.device("cpu"), CFG, torch.Generator(), LIGHTING, time_first_step=True)
     assert stats.sums.images == 24 and np.isfinite(stats.sums.loss)
     assert stats.first_step_seconds > 0.5 * stats.seconds  # compiling dwarfs two tiny steps

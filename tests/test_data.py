@@ -80,7 +80,7 @@ def test_train_plan_yields_uint8_crops_and_labels(ray_session, tiny_imagenet):
 
 
 def test_val_plan_is_central_crops_matching_the_stages(ray_session, tiny_imagenet):
-    from pipeline import stages
+    from pipeline.transforms import stages
 
     folder = data.scan_image_folder(str(tiny_imagenet))
     path = folder.files["val"][0]
@@ -159,7 +159,7 @@ def test_a_resumed_epoch_with_centre_crops_leaves_out_what_was_trained_on(ray_se
 
 def test_every_epoch_a_fresh_order_of_samples_from_shards(ray_session, tiny_imagenet, tmp_path):
     """Shards are read a row group at a time: the rows inside it are permuted anew every epoch."""
-    from pipeline import prepare
+    from pipeline.data import prepare
 
     prepare.prepare(str(tiny_imagenet), str(tmp_path / "shards"), log=lambda m: None)
     source = data.open_source(str(tmp_path / "shards"))
@@ -173,7 +173,7 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
     size (Dataset.context, a DeveloperAPI) makes every unit a block of its own."""
     import dataclasses as dc
 
-    from pipeline import sources
+    from pipeline.data import sources
 
     folder = data.scan_image_folder(str(tiny_imagenet))
     many = dc.replace(folder, files={**folder.files, "train": folder.files["train"] * 8},
@@ -197,7 +197,7 @@ def test_tasks_take_up_to_eight_units_and_leave_every_cpu_two():
 
 
 def test_webdataset_shuffle_buffer_gives_every_item_once_in_a_seeded_order():
-    from pipeline.sources import _shuffle_buffer
+    from pipeline.data.sources import _shuffle_buffer
 
     items = list(range(1000))
     a = list(_shuffle_buffer(iter(items), 64, np.random.default_rng(0)))
@@ -221,14 +221,14 @@ class _preserve_order:
 
 
 def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_session, tiny_imagenet):
-    """--decode-on gpu: Ray Data reads bytes; train.input_batches decodes and crops them on the
+    """--decode-on gpu: Ray Data reads bytes; worker.input_batches decodes and crops them on the
     trainer's device (the CPU here: the same calls run nvJPEG on CUDA). The centre crops match the
     CPU path's image for image; the training crops keep every image and label once."""
     from types import SimpleNamespace
 
     import torch
 
-    from pipeline import train
+    from pipeline.train import worker
 
     folder = data.scan_image_folder(str(tiny_imagenet))
     gpu_cfg = SimpleNamespace(**{**CFG.to_dict(), "decode_on": "gpu"}, worker_batch_size=8)  # Config needs a GPU
@@ -236,14 +236,14 @@ def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_se
     assert set(raw) == {"jpeg", "key", "label", "index"} and isinstance(raw["jpeg"][0], bytes)
 
     with _preserve_order():  # both in file order, to compare image for image
-        on_device = list(train.input_batches(data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg,
+        on_device = list(worker.input_batches(data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg,
                                              torch.device("cpu"), drop_last=False))
         cpu = data.val_dataset(folder, CFG).take_batch(24, batch_format="numpy")
     images = torch.cat([b["image"] for b in on_device]).numpy()
     assert images.shape == cpu["image"].shape and np.array_equal(torch.cat([b["label"] for b in on_device]), cpu["label"])
     assert np.abs(images.astype(int) - cpu["image"].astype(int)).mean() < 1.5
 
-    crops = list(train.input_batches(data.train_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"),
+    crops = list(worker.input_batches(data.train_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"),
                                      drop_last=False, crop_rngs=lambda i: np.random.default_rng([0, i])))
     labels = torch.cat([b["label"] for b in crops]).tolist()
     assert sum(len(b["image"]) for b in crops) == 72 and sorted(np.bincount(labels).tolist()) == [24, 24, 24]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import device_stages, stages
+from pipeline.transforms import constants, device_stages, stages
 
 
 def numpy_lighting(images: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """fb.resnet.torch's Lighting, one image at a time: rgb = eigvec @ (alpha * eigval)."""
-    eigval, eigvec = np.array(stages.IMAGENET_EIGVAL), np.array(stages.IMAGENET_EIGVEC)
+    eigval, eigvec = np.array(constants.IMAGENET_EIGVAL), np.array(constants.IMAGENET_EIGVEC)
     out = images.copy()
     for i in range(len(images)):
         rgb = eigvec @ (alpha[i] * eigval)
@@ -72,7 +72,7 @@ def test_device_decode_and_crops_match_the_cpu_path():
     import cv2
     from PIL import Image
 
-    from pipeline.sample import photo_like
+    from pipeline.data.sample import photo_like
 
     files = []
     for i, size in enumerate([(500, 375), (375, 500), (300, 200), (256, 256)]):
@@ -119,7 +119,7 @@ def test_a_file_the_device_decoder_refuses_is_decoded_by_the_cpu_decoder(monkeyp
     import torchvision.io
     from PIL import Image
 
-    from pipeline import decode
+    from pipeline.transforms import decode
 
     pixels = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     def saved(**options):

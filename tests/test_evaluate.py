@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import EvalSums, score_batch, topk_hits
+from pipeline.train.metrics import EvalSums, score_batch, topk_hits
 
 
 def test_topk_counts_and_caps_k_at_the_class_count():
@@ -45,7 +45,7 @@ def test_ten_crop_averages_the_softmax_over_the_patches():
 
 
 def test_ten_crop_is_four_corners_the_centre_and_their_mirrors():
-    from pipeline import stages
+    from pipeline.transforms import stages
 
     # Pixel values that encode their position: a crop's top-left pixel names where it was cut.
     size, crop = 10, 6
@@ -61,12 +61,13 @@ def test_ten_crop_is_four_corners_the_centre_and_their_mirrors():
 
 
 def test_eval_views_centre_is_trainings_view_and_the_square_is_the_resize(tiny_imagenet):
-    from pipeline import evaluate, stages
+    from pipeline.experiments import evaluation
+    from pipeline.transforms import stages
 
     paths = sorted((tiny_imagenet / "val").glob("*/*.JPEG"))[:3]
     batch = {"jpeg": [p.read_bytes() for p in paths] + [b"junk"], "key": [p.name for p in paths] + ["bad"],
              "label": np.array([0, 1, 2, 0])}
-    views = evaluate.eval_views(batch, resize_size=80, crop_size=67)
+    views = evaluation.eval_views(batch, resize_size=80, crop_size=67)
     assert list(views["failed"]) == ["bad"] and views["label"].tolist() == [0, 1, 2]
     want = stages.center_crops({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, resize_size=80, crop_size=67)
     assert np.array_equal(views["image"], want["image"])
@@ -80,7 +81,7 @@ def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tupl
     own ten_crop, softmax averaged by hand. Shares only the pixel stages with the job."""
     import torchvision.transforms.functional as TF
 
-    from pipeline import device_stages, stages
+    from pipeline.transforms import device_stages, stages
 
     wnids = sorted(p.name for p in (root / "train").iterdir())
     images = centre_hits = ten_hits = 0
@@ -104,14 +105,16 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
                                                                      monkeypatch):
     import mlflow
 
-    from pipeline import checkpoint, evaluate
+    from pipeline.experiments import evaluation
+    from pipeline.models import checkpoint
+    from pipeline.train import metrics
 
     cfg, summary = trained_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # where the job looks
     mlflow.set_tracking_uri(mlflow_server)
     reference = f"models:/{cfg.registered_model}@champion"
     opened = checkpoint.open_model(reference)
-    result = evaluate.evaluate_split(opened.state, evaluate.sources.open_source(str(tiny_imagenet)),
+    result = evaluation.evaluate_split(opened.state, metrics.sources.open_source(str(tiny_imagenet)),
                                      batch_size=8)
     images, centre, ten = independent_counts(checkpoint.build_model(opened.state), tiny_imagenet,
                                              resize_size=cfg.resize_size, crop_size=cfg.crop_size)
@@ -121,7 +124,7 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
     assert result["metrics"]["val_top1_10crop"] == pytest.approx(100 * ten / 24)
 
     # The job: the same numbers, written on the registered version and on its logged model.
-    job = evaluate.evaluate_model(reference, str(tiny_imagenet))
+    job = evaluation.evaluate_model(reference, str(tiny_imagenet))
     assert job["metrics"] == pytest.approx(result["metrics"])
     client = mlflow.MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias(cfg.registered_model, "champion")
@@ -139,10 +142,10 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
 def test_evaluation_job_reads_a_ray_checkpoint_and_refuses_other_classes(trained_run, tmp_path):
     import shutil
 
-    from pipeline import evaluate
+    from pipeline.experiments import evaluation
 
     cfg, summary = trained_run
-    result = evaluate.evaluate_model(summary["checkpoint"], cfg.data, record=False)
+    result = evaluation.evaluate_model(summary["checkpoint"], cfg.data, record=False)
     assert result["epoch"] == 1 and result["recorded"] == []
     assert result["metrics"]["val_top1"] == pytest.approx(summary["val_top1"])  # training's own view of epoch 1
 
@@ -151,7 +154,7 @@ def test_evaluation_job_reads_a_ray_checkpoint_and_refuses_other_classes(trained
         for wnid in sorted(p.name for p in (Path(cfg.data) / split).iterdir())[:2]:
             shutil.copytree(Path(cfg.data) / split / wnid, fewer / split / wnid)
     with pytest.raises(ValueError, match=r"the model has 3 classes but .*two-classes has 2"):
-        evaluate.evaluate_model(summary["checkpoint"], str(fewer), record=False)
+        evaluation.evaluate_model(summary["checkpoint"], str(fewer), record=False)
 
 
 def test_evaluation_job_names_a_model_it_cannot_find(tmp_path):
@@ -180,7 +183,7 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_batch_counts_per_class_equal_an_independent_numpy_count():
-    from pipeline.evaluate import batch_counts, sums_of
+    from pipeline.train.metrics import batch_counts, sums_of
 
     rng = np.random.default_rng(5)
     classes, n = 9, 60
@@ -206,7 +209,6 @@ def test_batch_counts_per_class_equal_an_independent_numpy_count():
 def one_process_group():
     """A real torch.distributed process group of one gloo worker, destroyed after the test."""
     import torch.distributed as dist
-
     from conftest import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

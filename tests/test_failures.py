@@ -17,8 +17,8 @@ import ray
 import ray.train
 from ray.util.state import list_actors
 
-from pipeline import runner
 from pipeline.config import PRESETS
+from pipeline.train import driver
 
 
 def our_train_workers() -> list[int]:
@@ -80,7 +80,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_imag
     reports = ReportLog(in_tmp_dir / "reports.txt")
     killer = threading.Thread(target=kill_a_worker_after_the_first_epoch, args=(reports, killed), daemon=True)
     killer.start()
-    summary = runner.run(cfg, callbacks=[reports])
+    summary = driver.run(cfg, callbacks=[reports])
     killer.join(timeout=5)
 
     assert killed, "no train worker was killed: the test did not exercise a failure"

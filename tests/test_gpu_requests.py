@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from pipeline import runner
+
+from pipeline import cluster
 from pipeline.config import parse_args
 
 NO_AUTOSCALER = "and the cluster has no autoscaler to add one: "
@@ -28,9 +28,9 @@ NO_AUTOSCALER = "and the cluster has no autoscaler to add one: "
 def refusal(ray, argv: list[str]) -> str:
     """check_placeable's ValueError for these flags on the session's Ray."""
     cfg = parse_args(argv)
-    resources = runner.worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"])
+    resources = cluster.worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"])
     with pytest.raises(ValueError) as refused:
-        runner.check_placeable(cfg, resources)
+        cluster.check_placeable(cfg, resources)
     return str(refused.value)
 
 
@@ -39,8 +39,8 @@ def test_the_session_ray_has_no_autoscaler(ray_session):
     the read-only provider. Were the format to change, has_autoscaler would answer True (it never refuses what it
     cannot read) and this would fail."""
     started = time.monotonic()
-    assert runner.has_autoscaler() is False
-    assert not runner.on_private_ray()  # the session's Ray is joined here, not started by connect_ray
+    assert cluster.has_autoscaler() is False
+    assert not cluster.on_private_ray()  # the session's Ray is joined here, not started by connect_ray
     print(f"\nhas_autoscaler answered in {time.monotonic() - started:.1f} s")
 
 
@@ -73,9 +73,9 @@ def test_a_request_that_fits_passes(ray_session, capsys):
     for argv in ([], ["--cpus-per-worker", "1"], ["--worker-strategy", "STRICT_PACK", "--cpus-per-worker", "1"],
                  ["--workers", "1", "--batch-size", "8", "--worker-strategy", "STRICT_SPREAD"]):
         cfg = parse_args(argv)
-        resources = runner.worker_resources(cfg, ray_session.available_resources()["CPU"],
+        resources = cluster.worker_resources(cfg, ray_session.available_resources()["CPU"],
                                             ray_session.cluster_resources()["CPU"])
-        runner.check_placeable(cfg, resources)
+        cluster.check_placeable(cfg, resources)
     assert "[ray]" not in capsys.readouterr().out  # nothing to wait for
 
 
@@ -87,17 +87,17 @@ def node(**resources: float) -> dict:
 def test_each_worker_must_fit_on_one_node_not_in_the_cluster_totals():
     grouped = parse_args(["--use-gpu", "--placement", "grouped"])
     two_single_gpu_nodes = [node(GPU=1.0), node(GPU=1.0), {"Alive": False, "Resources": {"GPU": 8.0}}]
-    asks, remedies = runner.unplaceable(grouped, {"CPU": 1.0, "GPU": 2.0}, two_single_gpu_nodes)
+    asks, remedies = cluster.unplaceable(grouped, {"CPU": 1.0, "GPU": 2.0}, two_single_gpu_nodes)
     assert asks.endswith("no node of this Ray cluster has 2 GPUs (the largest has 1)")  # the dead node does not count
     assert remedies == "drop --use-gpu, use --placement data, or point --address at a cluster with GPU nodes"
     data = dataclasses.replace(grouped, placement="data")
-    assert runner.unplaceable(data, {"CPU": 1.0, "GPU": 1.0}, two_single_gpu_nodes) is None
+    assert cluster.unplaceable(data, {"CPU": 1.0, "GPU": 1.0}, two_single_gpu_nodes) is None
     # One worker per node fits, but not both workers: two 1-GPU workers on one 1-GPU node.
-    asks, remedies = runner.unplaceable(data, {"CPU": 1.0, "GPU": 1.0}, [node(GPU=1.0)])
+    asks, remedies = cluster.unplaceable(data, {"CPU": 1.0, "GPU": 1.0}, [node(GPU=1.0)])
     assert asks.endswith("all the nodes of this Ray cluster together hold 1 of them")
     assert remedies == "use at most --workers 1 or point --address at a bigger cluster"
     # Every resource is somewhere, but not on one node.
-    asks, _ = runner.unplaceable(parse_args(["--use-gpu", "--train-resource", "train"]),
+    asks, _ = cluster.unplaceable(parse_args(["--use-gpu", "--train-resource", "train"]),
                                  {"CPU": 1.0, "GPU": 1.0, "train": 1.0}, [node(GPU=1.0), node(train=2.0)])
     assert asks.endswith("no single node of this Ray cluster has all of {GPU: 1, train: 1, CPU: 1}")
 

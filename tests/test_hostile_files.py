@@ -17,16 +17,17 @@ import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import imagenet_fixtures as fx
 import numpy as np
 import pytest
 import ray
 import simplejpeg
+from conftest import ROOT
 from PIL import Image
 
-import imagenet_fixtures as fx
-from conftest import ROOT
-from pipeline import data, decode, prepare, sources
+from pipeline import data
 from pipeline.config import PRESETS
+from pipeline.data import prepare, sources
 
 CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=3)
 
@@ -122,7 +123,7 @@ def test_the_prepare_job_names_each_hostile_file_and_finishes(ray_session, hosti
 def test_a_training_epoch_names_each_hostile_file_and_trains_on_the_rest(ray_session, hostile):
     root, ids = hostile
     source = sources.open_source(str(root))
-    report = data.DecodeFailures.remote()
+    report = data.ReadReport.remote()
     rows = data.train_dataset(source, CFG, report, keys=True).take_all()
     refused = {ids[name]: h.training for name, h in HOSTILE.items() if h.training}
     # The read tasks send their failures without waiting for the actor: they may land after the rows.
@@ -139,7 +140,7 @@ def test_a_training_epoch_names_each_hostile_file_and_trains_on_the_rest(ray_ses
 
 MEASURE = """
 import json, sys
-from pipeline import decode
+from pipeline.transforms import decode
 
 def status(key):  # kB
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))

@@ -11,14 +11,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from imagenet_fixtures import (
+    LABEL_KINDS,
+    WNIDS,
+    Expected,
+    devkit_ids,
+    image_bytes,
+    odd_file,
+    write_archives,
+    write_extracted,
+    write_flat_val,
+    write_labels,
+    write_meta_mat,
+)
 from PIL import Image, ImageFile
 
-from pipeline import decode, imagenet
-from pipeline.imagenet import BadImage, clean_image, discover_inputs, iter_records
-from pipeline.sample import photo_like
-
-from imagenet_fixtures import (LABEL_KINDS, WNIDS, Expected, devkit_ids, image_bytes, odd_file, write_archives,
-                               write_extracted, write_flat_val, write_labels, write_meta_mat)
+from pipeline.data import imagenet
+from pipeline.data.imagenet import BadImage, clean_image, discover_inputs, iter_records
+from pipeline.data.sample import photo_like
+from pipeline.transforms import decode
 
 # ---------------------------------------------------------------------------------------------
 # Metadata
@@ -441,7 +452,7 @@ def test_s3_archives_and_folders(tmp_path, s3_endpoint):
     import boto3
     import pyarrow.fs as pafs
 
-    from pipeline.storage import resolve
+    from pipeline.data.storage import resolve
 
     expected = write_archives(tmp_path, labels="devkit_tarball", val=True, train=True)
     extracted = write_extracted(tmp_path / "extracted", val=False, wnids=("n01484850",), train_per_class=3, bad=False)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import device_stages, lighting, stages
-from pipeline.lighting import Lighting
+from pipeline.transforms import constants, device_stages, lighting, stages
+from pipeline.transforms.lighting import Lighting
 
 
 def encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
@@ -81,8 +81,8 @@ def test_from_moments_recovers_a_known_covariance_from_gaussian_pixels():
 
 
 def test_from_moments_of_the_imagenet_covariance_gives_back_its_constants_and_the_sign_rule():
-    vec, val = np.array(stages.IMAGENET_EIGVEC), np.array(stages.IMAGENET_EIGVAL)
-    mean = np.array(stages.IMAGENET_MEAN)
+    vec, val = np.array(constants.IMAGENET_EIGVEC), np.array(constants.IMAGENET_EIGVAL)
+    mean = np.array(constants.IMAGENET_MEAN)
     cov = vec @ np.diag(val) @ vec.T
     L = lighting.lighting_from_moments(1, 1, mean, cov + np.outer(mean, mean), source="x")
     np.testing.assert_allclose(L.eigval, val, atol=1e-4)             # constants are rounded to 4 places
@@ -235,9 +235,9 @@ def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants(
     assert back == L and isinstance(back.eigvec[0], tuple)
     assert Lighting.from_dict(json.loads(json.dumps(lighting.IMAGENET.to_dict()))) == lighting.IMAGENET
 
-    assert lighting.IMAGENET.eigval == stages.IMAGENET_EIGVAL
-    assert lighting.IMAGENET.eigvec == stages.IMAGENET_EIGVEC
-    assert (lighting.IMAGENET.mean, lighting.IMAGENET.std) == (stages.IMAGENET_MEAN, stages.IMAGENET_STD)
+    assert lighting.IMAGENET.eigval == constants.IMAGENET_EIGVAL
+    assert lighting.IMAGENET.eigvec == constants.IMAGENET_EIGVEC
+    assert (lighting.IMAGENET.mean, lighting.IMAGENET.std) == (constants.IMAGENET_MEAN, constants.IMAGENET_STD)
     assert (lighting.IMAGENET.images, lighting.IMAGENET.pixels, lighting.IMAGENET.source) == (
         0, 0, "imagenet-constants")
 

@@ -7,8 +7,15 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.model import (LAYERS, PAPER_PARAMETERS, AlexNet, build_model, count_parameters, per_tower,
-                            pool5_size)
+from pipeline.models.alexnet import (
+    LAYERS,
+    PAPER_PARAMETERS,
+    AlexNet,
+    build_model,
+    count_parameters,
+    per_tower,
+    pool5_size,
+)
 
 TORCHVISION_PARAMETERS = 61_100_840
 

@@ -2,7 +2,7 @@
 makes the host wait for a CUDA device, and builds its constants once.
 
     would wait for a CUDA device                 caught here by
-    torch.bincount, nonzero, unique, boolean-    spies that raise, around evaluate.batch_counts (CPU) and
+    torch.bincount, nonzero, unique, boolean-    spies that raise, around metrics.batch_counts (CPU) and
       mask indexing, .item / .tolist / .cpu,       to_model_input (on the meta device: tensors without data,
       torch.tensor(..., device=...)                where any data-dependent op raises anyway)
     a blocking copy to the device each step      to_model_input's copies to the meta device, recorded
@@ -16,7 +16,8 @@ import contextlib
 import pytest
 import torch
 
-from pipeline import device_stages, evaluate
+from pipeline.train import metrics
+from pipeline.transforms import constants, device_stages
 
 META = torch.device("meta")
 
@@ -57,8 +58,8 @@ def test_batch_counts_calls_nothing_that_waits_for_the_device(crops):
     shape = (6, crops, 4, 4, 3) if crops > 1 else (6, 4, 4, 3)
     images, labels = torch.randint(0, 256, shape, dtype=torch.uint8), torch.tensor([0, 1, 1, 3, 3, 3])
     with torch.no_grad(), host_reads_refused():
-        counts = evaluate.batch_counts(model, images, labels)
-    sums = evaluate.sums_of(counts)   # read once, after the pass
+        counts = metrics.batch_counts(model, images, labels)
+    sums = metrics.sums_of(counts)   # read once, after the pass
     assert sums.images == 6 and sums.class_images == (1, 2, 0, 3, 0)
 
 
@@ -115,4 +116,4 @@ def test_constants_first_built_under_inference_mode_serve_a_caller_that_needs_gr
         device_stages.normalize(torch.rand(1, 3, 2, 2))
     x = torch.rand(1, 3, 2, 2, requires_grad=True)
     device_stages.normalize(x).sum().backward()
-    assert torch.allclose(x.grad, 1 / torch.tensor(device_stages.IMAGENET_STD)[None, :, None, None].expand(1, 3, 2, 2))
+    assert torch.allclose(x.grad, 1 / torch.tensor(constants.IMAGENET_STD)[None, :, None, None].expand(1, 3, 2, 2))

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import device_stages, pictures
+from pipeline.tracking import pictures
+from pipeline.transforms import device_stages
 
 
 def opened(data: bytes) -> np.ndarray:

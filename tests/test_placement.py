@@ -11,9 +11,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.model import PAPER_PARAMETERS, AlexNet, count_parameters, scaled
-from pipeline.placement import (PLACEMENTS, TwoTowerAlexNet, alexnet_geometry, grouped_state_dict, merge_towers,
-                                place_model)
+from pipeline.models.alexnet import PAPER_PARAMETERS, AlexNet, count_parameters, scaled
+from pipeline.models.placement import (
+    PLACEMENTS,
+    TwoTowerAlexNet,
+    alexnet_geometry,
+    grouped_state_dict,
+    merge_towers,
+    place_model,
+)
 
 TOLERANCE = 1e-5  # float32: a different summation order alone stays near 1e-7
 
@@ -258,7 +264,7 @@ def test_each_exchange_queues_its_copies_before_either_tower_computes(monkeypatc
 
 def test_grouped_placement_keeps_channels_last():
     from pipeline.config import PRESETS
-    from pipeline.train import place_and_wrap
+    from pipeline.train.worker import place_and_wrap
 
     cfg = PRESETS["sample"]
     for placement in PLACEMENTS:
@@ -270,7 +276,7 @@ def test_grouped_placement_keeps_channels_last():
 
 
 def test_load_grouped_state_dict_fills_either_form_of_the_model():
-    from pipeline.placement import load_grouped_state_dict
+    from pipeline.models.placement import load_grouped_state_dict
 
     source = small()
     state = grouped_state_dict(source)

@@ -6,8 +6,8 @@ import dataclasses
 import mlflow
 import pytest
 
-from pipeline import runner
 from pipeline.config import PRESETS
+from pipeline.train import driver
 
 BASE = dataclasses.replace(
     PRESETS["sample"], width=0.125, resize_size=80, crop_size=67, epochs=2, batch_size=16, workers=2,
@@ -19,7 +19,7 @@ def test_grouped_placement_trains_the_same_function_as_data_placement(ray_sessio
     for placement in ("data", "grouped"):
         cfg = dataclasses.replace(BASE, data=str(tiny_imagenet), placement=placement,
                                   storage_path=str(in_tmp_dir / "ray_results"))
-        summary = runner.run(cfg)
+        summary = driver.run(cfg)
         client = mlflow.MlflowClient(summary["tracking_uri"])
         curves[placement] = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "train_loss"),
                                                      key=lambda m: m.step)]
@@ -28,7 +28,7 @@ def test_grouped_placement_trains_the_same_function_as_data_placement(ray_sessio
     assert curves["grouped"] == pytest.approx(curves["data"], rel=1e-4)
 
     # The registered model is the single-device form whatever the placement.
-    from pipeline.model import AlexNet
+    from pipeline.models.alexnet import AlexNet
     model = mlflow.pyfunc.load_model("models:/placement@champion").unwrap_python_model().network
     import torch
     assert type(model) is AlexNet and model(torch.zeros(2, 3, 67, 67)).shape == (2, 3)

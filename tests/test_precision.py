@@ -9,22 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import sources, stages, train
 from pipeline.config import PRESETS, Config
-from pipeline.evaluate import evaluate
-from pipeline.model import build_model
+from pipeline.data import sources
+from pipeline.models.alexnet import build_model
+from pipeline.train import worker
+from pipeline.train.metrics import validate
+from pipeline.transforms import constants, stages
 
-LIGHTING = {"eigval": stages.IMAGENET_EIGVAL, "eigvec": stages.IMAGENET_EIGVEC}
+LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 CFG = dataclasses.replace(PRESETS["sample"], batch_size=16, workers=1, lr=0.01, dropout=0.0)
 
 
 def test_auto_is_fp32_on_the_cpu_and_flags_override():
     cpu = torch.device("cpu")
-    auto = train.resolve_precision(CFG, cpu)
+    auto = worker.resolve_precision(CFG, cpu)
     assert (auto.dtype, auto.channels_last, auto.scaler) == (None, False, None)
-    bf16 = train.resolve_precision(dataclasses.replace(CFG, precision="bf16", channels_last="on"), cpu)
+    bf16 = worker.resolve_precision(dataclasses.replace(CFG, precision="bf16", channels_last="on"), cpu)
     assert (bf16.dtype, bf16.channels_last) == (torch.bfloat16, True)
-    fp16 = train.resolve_precision(dataclasses.replace(CFG, precision="fp16"), cpu)
+    fp16 = worker.resolve_precision(dataclasses.replace(CFG, precision="fp16"), cpu)
     assert fp16.dtype == torch.float16 and fp16.scaler is not None
     with pytest.raises(ValueError, match="--decode-on gpu .* needs --use-gpu"):
         Config(decode_on="gpu")
@@ -33,7 +35,7 @@ def test_auto_is_fp32_on_the_cpu_and_flags_override():
 @pytest.fixture(scope="module")
 def three_shapes(tmp_path_factory):
     """Circles, squares and triangles from the sample generator: 192 train and 24 val images."""
-    from pipeline.sample import generate_sample_imagenet
+    from pipeline.data.sample import generate_sample_imagenet
 
     root = generate_sample_imagenet(tmp_path_factory.mktemp("shapes"), num_classes=3, train_per_class=64,
                                     val_per_class=8, seed=1)
@@ -58,12 +60,12 @@ def batches_of(rows, epoch: int, crops: str = "random") -> list[dict[str, torch.
 def train_and_validate(rows_train, rows_val, precision: str, epochs: int = 10) -> float:
     torch.manual_seed(0)
     model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
-    optimizer = train.make_optimizer(model, CFG)
-    resolved = train.resolve_precision(dataclasses.replace(CFG, precision=precision), torch.device("cpu"))
+    optimizer = worker.make_optimizer(model, CFG)
+    resolved = worker.resolve_precision(dataclasses.replace(CFG, precision=precision), torch.device("cpu"))
     for epoch in range(epochs):
-        train.train_one_epoch(model, optimizer, batches_of(rows_train, epoch), torch.device("cpu"), CFG,
+        worker.train_one_epoch(model, optimizer, batches_of(rows_train, epoch), torch.device("cpu"), CFG,
                               torch.Generator().manual_seed(epoch), LIGHTING, precision=resolved)
-    return evaluate(model, batches_of(rows_val, 0, "centre"), "cpu", resolved.dtype).metrics()["val_top1"]
+    return validate(model, batches_of(rows_val, 0, "centre"), "cpu", resolved.dtype).metrics()["val_top1"]
 
 
 def test_bf16_autocast_trains_to_the_fp32_accuracy_band(three_shapes):
@@ -77,8 +79,8 @@ def test_bf16_autocast_trains_to_the_fp32_accuracy_band(three_shapes):
 def test_fp16_with_a_gradient_scaler_takes_steps(three_shapes):
     model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
     before = [p.detach().clone() for p in model.parameters()]
-    resolved = train.resolve_precision(dataclasses.replace(CFG, precision="fp16"), torch.device("cpu"))
-    stats = train.train_one_epoch(model, train.make_optimizer(model, CFG), batches_of(three_shapes[0], 0)[:3],
+    resolved = worker.resolve_precision(dataclasses.replace(CFG, precision="fp16"), torch.device("cpu"))
+    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches_of(three_shapes[0], 0)[:3],
                                   torch.device("cpu"), CFG, torch.Generator(), LIGHTING, precision=resolved)
     assert stats.sums.images == 48 and np.isfinite(stats.sums.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -97,7 +99,7 @@ def test_an_epoch_reads_the_device_once(three_shapes, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
     batches = batches_of(three_shapes[0], 0)                                      # 12 steps
-    stats = train.train_one_epoch(model, train.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
+    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
                                   torch.Generator(), LIGHTING)
     monkeypatch.undo()
     assert stats.sums.images == 192 and reads == ["tolist"], reads

@@ -10,14 +10,15 @@ import os
 import re
 from pathlib import Path
 
+import imagenet_fixtures as fx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_bucket
 from PIL import Image
 
-import imagenet_fixtures as fx
-from conftest import make_bucket
-from pipeline import decode, imagenet, prepare, shards, sources, storage
+from pipeline.data import imagenet, prepare, shards, sources, storage
+from pipeline.transforms import decode
 
 
 def prepare_quietly(*args, **kwargs):

@@ -10,7 +10,7 @@ import uuid
 import mlflow
 import pytest
 
-from pipeline import registry
+from pipeline.tracking import registry
 
 DATA_A = ("/data/imagenet", "a" * 64)
 DATA_B = ("/data/imagenet-v2", "b" * 64)

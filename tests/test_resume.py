@@ -15,10 +15,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from pipeline import runner
-from pipeline.config import PRESETS
 from test_failures import our_train_workers
+
+from pipeline.config import PRESETS
+from pipeline.train import driver
+from pipeline.transforms import constants
 
 IMAGES, STEPS = 72, 9   # tiny_imagenet's train split; 72 = 9 steps of a global batch of 8: nothing left over
 
@@ -73,21 +74,21 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_wei
     import numpy as np
     import torch
 
-    from pipeline import stages, train
-    from pipeline.model import build_model
+    from pipeline.models.alexnet import build_model
+    from pipeline.train import worker
 
     cfg = dataclasses.replace(PRESETS["sample"], batch_size=8, workers=1, dropout=0.5, lighting_std=0.1)
-    lighting = {"eigval": stages.IMAGENET_EIGVAL, "eigvec": stages.IMAGENET_EIGVEC}
+    lighting = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
     rng = np.random.default_rng(0)
     batches = [{"image": torch.from_numpy(rng.integers(0, 256, (8, 67, 67, 3), dtype=np.uint8)),
                 "label": torch.from_numpy(rng.integers(0, 3, 8)), "index": torch.arange(8 * i, 8 * i + 8)}
                for i in range(6)]
-    seeds = lambda step: train.step_seed(0, 0, 5, step)  # noqa: E731
+    seeds = lambda step: worker.step_seed(0, 0, 5, step)  # noqa: E731
 
     def parts():
         torch.manual_seed(0)
         model = build_model("alexnet", num_classes=3, width=0.125, image_size=67, dropout=0.5, init="kaiming")
-        return model, train.make_optimizer(model, cfg)
+        return model, worker.make_optimizer(model, cfg)
 
     model, optimizer = parts()
     taken = {}
@@ -96,7 +97,7 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_wei
         taken[step] = (read_sums().images, np.concatenate(consumed).tolist(),
                        copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
 
-    whole = train.train_one_epoch(model, optimizer, batches, torch.device("cpu"), cfg, torch.Generator(), lighting,
+    whole = worker.train_one_epoch(model, optimizer, batches, torch.device("cpu"), cfg, torch.Generator(), lighting,
                                   seeds=seeds, checkpoint_every=2, on_checkpoint=on_checkpoint)
     assert sorted(taken) == [2, 4] and whole.steps == 6                   # none at the end: the epoch's own follows
     assert taken[4][:2] == (32, list(range(32)))                          # 4 steps: images 0..31
@@ -104,7 +105,7 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_wei
     resumed, resumed_optimizer = parts()
     resumed.load_state_dict(taken[4][2])
     resumed_optimizer.load_state_dict(taken[4][3])
-    rest = train.train_one_epoch(resumed, resumed_optimizer, batches[4:], torch.device("cpu"), cfg, torch.Generator(),
+    rest = worker.train_one_epoch(resumed, resumed_optimizer, batches[4:], torch.device("cpu"), cfg, torch.Generator(),
                                  lighting, seeds=seeds, first_step=4, checkpoint_every=2, on_checkpoint=on_checkpoint)
     assert rest.steps == 2 and sorted(taken) == [2, 4]                    # no checkpoint again at the resume step
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
@@ -118,7 +119,7 @@ def test_a_worker_killed_mid_epoch_resumes_with_exactly_the_images_left(ray_sess
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_worker_inside_epoch, args=(samples, 1, 6, killed), daemon=True)
     killer.start()
-    summary = runner.run(cfg)
+    summary = driver.run(cfg)
     killer.join(timeout=5)
     assert killed, "no train worker was killed: the test did not exercise a failure"
 
@@ -156,7 +157,7 @@ def test_a_run_out_of_restarts_fails_saying_so(ray_session, tiny_imagenet, in_tm
                               daemon=True)
     killer.start()
     with pytest.raises(Exception) as info:
-        runner.run(cfg)
+        driver.run(cfg)
     killer.join(timeout=5)
     assert killed
     assert "--max-failures 0" in str(info.value), str(info.value)[:2000]

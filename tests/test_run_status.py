@@ -19,10 +19,10 @@ import uuid
 
 import mlflow
 import pytest
-
 from conftest import ROOT, ray_address
-from pipeline import runner, train
+
 from pipeline.config import PRESETS
+from pipeline.train import driver, worker
 
 TINY_FLAGS = ["--width", "0.125", "--resize-size", "80", "--crop-size", "67", "--batch-size", "8",
               "--max-failures", "0"]
@@ -80,7 +80,7 @@ def test_a_crash_ends_failed_with_the_error(ray_session, mlflow_server, tiny_ima
                               epochs=1, batch_size=8, max_failures=0, experiment=name, registered_model=name,
                               storage_path=str(tmp_path / "ray_results"))
     with pytest.raises(Exception, match="no val images were evaluated"):
-        runner.run(cfg)
+        driver.run(cfg)
     client = mlflow.MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert run.info.status == "FAILED"
@@ -107,13 +107,13 @@ def test_a_job_off_a_terminal_writes_a_short_log_ending_with_the_model(ray_sessi
 
 
 def test_progress_lines_come_every_interval(caplog):
-    lines = train.ProgressLines(interval=0.0, epoch=1, epochs=5, workers=2, total_images=2600)
-    with caplog.at_level(logging.INFO, logger=train.log.name):
-        lines(lambda: train.EvalSums(loss=64.0, correct1=10, correct5=30, images=32), data_seconds=0.5, seconds=2.0)
+    lines = worker.ProgressLines(interval=0.0, epoch=1, epochs=5, workers=2, total_images=2600)
+    with caplog.at_level(logging.INFO, logger=worker.log.name):
+        lines(lambda: worker.EvalSums(loss=64.0, correct1=10, correct5=30, images=32), data_seconds=0.5, seconds=2.0)
     assert caplog.messages == ["epoch 2/5  64/2,600 images  loss 2.000  32 img/s  waiting for data 25%"]
-    quiet = train.ProgressLines(interval=3600.0, epoch=1, epochs=5, workers=2, total_images=None)
+    quiet = worker.ProgressLines(interval=3600.0, epoch=1, epochs=5, workers=2, total_images=None)
     read = []
-    with caplog.at_level(logging.INFO, logger=train.log.name):
-        quiet(lambda: read.append(1) or train.EvalSums(loss=1.0, images=1), data_seconds=0.0, seconds=1.0)
+    with caplog.at_level(logging.INFO, logger=worker.log.name):
+        quiet(lambda: read.append(1) or worker.EvalSums(loss=1.0, images=1), data_seconds=0.0, seconds=1.0)
     assert len(caplog.messages) == 1  # not yet an interval since the last line...
     assert read == []                 # ... so the sums were not even read from the device

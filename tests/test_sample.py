@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.sample import SAMPLE_WNIDS, ensure_sample_imagenet, generate_sample_imagenet
+from pipeline.data.sample import SAMPLE_WNIDS, ensure_sample_imagenet, generate_sample_imagenet
 
 SMALL = dict(num_classes=3, train_per_class=6, val_per_class=3)
 

@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import free_port, wait_for_http
-from pipeline import checkpoint, classifier, device_stages, stages
+
+from pipeline.models import checkpoint
+from pipeline.tracking import classifier
+from pipeline.transforms import device_stages, stages
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,12 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, S3_SECRET, make_bucket, upload_folder
-from pipeline import data, prepare, runner
+
+from pipeline import data
 from pipeline.config import PRESETS
+from pipeline.data import prepare
+from pipeline.train import driver
 
 TINY = dataclasses.replace(PRESETS["sample"], width=0.125, resize_size=80, crop_size=67, epochs=1, batch_size=8,
                            max_failures=0, experiment="sources", registered_model="sources")
@@ -66,7 +68,7 @@ def bucket(s3_server):
 def test_train_an_epoch_from_s3_shards(ray_session, bucket, tiny_imagenet, in_tmp_dir):
     prepare.prepare(str(tiny_imagenet), f"{bucket}/tiny-shards", log=lambda m: None)
     cfg = dataclasses.replace(TINY, data=f"{bucket}/tiny-shards", storage_path=str(in_tmp_dir / "ray_results"))
-    summary = runner.run(cfg)
+    summary = driver.run(cfg)
 
     client = mlflow.MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])
@@ -90,7 +92,7 @@ def test_huggingface_parquet_from_s3_reports_an_undecodable_image(ray_session, b
     source = data.open_source(f"{bucket}/hf")
     assert (source.kind, source.num_classes, source.images) == ("huggingface", 3, {"train": 72, "val": 24})
     cfg = dataclasses.replace(TINY, data=f"{bucket}/hf", storage_path=str(in_tmp_dir / "ray_results"))
-    summary = runner.run(cfg)
+    summary = driver.run(cfg)
 
     assert summary["decode_failures"] == 1
     client = mlflow.MlflowClient(summary["tracking_uri"])

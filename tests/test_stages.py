@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import decode, stages
+from pipeline.transforms import decode, stages
 
 
 def encoded(array: np.ndarray, mode: str = "RGB", fmt: str = "JPEG", quality: int = 95) -> bytes:
@@ -158,7 +158,7 @@ def test_the_fused_crop_is_the_unfused_chain_within_resampling(size):
     each filter renders sensor grain (BENCHMARKS.md has the effect of the filter on grainy images)."""
     import cv2
 
-    from pipeline.sample import photo_like
+    from pipeline.data.sample import photo_like
 
     smooth = cv2.GaussianBlur(photo_like(np.random.default_rng(1), *size), (0, 0), 2.0)
     data = encoded(smooth, quality=95)
@@ -230,5 +230,5 @@ def test_cpu_stages_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.data, pipeline.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.data, pipeline.data.plan, pipeline.transforms.stages; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,11 +13,12 @@ import boto3
 import numpy as np
 import pytest
 import ray
-
 from conftest import make_bucket, upload_folder
 from fault_proxy import FaultProxy
-from pipeline import data, imagenet, prepare, shards, sources, storage
+
+from pipeline import data
 from pipeline.config import PRESETS
+from pipeline.data import imagenet, prepare, shards, sources, storage
 
 # ~5% of requests throttled, ~1% of responses dropped mid-body, ~2% cut short: a bad hour on a busy bucket.
 RATES = {"slow_down": 0.05, "reset": 0.01, "truncate": 0.02}
@@ -115,7 +116,7 @@ def test_a_deterministic_training_epoch_through_faults_gives_the_same_batches(ur
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         source = sources.open_source(uris["shards"])
         requests = proxy.faults["requests"]
-        report = data.DecodeFailures.remote()
+        report = data.ReadReport.remote()
         started = time.perf_counter()
         through_faults = epoch_of_batches(source, report)
         faulty_s = time.perf_counter() - started

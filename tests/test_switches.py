@@ -12,10 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from pipeline import checkpoint, config, data, stages
+from pipeline import config, data
 from pipeline.config import PRESETS, Config, parse_args
-from pipeline.model import (BIAS_ONE, LAYERS, PAPER_PARAMETERS, AlexNet, FourLayerCNN, build_from_config,
-                            count_parameters, map_sides)
+from pipeline.models import checkpoint
+from pipeline.models.alexnet import (
+    BIAS_ONE,
+    LAYERS,
+    PAPER_PARAMETERS,
+    AlexNet,
+    FourLayerCNN,
+    build_from_config,
+    count_parameters,
+    map_sides,
+)
+from pipeline.transforms import stages
 
 
 class Calls(TorchFunctionMode):

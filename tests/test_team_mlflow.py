@@ -105,8 +105,8 @@ def signed_in(env: dict[str, str]):
 
 def test_training_registers_into_the_team_server(ray_session, team_server, postgres, tiny_imagenet,
                                                  tmp_path_factory):
-    from pipeline import runner
     from pipeline.config import PRESETS
+    from pipeline.train import driver
 
     url, admin_password = team_server
     # As the README has an operator do: the admin makes a user for the cluster's jobs.
@@ -119,7 +119,7 @@ def test_training_registers_into_the_team_server(ray_session, team_server, postg
                               **{**TINY_RUN, "epochs": 1, "experiment": "team", "registered_model": "alexnet-team"})
     with signed_in({"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "ray-cluster",
                     "MLFLOW_TRACKING_PASSWORD": cluster_password}):
-        summary = runner.run(cfg)
+        summary = driver.run(cfg)
         client = mlflow.MlflowClient(url)
         version = client.get_model_version("alexnet-team", summary["registration"].version)
         model = client.get_logged_model(version.tags["logged_model_id"])

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
-from pipeline import runner, tracking
+
 from pipeline.config import PRESETS
+from pipeline.tracking import runs
+from pipeline.train import driver
 
 
 def test_a_tracking_server_that_is_not_there_is_named_at_once_before_ray_starts(tiny_imagenet, tmp_path):
@@ -43,14 +44,14 @@ def test_a_tracking_server_that_is_not_there_is_named_at_once_before_ray_starts(
 def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     """The Recorder on its own, against a port where nothing listens."""
     nowhere = f"http://127.0.0.1:{free_port()}"
-    recorder = tracking.Recorder.remote(tracking_uri=nowhere, run_id="0" * 32, data_uri="d", data_fingerprint="f")
-    assert tracking.MAX_PENDING_MODELS == 2
+    recorder = runs.Recorder.remote(tracking_uri=nowhere, run_id="0" * 32, data_uri="d", data_fingerprint="f")
+    assert runs.MAX_PENDING_MODELS == 2
     for epoch in range(3):
-        metrics = {**{k: 1.0 for k in tracking.CURVES}, "epoch": epoch, "val_top1": 10.0 * epoch}
+        metrics = {**{k: 1.0 for k in runs.CURVES}, "epoch": epoch, "val_top1": 10.0 * epoch}
         recorder.epoch.remote(metrics, state={}, train_batch_png=None, log_model=True, improved=False,
                               checkpoint_path=f"ckpt{epoch}", reported_ms=0)
     recorder.failure.remote("worker 1: ActorDiedError")
-    account = ray_session.get(recorder.flush.remote(2 * tracking.RETRY_S))
+    account = ray_session.get(recorder.flush.remote(2 * runs.RETRY_S))
 
     pending = account["pending"]
     models = [name for name in pending if name.startswith("logged model")]
@@ -63,9 +64,9 @@ def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     assert any(n.startswith("failure report") for n in pending)
     assert account["retries"] >= 2  # it kept trying
     # The end of a job whose server never came back: what waits and what was dropped, named.
-    with pytest.raises(tracking.RecordsNotDelivered, match=r"did not take 8 records within 1 s of the end of "
+    with pytest.raises(runs.RecordsNotDelivered, match=r"did not take 8 records within 1 s of the end of "
                                                            r"training: .* under /ckpt hold"):
-        runner.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
+        runs.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
 
 
 def _first_epoch_in(client, experiment: str) -> bool:
@@ -108,7 +109,7 @@ def test_training_goes_on_while_the_tracking_server_restarts(ray_session, tiny_i
                                  daemon=True)
     restarter.start()
     try:
-        summary = runner.run(cfg)
+        summary = driver.run(cfg)
         restarter.join(timeout=60)
         assert "back" in events, "the server was never stopped and restarted: the test exercised nothing"
         client = mlflow.MlflowClient(uri)

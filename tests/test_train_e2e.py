@@ -15,11 +15,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
-from pipeline import checkpoint, runner
 from pipeline.config import PRESETS
+from pipeline.models import checkpoint
+from pipeline.train import driver
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_the_best_epoch_is_registered_with_its_lineage_and_is_champion(run):
     assert logged.tags["epoch"] == str(best_epoch) and logged.source_run_id == run_id
     assert mlflow_run.data.tags["registered"] == f"models:/{cfg.registered_model}/{champion.version}"
     # The job's last lines say where the model went.
-    text = runner.where_it_went(summary)
+    text = driver.where_it_went(summary)
     assert f"models:/{cfg.registered_model}@champion" in text and "first champion" in text
 
 
@@ -176,5 +177,5 @@ def test_empty_data_is_the_sample_only_for_the_sample_preset(preset, in_tmp_dir)
     # An unset $DATA must not train the paper's network for 90 epochs on ten drawn patterns.
     cfg = dataclasses.replace(PRESETS[preset], data="")
     with pytest.raises(ValueError, match=f"--data is empty: --preset {preset} needs a dataset"):
-        runner.run(cfg)
+        driver.run(cfg)
     assert not (in_tmp_dir / "mlflow.db").exists()  # refused before any run was opened

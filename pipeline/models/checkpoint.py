@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from pipeline import placement
-from pipeline.model import build_from_config
+from pipeline.models import placement
+from pipeline.models.alexnet import build_from_config
 
 CHECKPOINT_FILE = "checkpoint.pt"      # in a Ray Train checkpoint directory
 MODEL_FILE = "model.pt"                # in a logged model: the checkpoint without the optimiser

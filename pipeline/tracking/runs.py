@@ -36,7 +36,7 @@ from typing import Any, Callable
 import ray
 import ray.train
 
-from pipeline import checkpoint as checkpoints
+from pipeline.models import checkpoint as checkpoints
 
 # Pipeline health sits beside the accuracy: images_per_s (training throughput, all workers), the
 # fraction of the training pass spent waiting for the next batch (data_wait_fraction, the slowest
@@ -242,7 +242,7 @@ class Recorder:
         self.run_id = run_id
         self.data_uri = data_uri
         self.data_fingerprint = data_fingerprint
-        self.decode_failures = decode_failures  # a data.DecodeFailures actor, or None
+        self.decode_failures = decode_failures  # a data.ReadReport actor, or None
         self.failures_logged = 0
         self.history: list[dict[str, float]] = []
         self.model_ids: dict[int, str] = {}  # epoch -> its logged model, once delivered
@@ -274,7 +274,7 @@ class Recorder:
             # The val metrics carry the logged model's id: one record, seen on the run and on the model.
             self._add(Record(f"metrics of epoch {epoch}", partial(self._send_metrics, epoch, m, reported_ms)))
             self.history.append({k: float(m[k]) for k in CURVES})
-            from pipeline import pictures
+            from pipeline.tracking import pictures
 
             self._picture("curves.png", pictures.curves_png(self.history))
             if self.decode_failures is not None:
@@ -385,7 +385,7 @@ class Recorder:
             for k in EPOCH_METRICS if k in m])
 
     def _send_model(self, epoch: int, state: dict[str, Any], checkpoint_path: str) -> None:
-        from pipeline import classifier
+        from pipeline.tracking import classifier
 
         self.model_ids[epoch] = classifier.log_model(state, name=f"epoch-{epoch:03d}", run_id=self.run_id,
                                                      step=epoch, tags={
@@ -394,7 +394,7 @@ class Recorder:
 
     def _best_pictures(self, state: dict[str, Any], m: dict[str, Any]) -> None:
         """The best model so far: its conv1 kernels (Figure 3) and its per-class validation top-1."""
-        from pipeline import pictures
+        from pipeline.tracking import pictures
 
         conv1 = next(v for v in state["model"].values() if v.dim() == 4)  # the first conv's weight, either model
         towers = 2 if state["config"]["model"] == "alexnet" else 1
@@ -485,3 +485,61 @@ class MLflowCallback(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         text = "\n\n".join(f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(worker_exceptions.items()))
         self.recorder.failure.remote(text)
+
+
+# --- closing a run from the driver: wait for its records, then its status -------------------------
+
+# How long a finished job waits for a tracking server that is down to take the records it holds, and how
+# long a failed or interrupted one waits before it closes the run.
+TRACKING_WAIT_S = 300.0
+
+
+TRACKING_WAIT_ON_FAILURE_S = 30.0
+
+
+def wait_for_records(recorder, tracking_uri: str, timeout: float, checkpoints: str) -> dict[str, Any]:
+    """Wait until the Recorder has delivered every record; returns its account (Recorder.flush).
+    Raises RecordsNotDelivered, naming them, when the server has not taken them within `timeout`."""
+    import ray
+
+    waiting = ray.get(recorder.flush.remote(0.0))["pending"]
+    if waiting:
+        print(f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records",
+              file=sys.stderr)
+    delivery = ray.get(recorder.flush.remote(timeout))
+    if delivery["pending"]:
+        raise RecordsNotDelivered(tracking_uri, delivery["pending"] + delivery["undelivered"],
+                                           waited=timeout, checkpoints=checkpoints)
+    return delivery
+
+
+def close_unfinished_run(recorder, tracking_uri: str, run_id: str, status: str, summary: dict[str, Any],
+                         checkpoints: str) -> None:
+    """Close a run that did not finish: first what its epochs reported, then its status and why. With the
+    server gone, say what is lost and let go of the run."""
+    try:
+        if recorder is not None:
+            wait_for_records(recorder, tracking_uri, TRACKING_WAIT_ON_FAILURE_S, checkpoints)
+    except RecordsNotDelivered as lost:
+        print(f"[mlflow] {lost}", file=sys.stderr)
+        abandon_run()
+        return
+    finish_run(tracking_uri, run_id, status, summary)
+
+
+def delivery_tags(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What a tracking outage cost, as tags on the run: nothing when there was none."""
+    tags = {}
+    if delivery["retries"]:
+        tags.update(tracking_retries=delivery["retries"], tracking_outage_s=delivery["outage_s"])
+    if delivery["undelivered"]:
+        tags["undelivered"] = "; ".join(delivery["undelivered"])
+    return tags
+
+
+def best_val_top1(tracking_uri: str, run_id: str) -> float:
+    """The best val_top1 of the run, read back from MLflow (the callback lives in another process)."""
+    import mlflow
+
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, "val_top1")
+    return max(m.value for m in history)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.transforms.constants import IMAGENET_MEAN, IMAGENET_STD
 
 TOWERS = 2  # model.TOWERS, repeated so that the workers' import of this module stays free of torch
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import stages
+from pipeline.transforms import constants, stages
 
 if TYPE_CHECKING:
     import ray.data
@@ -106,10 +106,10 @@ def _floats(values) -> tuple[float, ...]:
 # to 0.241 (the total pixel variance), the squared stds to 0.153; a Lighting from data agrees with
 # itself (sum(eigval) == sum(std^2)).
 IMAGENET = Lighting(
-    eigval=stages.IMAGENET_EIGVAL,
-    eigvec=stages.IMAGENET_EIGVEC,
-    mean=stages.IMAGENET_MEAN,
-    std=stages.IMAGENET_STD,
+    eigval=constants.IMAGENET_EIGVAL,
+    eigvec=constants.IMAGENET_EIGVEC,
+    mean=constants.IMAGENET_MEAN,
+    std=constants.IMAGENET_STD,
     images=0,
     pixels=0,
     source="imagenet-constants",

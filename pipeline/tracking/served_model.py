@@ -6,6 +6,6 @@ loading it runs this code and reads the weights with torch.load(weights_only=Tru
 
 import mlflow
 
-from pipeline.classifier import ImageClassifier
+from pipeline.tracking.classifier import ImageClassifier
 
 mlflow.models.set_model(ImageClassifier())

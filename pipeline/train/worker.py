@@ -1,4 +1,4 @@
-"""The Ray Train worker loop: train_one_epoch / evaluate / report, every epoch (§5).
+"""The Ray Train worker loop: train_one_epoch / validate / report, every epoch (§5).
 
 Each worker holds one replica (DDP: gloo on CPU, NCCL on GPU) and receives its share of the
 global batch: `--batch-size 128 --workers 2` is 64 images per worker per step, and gradients are
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, device_stages, pictures, stages
 from pipeline.config import Config
-from pipeline.evaluate import EvalSums, evaluate, topk_hits
-from pipeline.model import build_from_config
-from pipeline.placement import place_model
+from pipeline.models import checkpoint
+from pipeline.models.alexnet import build_from_config
+from pipeline.models.placement import place_model
+from pipeline.tracking import pictures
+from pipeline.train.metrics import EvalSums, validate, topk_hits
+from pipeline.transforms import device_stages, stages
 
 # Images of the first training batch kept for the run's picture of what the model sees.
 PICTURE_IMAGES = 32
@@ -339,7 +341,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.distributed.all_reduce(waits, op=torch.distributed.ReduceOp.MAX)
 
         val_batches = input_batches(val_shard, cfg, device, drop_last=False, report=loop_config.get("decode_failures"))
-        val_sums = evaluate(unwrap(model), val_batches, device, precision.dtype).all_reduce(classes=num_classes,
+        val_sums = validate(unwrap(model), val_batches, device, precision.dtype).all_reduce(classes=num_classes,
                                                                                            device=device)
         metrics = {
             "epoch": epoch,

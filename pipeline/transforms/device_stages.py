@@ -25,8 +25,8 @@ device"). What would, on CUDA, and what runs instead:
     would wait                                   instead
     torch.tensor(x, device=cuda); .to(cuda)      constants built once per device and kept there; per-batch
       from pageable memory                         values by to_device: pinned, then non_blocking
-    bincount, nonzero, torch.unique, boolean-    evaluate.batch_counts: index_add_ onto zeros, hits as 0/1
-      mask indexing, .item(), .tolist()            weights; read once per pass (evaluate.sums_of)
+    bincount, nonzero, torch.unique, boolean-    metrics.batch_counts: index_add_ onto zeros, hits as 0/1
+      mask indexing, .item(), .tolist()            weights; read once per pass (metrics.sums_of)
 
 decode_jpeg on CUDA still waits for its own nvJPEG stream (torchvision does), never for the caller's
 queue. tests/test_no_host_sync.py checks what a CPU can see (none of these is called; the constants are
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import decode
-from pipeline.stages import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.transforms import decode
+from pipeline.transforms.constants import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 
 Floats = tuple[float, ...]
 

@@ -2,7 +2,7 @@
 
     plan(cfg, grid)            the baseline (cfg as given) and one run per entry of `grid`, each a dict of
                                switches ({"activation": "tanh"}); default_grid(cfg) flips every switch once
-    run(cfg, grid, ...)        every run through runner.run (the training job itself) on the same data, seed
+    run(cfg, grid, ...)        every run through driver.run (the training job itself) on the same data, seed
                                and budget, each an MLflow run tagged with its ablation under one parent run,
                                none registered; then the comparison table, printed and logged on the parent
     summarise(...)             one row of the table from a run's per-epoch metrics
@@ -14,7 +14,7 @@ training error fell to a threshold (default 25%, Figure 1's): in epochs, and in 
 augmented crops with dropout on, as the paper's training error is.
 
 Runs are independent Ray Train jobs: --parallel N runs N at once on the cluster, each planning its workers'
-CPUs on what is free when it starts (runner.worker_resources), so that every run's Ray Data keeps a CPU. On a
+CPUs on what is free when it starts (cluster.worker_resources), so that every run's Ray Data keeps a CPU. On a
 private local Ray the instance is started with a logical CPU for every train worker of the N runs.
 
 What the switches claim (the paper's numbers are ImageNet's; README says what the sample can show):
@@ -30,8 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pipeline import config, runner, tracking
+from pipeline import cluster, config
 from pipeline.config import SWITCHES, Config
+from pipeline.tracking import runs
+from pipeline.train import driver
 
 CLAIMS = {
     "activation": "§3.1: ReLU trains several times faster than tanh (Figure 1: 6x to 25% training error)",
@@ -181,30 +183,30 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
         raise ValueError(f"--parallel must be at least 1, got {parallel}")
     if not 0 < threshold < 100:
         raise ValueError(f"--train-error must be in (0, 100) %, got {threshold}")
-    train = train or runner.run
+    train = train or driver.run
     runs = plan(cfg, default_grid(cfg) if grid is None else grid)
-    tracking_uri = tracking.resolve_tracking_uri()
-    tracking.check_server(tracking_uri)
+    tracking_uri = runs.resolve_tracking_uri()
+    runs.check_server(tracking_uri)
     started = time.time()
     client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
+    experiment_id = runs.ensure_experiment(cfg.experiment, tracking_uri)
     parent = client.create_run(experiment_id, tags={
         "mlflow.runName": f"ablation of {len(runs) - 1} switches", "ablation": "parent", "preset": cfg.preset,
-        "git_sha": tracking.git_sha()}).info.run_id
+        "git_sha": runs.git_sha()}).info.run_id
     client.log_batch(parent, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
         **cfg.to_dict(), "ablations": json.dumps([r.label for r in runs[1:]]), "parallel": parallel,
         "train_error_threshold": threshold}.items()])
     log(f"[ablate] {len(runs)} runs ({', '.join(r.label for r in runs)}), {parallel} at a time; "
         f"MLflow parent run {parent}")
     # Before the first run: a private local Ray gets a logical CPU for every train worker of `parallel` runs.
-    runner.connect_ray(train_workers=parallel * cfg.workers, address=cfg.address)
+    cluster.connect_ray(train_workers=parallel * cfg.workers, address=cfg.address)
 
     def one(ablation: Ablation) -> dict[str, Any]:
         tags = {"mlflow.parentRunId": parent, "mlflow.runName": ablation.label, "ablation": ablation.label,
                 **{f"ablation.{k}": str(v) for k, v in ablation.choices.items()}}
         try:
             summary = train(ablation.cfg, tags=tags, register=False)
-        except runner.RunInterrupted:
+        except driver.RunInterrupted:
             raise
         except Exception as e:  # noqa: BLE001 - recorded in the table and the parent; the other runs go on
             log(f"[ablate] {ablation.label}: FAILED: {type(e).__name__}: {e}")
@@ -281,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.build_parser().print_help()
         return 0
     if own.figure1:
-        from pipeline import figure1
+        from pipeline.experiments import figure1
 
         if rest:
             print(f"error: --figure1 takes no training flags (only --figure1-epochs); got {' '.join(rest)}",
@@ -294,13 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         grid = None if own.ablate is None else [parse_grid_entry(text) for text in own.ablate]
         result = run(cfg, grid, parallel=own.parallel, threshold=own.train_error)
-    except runner.RunInterrupted as e:
+    except driver.RunInterrupted as e:
         print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED", file=sys.stderr)
         return e.exit_code
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uri = tracking.resolve_tracking_uri()
+    uri = runs.resolve_tracking_uri()
     print(f"MLflow parent run {result.parent_run_id} ({uri}): the table is its ablation.md artifact; "
           f"{len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all")
     return 0 if all("error" not in r for r in result.rows) else 1

@@ -11,7 +11,7 @@ written to --out), and the exit code is 1 when any section failed.
     towers   TwoTowerAlexNet == the grouped AlexNet on the devices (outputs and gradients, strict fp32)
     loop     one-process process group (NCCL on CUDA, gloo on the CPU): input_batches over a shard that moves
              batches as Ray 2.60 does, train_one_epoch with a mid-epoch checkpoint (all_gather_object of the
-             indices), the sums' all_reduce, the data-wait all_reduce, evaluate; --decode-on gpu too on CUDA
+             indices), the sums' all_reduce, the data-wait all_reduce, validate; --decode-on gpu too on CUDA
     steps    train_one_epoch's img/s per precision and memory layout, both placements, on batches as Ray
              delivers them (pinned uint8 crops); the measured steps run under
              torch.cuda.set_sync_debug_mode("error"), so a step that waits for the device fails the section
@@ -36,11 +36,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import device_stages, stages, train
 from pipeline.config import PRESETS, Config
-from pipeline.evaluate import evaluate
-from pipeline.model import AlexNet, build_from_config
-from pipeline.placement import TwoTowerAlexNet, merge_towers
+from pipeline.models.alexnet import AlexNet, build_from_config
+from pipeline.models.placement import TwoTowerAlexNet, merge_towers
+from pipeline.train import worker
+from pipeline.train.metrics import validate
+from pipeline.transforms import constants, device_stages, stages
 
 # Largest difference relative to the reference's scale, two towers vs the grouped model, in strict fp32.
 # The CPU computes both in the same order up to the split: ~1e-7 measured. cuDNN may pick different
@@ -48,7 +49,7 @@ from pipeline.placement import TwoTowerAlexNet, merge_towers
 # from direct ones), so on CUDA the two agree only to the algorithms' own error; a wrong channel order
 # or a missed exchange is off by O(1). The first device run records the real figure.
 TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
-LIGHTING = {"eigval": stages.IMAGENET_EIGVAL, "eigvec": stages.IMAGENET_EIGVEC}
+LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def photo_rows(size: Size, *, seed: int = 0) -> dict[str, Any]:
     import cv2
     from PIL import Image
 
-    from pipeline.sample import photo_like
+    from pipeline.data.sample import photo_like
 
     jpegs = []
     for i in range(size.jpegs):
@@ -208,34 +209,34 @@ def check_loop(device: torch.device, size: Size, rows: dict[str, Any]) -> dict[s
     cfg = config_for(size, device, checkpoint_every_steps=2)
     out: dict[str, Any] = {}
     with process_group(device):
-        train.prepare_device(device)
-        precision = train.resolve_precision(cfg, device)
-        model = train.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
+        worker.prepare_device(device)
+        precision = worker.resolve_precision(cfg, device)
+        model = worker.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
                                      channels_last=precision.channels_last)
-        optimizer = train.make_optimizer(model, cfg)
+        optimizer = worker.make_optimizer(model, cfg)
         checkpoints: list[int] = []
 
         def on_checkpoint(step: int, read_sums: Callable, consumed: list[np.ndarray]) -> None:
             read_sums().all_reduce(device=device)
-            gathered = train._all_gather(np.concatenate(consumed))  # all_gather_object: NCCL sends from the device
+            gathered = worker._all_gather(np.concatenate(consumed))  # all_gather_object: NCCL sends from the device
             checkpoints.append(sum(len(g) for g in gathered))
 
         crops = shard(rows, CROP_COLUMNS, device)
-        batches = train.input_batches(crops, cfg, device, drop_last=True)
-        stats = train.train_one_epoch(model, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
+        batches = worker.input_batches(crops, cfg, device, drop_last=True)
+        stats = worker.train_one_epoch(model, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
                                       precision=precision, checkpoint_every=cfg.checkpoint_every_steps,
                                       on_checkpoint=on_checkpoint, seeds=lambda step: step)
         sums = stats.sums.all_reduce(device=device)
         waits = torch.full((1,), stats.data_seconds / stats.seconds, dtype=torch.float64, device=device)
         dist.all_reduce(waits, op=dist.ReduceOp.MAX)
-        val = evaluate(train.unwrap(model), train.input_batches(crops, cfg, device, drop_last=False), device,
+        val = validate(worker.unwrap(model), worker.input_batches(crops, cfg, device, drop_last=False), device,
                        precision.dtype).all_reduce(classes=size.classes, device=device)
         out.update(train_images=sums.images, train_loss=sums.loss / sums.images, checkpoint_images=checkpoints,
                    val_images=val.images, val_class_images=sum(val.class_images), data_wait=waits.item(),
                    backend=dist.get_backend())
         if device.type == "cuda":  # --decode-on gpu: Ray Data hands on bytes, the loop decodes with nvJPEG
             gpu_cfg = dataclasses.replace(cfg, decode_on="gpu")
-            decoded = train.train_one_epoch(model, optimizer, train.input_batches(shard(rows, BYTES_COLUMNS, device),
+            decoded = worker.train_one_epoch(model, optimizer, worker.input_batches(shard(rows, BYTES_COLUMNS, device),
                                                                                   gpu_cfg, device,
                                                                                   drop_last=True,
                                                                                   crop_rngs=np.random.default_rng),
@@ -253,22 +254,22 @@ def time_steps(device: torch.device, size: Size, rows: dict[str, Any], *, placem
     """Images/s of train_one_epoch over `size.steps` batches as Ray delivers them, after the warm-up."""
     cfg = config_for(size, device, precision=precision, channels_last=channels_last, placement=placement,
                      compile=compile)
-    train.prepare_device(device)
-    resolved = train.resolve_precision(cfg, device)
+    worker.prepare_device(device)
+    resolved = worker.resolve_precision(cfg, device)
     torch.manual_seed(0)
-    model = train.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
+    model = worker.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
                                  channels_last=resolved.channels_last)
-    optimizer = train.make_optimizer(model, cfg)
+    optimizer = worker.make_optimizer(model, cfg)
     forward = torch.compile(model) if compile else model
     batch = next(shard(rows, CROP_COLUMNS, device).iter_torch_batches(
         batch_size=size.batch_size, drop_last=True, pin_memory=device.type == "cuda", device="cpu"))
     start = time.perf_counter()
-    warm = train.train_one_epoch(forward, optimizer, [batch] * size.warmup, device, cfg, torch.Generator(),
+    warm = worker.train_one_epoch(forward, optimizer, [batch] * size.warmup, device, cfg, torch.Generator(),
                                  LIGHTING, precision=resolved, time_first_step=True)
     warmup_s = time.perf_counter() - start
     checked = resolved.scaler is None  # fp16's scaler reads the host every step, by design
     batches = sync_checked([batch] * size.steps, device) if checked else [batch] * size.steps
-    stats = train.train_one_epoch(forward, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
+    stats = worker.train_one_epoch(forward, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
                                   precision=resolved)
     return {"placement": placement, "precision": precision, "channels_last": resolved.channels_last,
             "compile": compile, "batch_size": size.batch_size, "images_per_s": stats.sums.images / stats.seconds,

@@ -38,8 +38,8 @@ import pyarrow.fs as pafs
 import simplejpeg
 from PIL import Image, ImageFile
 
-from pipeline import decode
-from pipeline.storage import join, read_bytes, resolve
+from pipeline.data.storage import join, read_bytes, resolve
+from pipeline.transforms import decode
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"

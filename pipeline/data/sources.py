@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import imagenet, shards, storage
+from pipeline.data import imagenet, shards, storage
 
 SPLITS = ("train", "val")
 IMAGENET_CLASSES = 1000

@@ -65,7 +65,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pipeline import checkpoint
+        from pipeline.models import checkpoint
 
         state = checkpoint.load(context.artifacts["model"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +89,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def _classify(self, data: list[bytes], first: int) -> list[dict[str, Any]]:
         import torch
 
-        from pipeline import device_stages, stages
+        from pipeline.transforms import device_stages, stages
 
         keys = [f"row {first + i}" for i in range(len(data))]
         out = stages.center_crops({"jpeg": data, "key": keys}, resize_size=self.resize_size,
@@ -133,7 +133,7 @@ def log_model(state: dict[str, Any], *, name: str, run_id: str, step: int, tags:
     import torch
     from mlflow.entities import LoggedModelOutput
 
-    from pipeline import checkpoint
+    from pipeline.models import checkpoint
 
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)

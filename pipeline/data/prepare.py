@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from pipeline import imagenet, shards, storage
+from pipeline.data import imagenet, shards, storage
 
 # Bytes per image after resizing to shorter side 256 at quality 90, as a fraction of the original:
 # 39 KB / 94 KB measured on photo-like 500x375 JPEGs (DESIGN.md). Only used to size the shards.
@@ -182,7 +182,7 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
         log(f"[prepare] {split}: {info['inputs']} inputs = {info['images']} written + {info['skipped']} skipped "
             f"({info['converted']} converted) in {len(info['shards'])} shards")
     if retried:  # not in the manifest: the same data gives the same manifest, whatever the store did
-        log(f"[prepare] reads retried after transient storage errors: "
+        log("[prepare] reads retried after transient storage errors: "
             + ", ".join(f"{cause} {n}" for cause, n in sorted(retried.items())))
     log(f"[prepare] manifest at {storage.join(out, shards.MANIFEST)} in {time.time() - started:.0f} s")
     return manifest
@@ -236,7 +236,7 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
     """§4.1's PCA over the written train shards (sample 0 = every image)."""
     import ray.data
 
-    from pipeline import lighting
+    from pipeline.transforms import lighting
 
     fs, root = storage.resolve(out)
     paths = [storage.join(root, s["path"]) for s in manifest["splits"]["train"]["shards"] if s["rows"]]

@@ -18,7 +18,7 @@ the crops are functions of (seed, epoch): different every epoch, the same in eve
 and the same again after a restart. A checkpoint taken mid-epoch records the indices of the images
 the workers had trained on (sources.py); the resumed epoch leaves exactly those out, with every other
 image's crop unchanged. An image that fails to decode is left out of its batch and named in the run's
-DecodeFailures report; it is never replaced by another image.
+ReadReport report; it is never replaced by another image.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import ray.data
 import ray.train
 from ray.data.context import DataContext
 
-from pipeline import sources, stages, storage
-from pipeline.sources import SPLITS, Source, open_source, scan_image_folder  # noqa: F401  (public entry points)
+from pipeline.data import sources, storage
+from pipeline.data.sources import SPLITS, Source, open_source, scan_image_folder  # noqa: F401  (public entry points)
+from pipeline.transforms import stages
 
 # Read units per Ray task, at most. One unit (256 images) decodes in 0.1-0.3 s, and between such short
 # tasks Ray leaves a core idle: 1.0-1.4 of 2 cores were busy. Measured on 2 cores over 19,800
@@ -46,7 +47,7 @@ TASKS_PER_CPU = 2
 
 
 @ray.remote(num_cpus=0)
-class DecodeFailures:
+class ReadReport:
     """The run's report of what reading the data met: images that could not be decoded (key -> reason),
     and the reads from object storage that had to be retried (cause -> count, storage.retries)."""
 
@@ -207,7 +208,7 @@ def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Datas
 def train_dataset(source: Source, cfg, report=None, *, keys: bool = False) -> ray.data.Dataset:
     """The training plan: a fresh, seeded order of samples and crops every epoch.
 
-    report: a DecodeFailures actor to name undecodable images in (else the first one raises).
+    report: a ReadReport actor to name undecodable images in (else the first one raises).
     keys: also hand on each image's key (tests and benchmarks; torch batches take numbers only).
     """
     return _plan(source, "train", cfg, report, keys)

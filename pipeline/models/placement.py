@@ -14,7 +14,7 @@ kernels (or neurons) split in two along their output dimension, so tower t holds
     tower 0 on device 0: conv1[:48] conv2[:128] conv3[:192] conv4[:192] conv5[:128] fc6[:2048] fc7[:2048] fc8[:500]
     tower 1 on device 1: conv1[48:] conv2[128:] conv3[192:] conv4[192:] conv5[128:] fc6[2048:] fc7[2048:] fc8[500:]
 
-conv2, conv4 and conv5 have groups=2 in pipeline.model, so output half t of those layers reads input
+conv2, conv4 and conv5 have groups=2 in models/alexnet.py, so output half t of those layers reads input
 half t only: each tower's conv reads its own maps. conv3, fc6, fc7 and fc8 read all of their inputs,
 so at those four layers each tower copies the other tower's activations to its own device (the
 exchange points). LRN normalises within a tower's maps, as model.per_tower does on one device.
@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.model import LAYERS, TOWERS, AlexNet, scaled
+from pipeline.models.alexnet import LAYERS, TOWERS, AlexNet, scaled
 
 PLACEMENTS = ("data", "grouped")
 # The full-width sizes (both towers together) that model.scaled() multiplies by `width`.
@@ -177,7 +177,7 @@ class TwoTowerAlexNet(nn.Module):
     def from_grouped(cls, model: AlexNet, devices: Sequence[torch.device | str] = ("cpu", "cpu")) -> TwoTowerAlexNet:
         """The two-tower form of `model`, weights copied exactly; `model` itself is left as it was."""
         if not isinstance(model, AlexNet):
-            raise TypeError(f"the grouped placement needs the paper's AlexNet (pipeline.model.AlexNet), "
+            raise TypeError(f"the grouped placement needs the paper's AlexNet (pipeline.models.alexnet.AlexNet), "
                             f"got {type(model).__name__}")
         if not model.paper_layers:  # the towers compute ReLU, LRN and 3/2 pooling, whatever the model had
             raise ValueError("the grouped placement builds the paper's towers (ReLU, LRN, overlapping pooling); "

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.data import storage
 
 FORMAT = "alexnet-ray/imagenet-shards"
 VERSION = 1

@@ -44,9 +44,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline import device_stages, stages
-from pipeline.decode import decode_image
-from pipeline.sample import generate_photo_imagenet
+from pipeline.data.sample import generate_photo_imagenet
+from pipeline.transforms import constants, device_stages, stages
+from pipeline.transforms.decode import decode_image
 
 BATCH = 64
 RESIZE, CROP = 256, 224
@@ -121,8 +121,8 @@ class Lighting:
 
     def __init__(self, std: float = 0.1):
         self.std = std
-        self.eigval = torch.tensor(stages.IMAGENET_EIGVAL)
-        self.eigvec = torch.tensor(stages.IMAGENET_EIGVEC)
+        self.eigval = torch.tensor(constants.IMAGENET_EIGVAL)
+        self.eigvec = torch.tensor(constants.IMAGENET_EIGVEC)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         alpha = torch.randn(3) * self.std
@@ -137,7 +137,7 @@ def reference(train_dir: Path, cores: int, epochs: int) -> Result:
 
     transform = T.Compose([
         T.Resize(RESIZE), T.CenterCrop(RESIZE), T.RandomCrop(CROP), T.RandomHorizontalFlip(), T.ToTensor(),
-        Lighting(0.1), T.Normalize(stages.IMAGENET_MEAN, stages.IMAGENET_STD),
+        Lighting(0.1), T.Normalize(constants.IMAGENET_MEAN, constants.IMAGENET_STD),
     ])
     loader = DataLoader(ImageFolder(str(train_dir), transform), batch_size=BATCH, shuffle=True, num_workers=cores)
     n, seconds, first, steady = time_batches(lambda: (images for images, _ in loader), epochs)
@@ -191,7 +191,7 @@ def prepared(folder: Path, out: Path, resize: int | None, cores: int) -> float:
     """Shards of `folder` under `out` (prepare_imagenet.py, resumed if already there); seconds taken."""
     import ray
 
-    from pipeline import prepare
+    from pipeline.data import prepare
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
              configure_logging=False)  # its own Ray, never one found on the machine

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import device_stages, sample, sources, stages
-from pipeline.model import FourLayerCNN
+from pipeline.data import sample, sources
+from pipeline.models.alexnet import FourLayerCNN
+from pipeline.transforms import device_stages, stages
 
 SIZE = 32                 # CIFAR-10's images
 THRESHOLD = 25.0          # % training error, the paper's mark
@@ -108,7 +109,7 @@ def run(*, root: str | None = None, epochs: int = EPOCHS, learning_rates=LEARNIN
             f"tanh (lr {best['tanh']['lr']:g}): "
             + (f"{ratio:.1f}x" if ratio else "no ratio (a network never got there)")
             + f"; the paper: ~{PAPER_RATIO:g}x on CIFAR-10. {time.time() - started:.0f} s.")
-    from pipeline import pictures
+    from pipeline.tracking import pictures
 
     plot = pictures.figure1_png({a: best[a]["curve"] for a in best}, threshold=THRESHOLD,
                                 labels={a: f"{a} (lr {best[a]['lr']:g})" for a in best},
@@ -130,13 +131,13 @@ def _epochs(value: float | None, epochs: int) -> str:
 def _log(result: dict[str, Any], *, experiment: str, epochs: int, learning_rates, seed: int) -> str:
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.tracking import runs
 
-    uri = tracking.resolve_tracking_uri()
-    tracking.check_server(uri)
+    uri = runs.resolve_tracking_uri()
+    runs.check_server(uri)
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(tracking.ensure_experiment(experiment, uri), tags={
-        "mlflow.runName": "figure 1: relu vs tanh", "git_sha": tracking.git_sha()}).info.run_id
+    run_id = client.create_run(runs.ensure_experiment(experiment, uri), tags={
+        "mlflow.runName": "figure 1: relu vs tanh", "git_sha": runs.git_sha()}).info.run_id
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in {
         "network": "four-layer CNN (conv 32-32-64 5x5, 3/2 max pool, fc)", "image_size": SIZE, "batch": BATCH,
         "epochs": epochs, "learning_rates": list(learning_rates), "seed": seed, "threshold": THRESHOLD,

@@ -30,19 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import MAX_PIXELS, DecodeError, crop_box, decode_image, resized_crop
+from pipeline.transforms.decode import MAX_PIXELS, DecodeError, crop_box, decode_image, resized_crop
 
 Batch = dict[str, Any]
 
-# fb.resnet.torch's ImageNet PCA (pixels scaled to [0, 1]); the eigenvectors are columns.
-IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = ["DecodeError", "crop_params", "random_crops", "center_crops", "decode", "resize_center", "ten_crop"]
 
