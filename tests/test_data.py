@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import data
+from pipeline.data import plan
 from pipeline.config import PRESETS
 
 CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=3)
@@ -111,16 +112,16 @@ def check_fresh_orders(first_run, second_run, total: int) -> None:
 def test_every_epoch_a_fresh_order_of_samples_reproducible_by_seed_from_a_folder(ray_session, tiny_imagenet):
     folder = data.scan_image_folder(str(tiny_imagenet))
     cfg = dataclasses.replace(CFG, deterministic=True)
-    plan = lambda: data.train_dataset(folder, cfg, keys=True)  # noqa: E731
+    dataset = lambda: data.train_dataset(folder, cfg, keys=True)  # noqa: E731
     with _preserve_order():
-        check_fresh_orders(epochs_of(plan()), epochs_of(plan()), 72)
+        check_fresh_orders(epochs_of(dataset()), epochs_of(dataset()), 72)
     other_seed = data.train_dataset(folder, dataclasses.replace(cfg, seed=4), keys=True)
     with _preserve_order():
-        assert epochs_of(other_seed, 1) != epochs_of(plan(), 1)
+        assert epochs_of(other_seed, 1) != epochs_of(dataset(), 1)
 
 
 def test_a_resumed_epoch_is_that_epoch_without_the_images_already_trained_on(ray_session, tiny_imagenet):
-    """data.start_at: the next pass is epoch 2 itself (order and crops), not the first epoch again, as a
+    """plan.start_at: the next pass is epoch 2 itself (order and crops), not the first epoch again, as a
     restarted worker group gets; with indices to skip, exactly those images are left out and every
     other image keeps its crop."""
     folder = data.scan_image_folder(str(tiny_imagenet))
@@ -131,11 +132,11 @@ def test_a_resumed_epoch_is_that_epoch_without_the_images_already_trained_on(ray
                 for k, i, image in zip(batch["key"], batch["index"], batch["image"])}
 
     with _preserve_order():
-        plan = data.train_dataset(folder, cfg, keys=True)
-        passes = [rows_of_pass(plan) for _ in range(3)]                               # epochs 0, 1, 2
-        at_two = rows_of_pass(data.start_at(data.train_dataset(folder, cfg, keys=True), 2))
+        dataset = data.train_dataset(folder, cfg, keys=True)
+        passes = [rows_of_pass(dataset) for _ in range(3)]                               # epochs 0, 1, 2
+        at_two = rows_of_pass(plan.start_at(data.train_dataset(folder, cfg, keys=True), 2))
         consumed = np.array(sorted(i for i, _ in list(passes[2].values())[:30]))
-        resumed_plan = data.start_at(data.train_dataset(folder, cfg, keys=True), 2, consumed)
+        resumed_plan = plan.start_at(data.train_dataset(folder, cfg, keys=True), 2, consumed)
         resumed = rows_of_pass(resumed_plan)
         after = rows_of_pass(resumed_plan)                                            # the pass after: epoch 3
     assert list(at_two) == list(passes[2]) and list(at_two) != list(passes[0])         # the same order...
@@ -152,8 +153,8 @@ def test_a_resumed_epoch_with_centre_crops_leaves_out_what_was_trained_on(ray_se
     folder = data.scan_image_folder(str(tiny_imagenet))
     cfg = dataclasses.replace(CFG, augment="off")
     consumed = np.arange(0, 72, 3)
-    plan = data.start_at(data.train_dataset(folder, cfg, keys=True), 1, consumed)
-    indices = [int(i) for b in plan.iter_batches(batch_size=8, batch_format="numpy") for i in b["index"]]
+    dataset = plan.start_at(data.train_dataset(folder, cfg, keys=True), 1, consumed)
+    indices = [int(i) for b in dataset.iter_batches(batch_size=8, batch_format="numpy") for i in b["index"]]
     assert sorted(indices) == sorted(set(range(72)) - set(consumed.tolist()))
 
 
@@ -180,24 +181,24 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
                       labels={**folder.labels, "train": folder.labels["train"] * 8},
                       keys={**folder.keys, "train": folder.keys["train"] * 8})    # 576 images: 3 units
     assert sources.num_units(many, "train") == 3
-    tasks_per_cpu, data.TASKS_PER_CPU = data.TASKS_PER_CPU, 0   # so all three share one task (num_tasks)
+    tasks_per_cpu, plan.TASKS_PER_CPU = plan.TASKS_PER_CPU, 0   # so all three share one task (num_tasks)
     try:
-        plan = data.train_dataset(many, CFG)
+        dataset = data.train_dataset(many, CFG)
     finally:
-        data.TASKS_PER_CPU = tasks_per_cpu
-    blocks = [len(b["label"]) for b in plan.iter_batches(batch_size=None)]
+        plan.TASKS_PER_CPU = tasks_per_cpu
+    blocks = [len(b["label"]) for b in dataset.iter_batches(batch_size=None)]
     assert sum(blocks) == 576 and max(blocks) <= sources.UNIT_IMAGES
 
 
 def test_tasks_take_up_to_eight_units_and_leave_every_cpu_two():
-    assert data.num_tasks(5000, 16) == 625   # ImageNet's 1.28 M images on a 16-CPU node
-    assert data.num_tasks(78, 2) == 10       # the benchmark's 19,800 images on 2 CPUs
-    assert data.num_tasks(11, 4) == 8        # the sample's 2,600 on 4 logical CPUs: 1-2 units each
-    assert data.num_tasks(3, 8) == 3         # never more tasks than units
+    assert plan.num_tasks(5000, 16) == 625   # ImageNet's 1.28 M images on a 16-CPU node
+    assert plan.num_tasks(78, 2) == 10       # the benchmark's 19,800 images on 2 CPUs
+    assert plan.num_tasks(11, 4) == 8        # the sample's 2,600 on 4 logical CPUs: 1-2 units each
+    assert plan.num_tasks(3, 8) == 3         # never more tasks than units
 
 
 def test_webdataset_shuffle_buffer_gives_every_item_once_in_a_seeded_order():
-    from pipeline.data.sources import _shuffle_buffer
+    from pipeline.data.readers.webdataset import shuffle_buffer as _shuffle_buffer
 
     items = list(range(1000))
     a = list(_shuffle_buffer(iter(items), 64, np.random.default_rng(0)))

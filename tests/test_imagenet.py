@@ -26,7 +26,7 @@ from imagenet_fixtures import (
 )
 from PIL import Image, ImageFile
 
-from pipeline.data import imagenet
+from pipeline.data import devkit, imagenet
 from pipeline.data.imagenet import BadImage, clean_image, discover_inputs, iter_records
 from pipeline.data.sample import photo_like
 from pipeline.transforms import decode
@@ -45,7 +45,7 @@ def test_loc_val_solution_label_is_the_first_wnid():
     text = ("ImageId,PredictionString\n"
             "ILSVRC2012_val_00008726,n02119789 255 142 454 329 n02119789 44 21 322 295\n"
             "ILSVRC2012_val_00000001,n01751748 111 108 441 193 \n\n")
-    assert imagenet.read_loc_val_solution(text) == {"ILSVRC2012_val_00008726": "n02119789",
+    assert devkit.read_loc_val_solution(text) == {"ILSVRC2012_val_00008726": "n02119789",
                                                     "ILSVRC2012_val_00000001": "n01751748"}
 
 
@@ -56,13 +56,13 @@ def test_loc_val_solution_label_is_the_first_wnid():
 ])
 def test_loc_val_solution_rejects_what_it_is_not(text, match):
     with pytest.raises(ValueError, match=match):
-        imagenet.read_loc_val_solution(text)
+        devkit.read_loc_val_solution(text)
 
 
 def test_devkit_meta_maps_ids_through_wnids_not_sorted_order():
     ids = devkit_ids(WNIDS)
     assert ids[1] == "n02119789"  # as in the real devkit: ID 1 is kit fox, last in sorted order
-    got = imagenet.read_devkit_meta(meta_bytes(ids, extra_non_leaf=2))
+    got = devkit.read_devkit_meta(meta_bytes(ids, extra_non_leaf=2))
     assert got == ids  # the two ancestors (num_children > 0, IDs 1001, 1002) are not classes
     # The trap: numbering the sorted wnids 1..n gives a different, wrong, map for every class.
     by_sorted_position = {i + 1: w for i, w in enumerate(sorted(WNIDS))}
@@ -78,35 +78,35 @@ def test_devkit_meta_reads_the_nesting_savemat_writes_for_matlab():
                      np.array([[7]], dtype=np.uint16))
     out = io.BytesIO()
     scipy.io.savemat(out, {"synsets": synsets})
-    assert imagenet.read_devkit_meta(out.getvalue()) == {7: "n01443537"}
+    assert devkit.read_devkit_meta(out.getvalue()) == {7: "n01443537"}
 
 
 def test_devkit_meta_errors_say_what_was_wrong():
     with pytest.raises(ValueError, match="MATLAB"):
-        imagenet.read_devkit_meta(b"ImageId,PredictionString\n")
+        devkit.read_devkit_meta(b"ImageId,PredictionString\n")
     other = io.BytesIO()
     scipy.io.savemat(other, {"classes": np.arange(3)})
     with pytest.raises(ValueError, match="synsets.*found \\['classes'\\]"):
-        imagenet.read_devkit_meta(other.getvalue())
+        devkit.read_devkit_meta(other.getvalue())
 
 
 def test_val_ground_truth_is_one_id_per_line_in_val_index_order():
-    assert imagenet.read_val_ground_truth("490\n361\n171\n") == [490, 361, 171]
+    assert devkit.read_val_ground_truth("490\n361\n171\n") == [490, 361, 171]
     with pytest.raises(ValueError, match="line 2"):  # a blank line would shift every later label
-        imagenet.read_val_ground_truth("490\n\n171\n")
+        devkit.read_val_ground_truth("490\n\n171\n")
     with pytest.raises(ValueError, match="empty"):
-        imagenet.read_val_ground_truth("\n")
+        devkit.read_val_ground_truth("\n")
 
 
 def test_val_wnids_from_ground_truth_go_through_the_devkit_ids():
-    got = imagenet.val_wnids_from_ground_truth("2\n1\n3\n1\n", meta_bytes(devkit_ids(WNIDS)))
+    got = devkit.val_wnids_from_ground_truth("2\n1\n3\n1\n", meta_bytes(devkit_ids(WNIDS)))
     assert got == {"ILSVRC2012_val_00000001": "n01440764", "ILSVRC2012_val_00000002": "n02119789",
                    "ILSVRC2012_val_00000003": "n01443537", "ILSVRC2012_val_00000004": "n02119789"}
 
 
 def test_val_ground_truth_id_missing_from_meta_names_the_image():
     with pytest.raises(ValueError, match="ILSVRC2012_val_00000002.*ILSVRC2012_ID 1001"):  # 1001: an ancestor
-        imagenet.val_wnids_from_ground_truth("1\n1001\n", meta_bytes(devkit_ids(WNIDS)))
+        devkit.val_wnids_from_ground_truth("1\n1001\n", meta_bytes(devkit_ids(WNIDS)))
 
 
 def test_known_odd_files_are_train_file_names():
@@ -319,14 +319,14 @@ def test_label_files_passed_by_uri(tmp_path):
     expected = write_flat_val(root, labels="loc", labels_at=elsewhere / "kaggle")
     write_labels(elsewhere / "kit", "ground_truth", {k.removeprefix("val/"): w for k, w in expected.labels.items()})
     write_labels(elsewhere / "tgz", "devkit_tarball", {k.removeprefix("val/"): w for k, w in expected.labels.items()})
-    kit = elsewhere / "kit" / imagenet.DEVKIT_DIR
-    for kwargs in ({"val_labels": str(elsewhere / "kaggle" / imagenet.LOC_VAL_SOLUTION)},
+    kit = elsewhere / "kit" / devkit.DEVKIT_DIR
+    for kwargs in ({"val_labels": str(elsewhere / "kaggle" / devkit.LOC_VAL_SOLUTION)},
                    {"devkit": str(kit)},
-                   {"devkit": str(elsewhere / "tgz" / imagenet.DEVKIT_TARBALL)},
-                   {"val_labels": str(kit / imagenet.DEVKIT_GROUND_TRUTH), "devkit": str(kit / imagenet.DEVKIT_META)}):
+                   {"devkit": str(elsewhere / "tgz" / devkit.DEVKIT_TARBALL)},
+                   {"val_labels": str(kit / devkit.DEVKIT_GROUND_TRUTH), "devkit": str(kit / devkit.DEVKIT_META)}):
         check_records(read_all(discover_inputs(str(root), **kwargs)), expected)
     with pytest.raises(ValueError, match="needs the devkit"):  # ground truth alone cannot name classes
-        discover_inputs(str(root), val_labels=str(kit / imagenet.DEVKIT_GROUND_TRUTH))
+        discover_inputs(str(root), val_labels=str(kit / devkit.DEVKIT_GROUND_TRUTH))
 
 
 def test_stray_files_are_listed_and_given_a_reason_to_skip(tmp_path):
@@ -387,7 +387,7 @@ def test_val_without_labels(tmp_path, layout):
         write_flat_val(tmp_path, labels="loc")
     else:
         write_archives(tmp_path, labels="loc", train=False)
-    (tmp_path / imagenet.LOC_VAL_SOLUTION).unlink()
+    (tmp_path / devkit.LOC_VAL_SOLUTION).unlink()
     with pytest.raises(ValueError, match="no labels: looked for .*LOC_val_solution.csv"):
         discover_inputs(str(tmp_path))
 
@@ -401,7 +401,7 @@ def test_val_image_without_a_label_is_named(tmp_path):
 
 def test_ground_truth_id_missing_from_meta(tmp_path):
     write_flat_val(tmp_path, labels="ground_truth")
-    ground_truth = tmp_path / imagenet.DEVKIT_DIR / imagenet.DEVKIT_GROUND_TRUTH
+    ground_truth = tmp_path / devkit.DEVKIT_DIR / devkit.DEVKIT_GROUND_TRUTH
     ground_truth.write_text(ground_truth.read_text().replace("1\n", "42\n", 1))
     with pytest.raises(ValueError, match="ILSVRC2012_ID 42"):
         discover_inputs(str(tmp_path))

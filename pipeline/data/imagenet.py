@@ -1,5 +1,5 @@
-"""ImageNet (ILSVRC-2012) as users hold it: label metadata, the known odd files, one image made
-clean, and the input layouts listed as members that can be read one by one.
+"""ImageNet (ILSVRC-2012) as users hold it: the known odd files, one image made clean, and the input
+layouts listed as members that can be read one by one.
 
 Layouts under a root (a local folder or s3://bucket/prefix), found per split:
 
@@ -10,7 +10,7 @@ Layouts under a root (a local folder or s3://bucket/prefix), found per split:
 
 Val labels for the flat layouts: Kaggle's LOC_val_solution.csv, or the devkit's
 data/ILSVRC2012_validation_ground_truth.txt with its data/meta.mat (the ILSVRC2012_devkit_t12 folder
-or the ILSVRC2012_devkit_t12.tar.gz as downloaded).
+or the ILSVRC2012_devkit_t12.tar.gz as downloaded), read by devkit.py.
 
 Archives are read in place, as byte ranges of the archive file (local or on object storage):
 nothing is extracted to disk. Every file is named by an image_id (image_id_of) before it is read,
@@ -38,16 +38,12 @@ import pyarrow.fs as pafs
 import simplejpeg
 from PIL import Image, ImageFile
 
+from pipeline.data.devkit import WNID, find_val_labels
 from pipeline.data.storage import join, read_bytes, resolve
 from pipeline.transforms import decode
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
-LOC_VAL_SOLUTION = "LOC_val_solution.csv"
-DEVKIT_DIR = "ILSVRC2012_devkit_t12"
-DEVKIT_TARBALL = "ILSVRC2012_devkit_t12.tar.gz"
-DEVKIT_META = "data/meta.mat"
-DEVKIT_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 LAYOUTS = (
     "train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG", "val/ILSVRC2012_val_*.JPEG (+ labels)", TRAIN_TAR,
     f"{VAL_TAR} (+ labels)",
@@ -56,7 +52,6 @@ LAYOUTS = (
 # Called only when a val layout needs labels: {val stem: wnid} and where they came from.
 ValLabels = Callable[[], tuple[dict[str, str], str]]
 
-WNID = re.compile(r"n\d{8}")
 VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -73,103 +68,6 @@ KNOWN_CMYK: tuple[str, ...] = (
     "n04264628_27969.JPEG", "n04336792_7448.JPEG", "n04371774_5854.JPEG", "n04596742_4225.JPEG",
     "n07583066_647.JPEG", "n13037406_4650.JPEG",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Label metadata
-
-
-def read_loc_val_solution(text: str) -> dict[str, str]:
-    """Kaggle's LOC_val_solution.csv -> {"ILSVRC2012_val_00008726": "n02119789", ...}.
-
-    Rows are "ImageId,PredictionString" where the prediction string repeats "wnid x0 y0 x1 y1" per
-    box; every box of a val image has the image's class, so the first token is the label.
-    """
-    lines = text.lstrip("\ufeff").splitlines()
-    if not lines or lines[0].strip() != "ImageId,PredictionString":
-        head = lines[0][:80] if lines else ""
-        raise ValueError(f"LOC_val_solution.csv: expected the header 'ImageId,PredictionString', got {head!r}")
-    labels = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        image_id, _, prediction = line.partition(",")
-        tokens = prediction.split()
-        if not tokens or not WNID.fullmatch(tokens[0]):
-            raise ValueError(f"LOC_val_solution.csv line {number}: expected 'ImageId,<wnid> x y x y ...', got {line!r}")
-        labels[image_id.strip()] = tokens[0]
-    return labels
-
-
-def read_devkit_meta(data: bytes) -> dict[int, str]:
-    """The devkit's data/meta.mat -> {ILSVRC2012_ID: wnid} for the 1000 classes (IDs 1..1000).
-
-    `synsets` also holds the WordNet ancestors of the classes (num_children > 0); only the leaves
-    are classes. The IDs number the classes in the devkit's own order (ID 1 is n02119789, kit fox),
-    which is not the sorted-wnid order that class indices use: map through wnids, never by position.
-    """
-    import scipy.io  # only the devkit path needs SciPy
-
-    try:
-        mat = scipy.io.loadmat(io.BytesIO(data))
-    except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... for non-MAT bytes
-        raise ValueError(f"meta.mat: not a readable MATLAB file ({type(e).__name__}: {e})") from None
-    if "synsets" not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"meta.mat: expected a variable 'synsets', found {found}")
-    synsets = mat["synsets"]
-    missing = {"ILSVRC2012_ID", "WNID", "num_children"} - set(synsets.dtype.names or ())
-    if missing:
-        raise ValueError(f"meta.mat: synsets lacks the fields {sorted(missing)}")
-
-    classes: dict[int, str] = {}
-    for synset in synsets.ravel():
-        if _mat_scalar(synset["num_children"]) != 0:
-            continue
-        class_id, wnid = int(_mat_scalar(synset["ILSVRC2012_ID"])), str(_mat_scalar(synset["WNID"]))
-        if class_id in classes:
-            raise ValueError(f"meta.mat: ILSVRC2012_ID {class_id} is both {classes[class_id]} and {wnid}")
-        classes[class_id] = wnid
-    if not classes:
-        raise ValueError("meta.mat: no leaf synsets (num_children == 0), so no classes")
-    return dict(sorted(classes.items()))
-
-
-def _mat_scalar(value):
-    """loadmat wraps each struct field in arrays ([[1.]], ['n02119789'], [[array(...)]]): unwrap."""
-    while isinstance(value, np.ndarray):
-        if value.size != 1:
-            raise ValueError(f"meta.mat: expected one value in a synsets field, got shape {value.shape}")
-        value = value.flat[0]
-    return value
-
-
-def read_val_ground_truth(text: str) -> list[int]:
-    """ILSVRC2012_validation_ground_truth.txt -> ILSVRC2012_IDs; item i-1 labels ILSVRC2012_val_{i:08d}."""
-    lines = text.rstrip().splitlines()
-    if not lines:
-        raise ValueError("validation ground truth: the file is empty")
-    ids = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            ids.append(int(line))
-        except ValueError:  # a blank line in the middle would shift every label after it
-            raise ValueError(f"validation ground truth line {number}: expected an ILSVRC2012_ID, "
-                             f"got {line!r}") from None
-    return ids
-
-
-def val_wnids_from_ground_truth(ground_truth: str, meta: bytes) -> dict[str, str]:
-    """The devkit's val labels as {"ILSVRC2012_val_00000001": wnid, ...} (ground truth via meta.mat)."""
-    id_to_wnid = read_devkit_meta(meta)
-    labels = {}
-    for index, class_id in enumerate(read_val_ground_truth(ground_truth), start=1):
-        if class_id not in id_to_wnid:
-            raise ValueError(
-                f"validation ground truth line {index} (ILSVRC2012_val_{index:08d}) has ILSVRC2012_ID {class_id}, "
-                f"which meta.mat has no class for (its classes are IDs {min(id_to_wnid)}..{max(id_to_wnid)})")
-        labels[f"ILSVRC2012_val_{index:08d}"] = id_to_wnid[class_id]
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,8 +419,8 @@ def is_image_name(name: str) -> bool:
 
 
 def val_labels_finder(root_uri: str, val_labels: str | None = None, devkit: str | None = None) -> ValLabels:
-    """The val labels of a root, looked up (see _val_labels) only when a flat val layout asks for them."""
-    return cache(lambda: _val_labels(root_uri, val_labels, devkit))
+    """The val labels of a root, looked up (devkit.find_val_labels) only when a flat val layout asks for them."""
+    return cache(lambda: find_val_labels(root_uri, val_labels, devkit))
 
 
 def _label_val(members: list[Member], labels: ValLabels) -> list[Member]:
@@ -598,80 +496,3 @@ class _ByteRange(io.RawIOBase):
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the val labels
-
-
-def _val_labels(root_uri: str, val_labels: str | None, devkit: str | None) -> tuple[dict[str, str], str]:
-    """{val stem: wnid} and where it came from (for messages): explicit URIs first, then root."""
-    ground_truth = None  # (text, uri)
-    if val_labels is not None:
-        text = _read(val_labels).decode("utf-8-sig")
-        if text.startswith("ImageId,"):
-            return read_loc_val_solution(text), val_labels
-        ground_truth = (text, val_labels)
-    elif devkit is None and _exists(loc := join(root_uri, LOC_VAL_SOLUTION)):
-        return read_loc_val_solution(_read(loc).decode("utf-8-sig")), loc
-
-    in_root = [join(root_uri, DEVKIT_DIR), join(root_uri, DEVKIT_TARBALL)]
-    kit = devkit if devkit is not None else next((k for k in in_root if _exists(k)), None)
-    if kit is None:
-        if ground_truth:
-            raise ValueError(f"{val_labels} numbers classes by ILSVRC2012_ID; mapping them to wnids needs the "
-                             f"devkit's {DEVKIT_META}: pass devkit= (the {DEVKIT_DIR} folder, its .tar.gz or "
-                             f"meta.mat)")
-        raise ValueError(f"val images under {root_uri} have no labels: looked for "
-                         f"{join(root_uri, LOC_VAL_SOLUTION)}, {join(in_root[0], DEVKIT_GROUND_TRUTH)}, "
-                         f"{in_root[1]}. Pass val_labels= ({LOC_VAL_SOLUTION} or "
-                         f"ILSVRC2012_validation_ground_truth.txt) and/or devkit=")
-    found = _read_devkit(kit)
-    ground_truth = ground_truth or found.get("ground_truth")
-    if ground_truth is None:
-        raise ValueError(f"devkit {kit} has no {DEVKIT_GROUND_TRUTH}: pass val_labels= "
-                         f"(ILSVRC2012_validation_ground_truth.txt or {LOC_VAL_SOLUTION})")
-    (text, text_uri), (meta, meta_uri) = ground_truth, found["meta"]
-    return val_wnids_from_ground_truth(text, meta), f"{text_uri} (classes from {meta_uri})"
-
-
-def _read_devkit(uri: str) -> dict[str, tuple]:
-    """{"meta": (bytes, uri), "ground_truth": (text, uri)} from a devkit folder, its .tar.gz, or a
-    bare meta.mat (which has no ground truth)."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"devkit {uri!r} does not exist")
-    found = {}
-    if info.type == pafs.FileType.Directory:
-        for name, rel in (("meta", DEVKIT_META), ("ground_truth", DEVKIT_GROUND_TRUTH)):
-            if _exists(join(uri, rel)):
-                found[name] = (_read(join(uri, rel)), join(uri, rel))
-    elif path.endswith((".tar.gz", ".tgz", ".tar")):
-        # About 2.5 MB as downloaded: read into memory, never onto disk.
-        with tarfile.open(fileobj=io.BytesIO(_read(uri))) as tar:
-            for info in tar.getmembers():
-                for name, rel in (("meta", DEVKIT_META), ("ground_truth", DEVKIT_GROUND_TRUTH)):
-                    if info.isfile() and info.name.endswith(rel):
-                        found[name] = (tar.extractfile(info).read(), f"{uri}:{info.name}")
-    else:
-        found["meta"] = (_read(uri), uri)
-    if "meta" not in found:
-        raise FileNotFoundError(f"devkit {uri!r} has no {DEVKIT_META}")
-    if "ground_truth" in found:
-        data, where = found["ground_truth"]
-        found["ground_truth"] = (data.decode("utf-8-sig"), where)
-    return found
-
-
-def _exists(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def _read(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{uri!r} is not a file")
-    with fs.open_input_stream(path) as f:
-        return f.read()
