@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test ui clean device-wheels device-check
+.PHONY: train test test-fast check ui clean device-wheels device-check
 
 # checkov (the IaC scan in tests/test_cluster_configs.py) pins boto3, packaging and others below this
 # project's versions: it gets a venv of its own.
@@ -25,6 +25,16 @@ $(CHECKOV_VENV)/.installed:
 
 test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no Ray, no server, no training run, no job (tests/conftest.py marks the rest slow); ~2 min.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+# Style and types, kept by tools: ruff (lint, format) and mypy over pipeline/. CI runs this first.
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ui: $(VENV)/.installed
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db

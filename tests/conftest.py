@@ -15,6 +15,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The fast tier (`make test-fast`, the inner loop): no Ray, no server, no training run, no job in a
+# subprocess. Tests that use one of these fixtures are slow by construction; the others that start
+# something heavy say so with @pytest.mark.slow.
+HEAVY_FIXTURES = {"ray_session", "mlflow_server", "trained_run", "s3_server"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray, a server, a training run or a job (left out of make test-fast)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -29,10 +29,11 @@ import mlflow
 import pytest
 import tomllib
 import yaml
-from conftest import ROOT
 from ray_head import ray_head
 
-from pipeline import cluster, data
+from conftest import ROOT
+from pipeline import cluster
+from pipeline.data import plan
 from pipeline.config import parse_args
 from pipeline.train import driver
 
@@ -218,8 +219,8 @@ def test_train_and_data_resources_reach_ray():
     assert cluster.worker_resources(cfg, free_cpus=0.0) == {"CPU": 1.0, "train": 1.0}
     assert cluster.worker_resources(dataclasses.replace(cfg, use_gpu=True, placement="grouped"), free_cpus=0.0) == {
         "CPU": 1.0, "GPU": 2.0, "train": 1.0}
-    assert data.placement_args(cfg) == {"resources": {"data": data.DATA_RESOURCE_SHARE}}
-    assert data.placement_args(parse_args([])) == {}
+    assert plan.placement_args(cfg) == {"resources": {"data": plan.DATA_RESOURCE_SHARE}}
+    assert plan.placement_args(parse_args([])) == {}
 
 
 def test_the_cluster_configs_offer_the_resources_the_flags_name():

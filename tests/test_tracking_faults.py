@@ -20,10 +20,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
 
+from conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
 from pipeline.config import PRESETS
-from pipeline.tracking import runs
+from pipeline.tracking import recording
 from pipeline.train import driver
 
 
@@ -44,14 +44,14 @@ def test_a_tracking_server_that_is_not_there_is_named_at_once_before_ray_starts(
 def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     """The Recorder on its own, against a port where nothing listens."""
     nowhere = f"http://127.0.0.1:{free_port()}"
-    recorder = runs.Recorder.remote(tracking_uri=nowhere, run_id="0" * 32, data_uri="d", data_fingerprint="f")
-    assert runs.MAX_PENDING_MODELS == 2
+    recorder = recording.Recorder.remote(tracking_uri=nowhere, run_id="0" * 32, data_uri="d", data_fingerprint="f")
+    assert recording.MAX_PENDING_MODELS == 2
     for epoch in range(3):
-        metrics = {**{k: 1.0 for k in runs.CURVES}, "epoch": epoch, "val_top1": 10.0 * epoch}
+        metrics = {**{k: 1.0 for k in recording.CURVES}, "epoch": epoch, "val_top1": 10.0 * epoch}
         recorder.epoch.remote(metrics, state={}, train_batch_png=None, log_model=True, improved=False,
                               checkpoint_path=f"ckpt{epoch}", reported_ms=0)
     recorder.failure.remote("worker 1: ActorDiedError")
-    account = ray_session.get(recorder.flush.remote(2 * runs.RETRY_S))
+    account = ray_session.get(recorder.flush.remote(2 * recording.RETRY_S))
 
     pending = account["pending"]
     models = [name for name in pending if name.startswith("logged model")]
@@ -64,15 +64,15 @@ def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     assert any(n.startswith("failure report") for n in pending)
     assert account["retries"] >= 2  # it kept trying
     # The end of a job whose server never came back: what waits and what was dropped, named.
-    with pytest.raises(runs.RecordsNotDelivered, match=r"did not take 8 records within 1 s of the end of "
+    with pytest.raises(recording.RecordsNotDelivered, match=r"did not take 8 records within 1 s of the end of "
                                                            r"training: .* under /ckpt hold"):
-        runs.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
+        recording.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
 
 
 def _first_epoch_in(client, experiment: str) -> bool:
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    return any(client.get_metric_history(r.info.run_id, "val_top1") for r in runs)
+    found_runs = client.search_runs([found.experiment_id]) if found else []
+    return any(client.get_metric_history(r.info.run_id, "val_top1") for r in found_runs)
 
 
 def restart_server_mid_run(root: Path, port: int, server: list, experiment: str, storage: Path,
