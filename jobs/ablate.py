@@ -7,15 +7,34 @@
     python jobs/ablate.py --preset paper --data s3://bucket/imagenet --workers 8 --use-gpu --parallel 4
 
 Every training flag of jobs/train.py applies to all runs (--help lists them); the logic lives in
-pipeline/ablate.py.
+pipeline/experiments/ablate.py and figure1.py.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+from pipeline.experiments import ablate, figure1
+from pipeline.tracking import runs
+from pipeline.train import driver
 
-from pipeline.experiments import ablate  # noqa: E402
+
+def main(argv=None) -> int:
+    args = ablate.parse_args(argv)
+    if args.figure1:
+        result = figure1.run(**({"epochs": args.figure1_epochs} if args.figure1_epochs else {}))
+        print(result["text"])
+        return 0
+    try:
+        result = ablate.run(args.cfg, args.grid, parallel=args.parallel, threshold=args.train_error)
+    except driver.RunInterrupted as e:
+        print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED", file=sys.stderr)
+        return e.exit_code
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"MLflow parent run {result.parent_run_id} ({runs.resolve_tracking_uri()}): the table is its ablation.md "
+          f"artifact; {len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all")
+    return 0 if all("error" not in r for r in result.rows) else 1
+
 
 if __name__ == "__main__":
-    sys.exit(ablate.main())
+    sys.exit(main())

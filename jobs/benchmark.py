@@ -17,7 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+# `gpu` runs on a lent GPU machine from a clone that is not installed, where `python jobs/benchmark.py` puts
+# jobs/ on sys.path, not the clone's root (the jobs that need Ray find it installed, or on Ray's PYTHONPATH).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DATA_PATHS = ("decode", "reference", "folder", "shards", "shards-256", "uint8", "s3")
 GPU_VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")  # gpu_benchmark.VARIANTS

@@ -3,7 +3,7 @@
     python jobs/gpu_check.py --out $OUT/gpu_check.json   # on a lent GPU machine (BENCHMARKS.md: what to carry)
     python jobs/gpu_check.py --device cpu                # the same code on the CPU, small (tests run it)
 
-Plain PyTorch: no Ray, no MLflow. What it checks: pipeline/device_check.py. The last line printed is
+Plain PyTorch: no Ray, no MLflow. What it checks: pipeline/experiments/device_check.py. The last line printed is
 one JSON document; exit code 0 when every section passed, 1 otherwise.
 """
 
@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a lent machine runs it from a clone, uninstalled
+# A lent GPU machine runs this from a clone that is not installed, where `python jobs/gpu_check.py` puts jobs/
+# on sys.path, not the clone's root (the jobs that need Ray find it installed, or on Ray's PYTHONPATH).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.experiments import device_check  # noqa: E402
 

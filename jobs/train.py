@@ -8,16 +8,13 @@ Every flag is listed by --help; the logic lives in pipeline/.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from pipeline import config  # noqa: E402
+from pipeline import config
 
 
 def main(argv=None) -> int:
     cfg = config.parse_args(argv)
-    from pipeline.tracking import runs  # after parsing: --help and flag errors answer without importing Ray
+    from pipeline.tracking import recording  # after parsing: --help and flag errors answer without importing Ray
     from pipeline.train import driver
 
     try:
@@ -29,7 +26,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input, or a server (Ray, MLflow) that does not answer
         return 2
-    except runs.RecordsNotDelivered as e:
+    except recording.RecordsNotDelivered as e:
         print(f"error: {e}", file=sys.stderr)  # trained, but the tracking server did not come back in time
         return 1
     import ray

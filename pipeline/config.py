@@ -5,8 +5,12 @@
     PRESETS["torchvision"]            torchvision's AlexNet variant and its reference recipe
     parse_args(["--epochs", "3"])     preset first, then every flag given on the command line
 
+    add_arguments(parser)             every field as a flag, in the --help groups of GROUPS
+    from_namespace(args)              the Config of parsed flags (a job's own flags beside them are left)
+
 Every field is a flag (`batch_size` -> `--batch-size`); its help text is the field's `help`
-metadata. Unknown flags and bad values stop the job with a message naming them.
+metadata, its --help group the field's `group`. Unknown flags and bad values stop the job with a
+message naming them.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from functools import partial
+from typing import Any
 
 
 def _flag(name: str) -> str:
@@ -26,107 +32,135 @@ def _f(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+# The --help groups, in the order --help shows them: a field's `group` metadata names one. Each group has
+# a field maker of its own (`_data(default, help)`), so a field cannot be left out of them.
+GROUPS = {
+    "preset": "preset",
+    "data": "data",
+    "model": "model",
+    "switch": "ablation switches: the paper's design choices (§3-§5), which jobs/ablate.py flips",
+    "recipe": "recipe (§5)",
+    "device": "devices",
+    "cluster": "cluster",
+    "checkpoints": "checkpoints and restarts",
+    "tracking": "tracking",
+}
+_preset, _data, _model, _switch, _recipe, _device, _cluster, _checkpoints, _tracking = (
+    partial(_f, group=group) for group in GROUPS)
+
+
 @dataclass(frozen=True)
 class Config:
-    preset: str = _f("paper", "named preset the other flags override", choices=("sample", "paper", "torchvision"))
+    preset: str = _preset("paper", "named preset the other flags override", choices=("sample", "paper", "torchvision"))
 
     # data
-    data: str = _f("", "dataset root: a local folder in ImageNet layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); "
-                       "empty = generate (once, cached) the small sample dataset; --preset sample only")
-    s3_endpoint: str = _f("", "S3-compatible endpoint URL for s3:// data (MinIO, Ceph, ...); empty = AWS_ENDPOINT_URL "
-                              "or AWS itself. Credentials always come from the standard AWS chain")
-    num_classes: int = _f(0, "classes, for WebDataset / Hugging Face data that do not name them; 0 = infer "
-                             "(Parquet label statistics; ImageNet-1k's 1000 for WebDataset)")
-    manifest_sha256: str = _f("", "refuse to train unless the shards' manifest.json has this sha256 "
-                                  "(pin a run to the exact data of an earlier one)")
-    resize_size: int = _f(256, "shorter side is rescaled to this, then the central square is kept (§2)")
-    crop_size: int = _f(227, "random training crop / central eval crop; the paper says 224, 227 makes "
-                             "conv1's arithmetic exact ((227-11)/4+1 = 55), as in Caffe's reference model")
-    flip_p: float = _f(0.5, "probability of a horizontal reflection (§4.1)")
-    lighting_std: float = _f(0.1, "std of the PCA lighting coefficients alpha (§4.1); 0 disables it "
-                                   "(which --lighting off says in words)")
-    augment: str = _f("on", "training crops (§4.1): on = a random crop and a horizontal reflection (--flip-p) of "
-                            "each image, new every epoch; off = the central crop, unflipped, every epoch (as "
-                            "validation sees it)", choices=("on", "off"))
+    data: str = _data("", "dataset root: a local folder in ImageNet layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); "
+                          "empty = generate (once, cached) the small sample dataset; --preset sample only")
+    s3_endpoint: str = _data("", "S3-compatible endpoint URL for s3:// data (MinIO, Ceph, ...); empty = "
+                                 "AWS_ENDPOINT_URL or AWS itself. Credentials always come from the standard AWS chain")
+    num_classes: int = _data(0, "classes, for WebDataset / Hugging Face data that do not name them; 0 = infer "
+                                "(Parquet label statistics; ImageNet-1k's 1000 for WebDataset)")
+    manifest_sha256: str = _data("", "refuse to train unless the shards' manifest.json has this sha256 "
+                                     "(pin a run to the exact data of an earlier one)")
+    resize_size: int = _data(256, "shorter side is rescaled to this, then the central square is kept (§2)")
+    crop_size: int = _data(227, "random training crop / central eval crop; the paper says 224, 227 makes "
+                                "conv1's arithmetic exact ((227-11)/4+1 = 55), as in Caffe's reference model")
+    flip_p: float = _data(0.5, "probability of a horizontal reflection (§4.1)")
 
     # model
-    model: str = _f("alexnet", "alexnet: the paper's network (LRN, groups); torchvision: torchvision's variant",
-                    choices=("alexnet", "torchvision"))
-    width: float = _f(1.0, "multiplier on every layer's width (alexnet only); 1.0 is the paper's network")
-    dropout: float = _f(0.5, "dropout probability on fc6 and fc7 (§4.2); 0 = none")
-    activation: str = _f("relu", "alexnet's nonlinearity after conv1-5, fc6 and fc7 (§3.1): relu (the paper) or "
-                                 "tanh, the saturating unit ReLU replaced", choices=("relu", "tanh"))
-    lrn: str = _f("on", "alexnet's local response normalisation after conv1 and conv2 (§3.3): on (the paper) or off",
-                  choices=("on", "off"))
-    pool: str = _f("overlapping", "alexnet's max pooling after conv1, conv2, conv5 (§3.4): overlapping = 3x3 every "
-                                  "2 px (the paper); non-overlapping = 2x2 every 2 px. Maps 55-27-13-6 at 227 either "
-                                  "way; at 112 px 26-12-5-2 against 26-13-6-3", choices=("overlapping", "non-overlapping"))
-    init: str = _f("paper", "alexnet weights: paper = N(0, 0.01) and biases of --init-bias (§5); kaiming = He init, "
-                            "which a narrow network needs to learn within a few epochs; xavier = Glorot init; "
-                            "kaiming and xavier start every bias at 0", choices=("paper", "kaiming", "xavier"))
-    init_bias: float = _f(1.0, "with --init paper, the bias of conv2, conv4, conv5, fc6 and fc7 (§5: 1; Caffe's "
-                               "reference model: 0.1); every other bias starts at 0")
+    model: str = _model("alexnet", "alexnet: the paper's network (LRN, groups); torchvision: torchvision's variant",
+                        choices=("alexnet", "torchvision"))
+    width: float = _model(1.0, "multiplier on every layer's width (alexnet only); 1.0 is the paper's network")
 
-    # optimisation (§5)
-    epochs: int = _f(90, "passes over the training set")
-    batch_size: int = _f(128, "GLOBAL batch size, split evenly across workers (128 = 2 workers x 64)")
-    lr: float = _f(0.01, "initial learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "L2 weight decay")
-    schedule: str = _f("plateau", "plateau: lr / 10 when val top-1 stops improving (the paper); step: lr x gamma "
-                                  "every --lr-step-epochs", choices=("plateau", "step"))
-    lr_gamma: float = _f(0.1, "factor applied to the learning rate at each drop")
-    lr_step_epochs: int = _f(30, "epochs between drops for --schedule step")
-    plateau_patience: int = _f(3, "epochs without a better val top-1 before a drop, for --schedule plateau")
+    # ablation switches: the paper's design choices (§3-§5), which jobs/ablate.py flips
+    activation: str = _switch("relu", "alexnet's nonlinearity after conv1-5, fc6 and fc7 (§3.1): relu (the paper) or "
+                                      "tanh, the saturating unit ReLU replaced", choices=("relu", "tanh"))
+    lrn: str = _switch("on", "alexnet's local response normalisation after conv1 and conv2 (§3.3): on (the paper) or "
+                             "off", choices=("on", "off"))
+    pool: str = _switch("overlapping", "alexnet's max pooling after conv1, conv2, conv5 (§3.4): overlapping = 3x3 "
+                                       "every 2 px (the paper); non-overlapping = 2x2 every 2 px. Maps 55-27-13-6 at "
+                                       "227 either way; at 112 px 26-12-5-2 against 26-13-6-3",
+                                       choices=("overlapping", "non-overlapping"))
+    dropout: float = _switch(0.5, "dropout probability on fc6 and fc7 (§4.2); 0 = none")
+    lighting_std: float = _switch(0.1, "std of the PCA lighting coefficients alpha (§4.1); 0 disables it "
+                                        "(which --lighting off says in words)")
+    augment: str = _switch("on", "training crops (§4.1): on = a random crop and a horizontal reflection (--flip-p) of "
+                                 "each image, new every epoch; off = the central crop, unflipped, every epoch (as "
+                                 "validation sees it)", choices=("on", "off"))
+    init: str = _switch("paper", "alexnet weights: paper = N(0, 0.01) and biases of --init-bias (§5); kaiming = He "
+                                 "init, which a narrow network needs to learn within a few epochs; xavier = Glorot "
+                                 "init; kaiming and xavier start every bias at 0",
+                                 choices=("paper", "kaiming", "xavier"))
+    init_bias: float = _switch(1.0, "with --init paper, the bias of conv2, conv4, conv5, fc6 and fc7 (§5: 1; Caffe's "
+                                    "reference model: 0.1); every other bias starts at 0")
 
-    # distribution
-    address: str = _f("", "the Ray cluster to join: host:port of its head, or auto for a `ray start` on this "
-                          "machine; empty = RAY_ADDRESS (which `ray job submit` sets), else a private local Ray "
-                          "of this job's own, never another job's")
-    workers: int = _f(2, "Ray Train workers (data-parallel replicas)")
-    use_gpu: bool = _f(False, "GPUs (1 per worker, 2 with --placement grouped) and NCCL; otherwise CPU and gloo")
-    precision: str = _f("auto", "auto: bf16 autocast on GPUs that support it, else fp32 (the CPU); bf16 / fp16: "
-                                "autocast (fp16 with a gradient scaler); fp32: none", choices=("auto", "fp32", "bf16", "fp16"))
-    channels_last: str = _f("auto", "channels-last memory for the model and its input: auto = on with GPUs, where "
-                                    "cuDNN's convolutions prefer it; on; off", choices=("auto", "on", "off"))
-    compile: bool = _f(False, "torch.compile the model; the first step's compile time is logged as compile_seconds")
-    decode_on: str = _f("cpu", "cpu: Ray Data decodes and crops, uint8 crops travel; gpu: Ray Data only reads the "
-                               "bytes and the trainer decodes them on its GPU (nvJPEG) and crops there",
-                        choices=("cpu", "gpu"))
-    placement: str = _f("data", "data: one device per worker, DDP across workers; grouped: the paper's two towers "
-                                "on two devices inside each worker (both on the CPU without GPUs), DDP across "
-                                "workers", choices=("data", "grouped"))
-    train_resource: str = _f("", "a custom resource each train worker takes 1 of, so the workers run only on the "
-                                 "nodes that offer it (cluster/: the GPU node types offer `train`); empty = none")
-    data_resource: str = _f("", "a custom resource each Ray Data decode task takes a sliver of, so decoding runs "
-                                "only on the nodes that offer it (cluster/: the CPU-only node types offer "
-                                "`data: 1`, and scale up for it); empty = any node with a free CPU")
-    worker_strategy: str = _f("PACK", "Ray placement strategy for the train workers (SPREAD puts them on "
-                                      "different nodes)", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    deterministic: bool = _f(False, "fixed data order (Ray Data preserve_order, fixed read blocks): the same "
-                                    "seed gives the same loss curve on any cluster shape, at some speed cost")
-    cpus_per_worker: float = _f(0.0, "logical CPUs each train worker reserves; 0 = automatic (leaves Ray Data "
-                                     "at least one CPU so the job can never deadlock)")
-    max_failures: int = _f(2, "restarts of the worker group from the latest checkpoint after a failure")
-    storage_path: str = _f("", "where Ray Train keeps checkpoints (local path or s3://); "
-                               "empty = ./ray_results; a multi-node cluster needs shared storage")
-    sample_log: str = _f("", "write the indices of the images every training step took to this folder (a JSON-lines "
-                             "file per worker and attempt): an audit of what the run trained on")
-    keep_checkpoints: int = _f(2, "Ray Train checkpoints kept: this many with the best val top-1, plus the latest "
-                                  "(to resume from); 0 = keep every epoch's")
-    checkpoint_every_steps: int = _f(0, "also checkpoint every N training steps within an epoch: a restart goes "
-                                        "on from the last one, leaving out exactly the images already trained on. "
-                                        "0 = at the end of each epoch only")
+    # recipe (§5)
+    epochs: int = _recipe(90, "passes over the training set")
+    batch_size: int = _recipe(128, "GLOBAL batch size, split evenly across workers (128 = 2 workers x 64)")
+    lr: float = _recipe(0.01, "initial learning rate")
+    momentum: float = _recipe(0.9, "SGD momentum")
+    weight_decay: float = _recipe(5e-4, "L2 weight decay")
+    schedule: str = _recipe("plateau", "plateau: lr / 10 when val top-1 stops improving (the paper); step: lr x gamma "
+                                       "every --lr-step-epochs", choices=("plateau", "step"))
+    lr_gamma: float = _recipe(0.1, "factor applied to the learning rate at each drop")
+    lr_step_epochs: int = _recipe(30, "epochs between drops for --schedule step")
+    plateau_patience: int = _recipe(3, "epochs without a better val top-1 before a drop, for --schedule plateau")
+    seed: int = _recipe(0, "seed for initialisation, data order and augmentation")
+
+    # devices
+    use_gpu: bool = _device(False, "GPUs (1 per worker, 2 with --placement grouped) and NCCL; otherwise CPU and gloo")
+    precision: str = _device("auto", "auto: bf16 autocast on GPUs that support it, else fp32 (the CPU); bf16 / fp16: "
+                                     "autocast (fp16 with a gradient scaler); fp32: none",
+                                     choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: str = _device("auto", "channels-last memory for the model and its input: auto = on with GPUs, where "
+                                         "cuDNN's convolutions prefer it; on; off", choices=("auto", "on", "off"))
+    compile: bool = _device(False, "torch.compile the model; the first step's compile time is logged as "
+                                   "compile_seconds")
+    decode_on: str = _device("cpu", "cpu: Ray Data decodes and crops, uint8 crops travel; gpu: Ray Data only reads the "
+                                    "bytes and the trainer decodes them on its GPU (nvJPEG) and crops there",
+                             choices=("cpu", "gpu"))
+    placement: str = _device("data", "data: one device per worker, DDP across workers; grouped: the paper's two towers "
+                                     "on two devices inside each worker (both on the CPU without GPUs), DDP across "
+                                     "workers", choices=("data", "grouped"))
+
+    # cluster
+    address: str = _cluster("", "the Ray cluster to join: host:port of its head, or auto for a `ray start` on this "
+                                "machine; empty = RAY_ADDRESS (which `ray job submit` sets), else a private local Ray "
+                                "of this job's own, never another job's")
+    workers: int = _cluster(2, "Ray Train workers (data-parallel replicas)")
+    cpus_per_worker: float = _cluster(0.0, "logical CPUs each train worker reserves; 0 = automatic (leaves Ray Data "
+                                           "at least one CPU so the job can never deadlock)")
+    train_resource: str = _cluster("", "a custom resource each train worker takes 1 of, so the workers run only on the "
+                                       "nodes that offer it (cluster/: the GPU node types offer `train`); empty = none")
+    data_resource: str = _cluster("", "a custom resource each Ray Data decode task takes a sliver of, so decoding runs "
+                                      "only on the nodes that offer it (cluster/: the CPU-only node types offer "
+                                      "`data: 1`, and scale up for it); empty = any node with a free CPU")
+    worker_strategy: str = _cluster("PACK", "Ray placement strategy for the train workers (SPREAD puts them on "
+                                            "different nodes)",
+                                            choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    deterministic: bool = _cluster(False, "fixed data order (Ray Data preserve_order, fixed read blocks): the same "
+                                          "seed gives the same loss curve on any cluster shape, at some speed cost")
+
+    # checkpoints and restarts
+    storage_path: str = _checkpoints("", "where Ray Train keeps checkpoints (local path or s3://); "
+                                         "empty = ./ray_results; a multi-node cluster needs shared storage")
+    keep_checkpoints: int = _checkpoints(2, "Ray Train checkpoints kept: this many with the best val top-1, plus the "
+                                            "latest (to resume from); 0 = keep every epoch's")
+    checkpoint_every_steps: int = _checkpoints(0, "also checkpoint every N training steps within an epoch: a restart "
+                                                  "goes on from the last one, leaving out exactly the images already "
+                                                  "trained on. 0 = at the end of each epoch only")
+    max_failures: int = _checkpoints(2, "restarts of the worker group from the latest checkpoint after a failure")
 
     # tracking
-    experiment: str = _f("alexnet", "MLflow experiment name")
-    registered_model: str = _f("", "MLflow registered model that receives the run's best model; empty = "
-                                   "alexnet, or alexnet-sample when training on the generated sample (--data empty), "
-                                   "so sample models never compete with real ones")
-    log_models: str = _f("best", "which epochs become MLflow logged models: best = each epoch that improves val "
-                                 "top-1, and the last; all = every epoch; none = no models (nothing is registered)",
-                         choices=("best", "all", "none"))
-    seed: int = _f(0, "seed for initialisation, data order and augmentation")
+    experiment: str = _tracking("alexnet", "MLflow experiment name")
+    registered_model: str = _tracking("", "MLflow registered model that receives the run's best model; empty = "
+                                          "alexnet, or alexnet-sample when training on the generated sample (--data "
+                                          "empty), so sample models never compete with real ones")
+    log_models: str = _tracking("best", "which epochs become MLflow logged models: best = each epoch that improves "
+                                        "val top-1, and the last; all = every epoch; none = no models (nothing is "
+                                        "registered)", choices=("best", "all", "none"))
+    sample_log: str = _tracking("", "write the indices of the images every training step took to this folder (a "
+                                    "JSON-lines file per worker and attempt): an audit of what the run trained on")
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -263,45 +297,59 @@ def with_switches(cfg: Config, choices: dict[str, str]) -> Config:
     return dataclasses.replace(cfg, **overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train AlexNet with Ray Data + Ray Train, tracked in MLflow. "
-                    "Defaults shown are the sample preset's; --preset paper|torchvision changes them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
+# The flags of the config's fields: a flag not given stays out of the namespace (default SUPPRESS), so that
+# the preset it names, whatever the flags' order, is what every other flag overrides; --help states the
+# sample preset's value in words instead.
+LIGHTING_FLAG = "lighting"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every field of Config as a flag (`batch_size` -> `--batch-size`), in its --help group, plus --lighting."""
+    defaults = PRESETS[DEFAULT_PRESET].to_dict()
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
-        default = PRESETS[DEFAULT_PRESET].to_dict()[f.name]
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": default}
+        default = defaults[f.name]
+        shown = "" if default == "" else f" (default: {({True: 'on', False: 'off'}.get(default, default))})"
+        kwargs: dict[str, Any] = {"help": (f.metadata["help"] + shown).replace("%", "%%"), "default": argparse.SUPPRESS}
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
             kwargs["choices"] = f.metadata.get("choices")
-        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
-    parser.add_argument("--lighting", choices=SWITCHES["lighting"], default=argparse.SUPPRESS,
-                        help="PCA lighting (§4.1) in words: off = --lighting-std 0; on = the preset's std "
-                             "(default: on)")
+        groups[f.metadata["group"]].add_argument(f"--{_flag(f.name)}", **kwargs)
+    groups["switch"].add_argument(f"--{LIGHTING_FLAG}", choices=SWITCHES["lighting"], default=argparse.SUPPRESS,
+                                  help="PCA lighting (§4.1) in words: off = --lighting-std 0; on = the preset's "
+                                       "std (default: on)")
+
+
+def build_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """jobs/train.py's parser; `kwargs` go to ArgumentParser (jobs/ablate.py's description and usage)."""
+    kwargs.setdefault("description", "Train AlexNet with Ray Data + Ray Train, tracked in MLflow. Defaults shown "
+                                     "are the sample preset's; --preset paper|torchvision changes them.")
+    kwargs.setdefault("usage", "%(prog)s [--preset NAME] [FLAG ...]   (the flags: below, in groups)")
+    parser = argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+    add_arguments(parser)
     return parser
+
+
+def from_namespace(args: argparse.Namespace) -> Config:
+    """The Config of parsed flags: their preset (default: the sample), then every flag given. Other entries of
+    `args` (a job's own flags) are left alone. A bad combination is a ValueError naming the flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    cfg = dataclasses.replace(PRESETS[given.pop("preset", DEFAULT_PRESET)], **given)
+    lighting = getattr(args, LIGHTING_FLAG, None)
+    if lighting is not None:
+        if "lighting_std" in given and (lighting == "on") != (cfg.lighting_std > 0):
+            raise ValueError(f"--lighting {lighting} contradicts --lighting-std {cfg.lighting_std:g}")
+        cfg = with_switches(cfg, {"lighting": lighting})
+    return cfg
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Preset first, then the flags given explicitly; exits with a usage message on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Which flags were given? Re-parse with every default suppressed.
-    given = argparse.Namespace()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    parser.parse_args(argv, namespace=given)
-    overrides = {k: v for k, v in vars(given).items() if k != "preset"}
-    lighting = overrides.pop("lighting", None)
     try:
-        cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
-        if lighting is not None:
-            if "lighting_std" in overrides and (lighting == "on") != (cfg.lighting_std > 0):
-                raise ValueError(f"--lighting {lighting} contradicts --lighting-std {cfg.lighting_std:g}")
-            cfg = with_switches(cfg, {"lighting": lighting})
-        return cfg
+        return from_namespace(args)
     except ValueError as e:
         parser.error(str(e))

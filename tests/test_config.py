@@ -1,6 +1,9 @@
 """The config: presets, the generated command line, and clear refusals of bad input."""
 
 import dataclasses
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +22,8 @@ def test_default_is_the_sample_preset_and_paper_is_the_paper():
     assert (paper.batch_size, paper.lr, paper.momentum, paper.weight_decay, paper.epochs) == (128, 0.01, 0.9, 5e-4, 90)
     assert (paper.schedule, paper.lr_gamma, paper.width, paper.model) == ("plateau", 0.1, 1.0, "alexnet")
     tv = parse_args(["--preset", "torchvision"])
-    assert (tv.model, tv.crop_size, tv.batch_size, tv.weight_decay, tv.schedule) == ("torchvision", 224, 256, 1e-4, "step")
+    assert (tv.model, tv.crop_size, tv.batch_size, tv.weight_decay, tv.schedule) == (
+        "torchvision", 224, 256, 1e-4, "step")
 
 
 def test_flags_override_the_preset_whatever_their_order():
@@ -103,3 +107,73 @@ def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
     gpu = dataclasses.replace(sample, use_gpu=True)
     assert worker_resources(gpu, 0) == {"CPU": 1.0, "GPU": 1.0}
     assert worker_resources(dataclasses.replace(gpu, placement="grouped"), 0)["GPU"] == 2.0
+
+
+def test_every_field_is_in_exactly_one_help_group_and_help_shows_the_groups():
+    parser = config.build_parser()
+    assert {f.metadata["group"] for f in dataclasses.fields(Config)} == set(config.GROUPS)  # no group left empty
+    help_text = parser.format_help()
+    sections = {title: help_text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0] for title in config.GROUPS.values()}
+    for f in dataclasses.fields(Config):
+        flag = re.compile(rf"^  --{f.name.replace('_', '-')}[ ,\n]", re.M)  # where it is defined, not named
+        assert [title for title, text in sections.items() if flag.search(text + "\n")] == [
+            config.GROUPS[f.metadata["group"]]]
+    assert "--lighting {on,off}" in sections[config.GROUPS["switch"]]
+    assert "(default: 5)" in sections["recipe (§5)"]  # the sample preset's epochs, stated in words
+
+
+def test_a_flag_given_wins_over_its_preset_and_the_namespace_holds_only_flags_given():
+    parser = config.build_parser()
+    args = parser.parse_args(["--lr", "0.02", "--preset", "paper", "--no-use-gpu"])
+    assert vars(args) == {"lr": 0.02, "preset": "paper", "use_gpu": False}
+    assert config.from_namespace(args) == dataclasses.replace(config.PRESETS["paper"], lr=0.02)
+
+
+# Each job and a flag no job has: argparse's own refusal, exit 2, before anything starts.
+JOBS = [("train.py",), ("ablate.py",), ("evaluate.py", "--model", "m"), ("prepare_imagenet.py", "a", "b"),
+        ("benchmark.py", "gpu"), ("benchmark.py", "data"), ("gpu_check.py",)]
+
+
+@pytest.mark.parametrize("job", JOBS, ids=" ".join)
+def test_every_job_refuses_an_unknown_flag(job):
+    run = subprocess.run([sys.executable, f"jobs/{job[0]}", *job[1:], "--no-such-flag"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(
+        "error: unrecognized arguments: --no-such-flag"), run.stderr[-2000:]
+
+
+def run_from_a_clone(clone: Path, job: str, *args: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    """`python <clone>/jobs/<job> args` from another folder, as an uninstalled clone runs it: the venv's editable
+    finder (which maps `pipeline` to this checkout) is taken out, and sys.path[0] is the script's folder, as
+    Python sets it for a script; prints, last, where `pipeline` was imported from."""
+    script = clone / "jobs" / job
+    code = ("import runpy, sys\n"
+            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f) + type(f).__module__]\n"
+            f"sys.path[0] = {str(script.parent)!r}\n"
+            f"sys.argv = {[str(script), *args]!r}\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(sys.modules['pipeline'].__file__ if 'pipeline' in sys.modules else None)\nsys.exit(code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-c", code], cwd=clone.parent, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_jobs_import_pipeline_from_their_clone_uninstalled(tmp_path):
+    """The bootstrap decision. gpu_check.py and benchmark.py (gpu) run on a lent GPU machine from a clone that is
+    not installed: they put the clone's root on sys.path themselves. The jobs that need Ray do not: under `ray job
+    submit --working-dir .` Ray puts the uploaded folder first on the driver's PYTHONPATH
+    (ray/_private/runtime_env/working_dir.py, set_pythonpath_in_context), elsewhere the package is installed."""
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "jobs", clone / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "pipeline", clone / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    run = run_from_a_clone(clone, "gpu_check.py", "--help")  # benchmark.py imports pipeline only after parsing
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str(clone / "pipeline" / "__init__.py")
+    bare = run_from_a_clone(clone, "train.py", "--help")  # the editable finder is really out of the way
+    assert bare.returncode == 1 and "No module named 'pipeline'" in bare.stderr
+    as_ray_runs_it = run_from_a_clone(clone, "train.py", "--help", pythonpath=str(clone))
+    assert as_ray_runs_it.returncode == 0 and "checkpoints and restarts:" in as_ray_runs_it.stdout
+    assert as_ray_runs_it.stdout.strip().splitlines()[-1] == str(clone / "pipeline" / "__init__.py")

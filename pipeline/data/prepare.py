@@ -28,13 +28,16 @@ named. The manifest records the input as an absolute URI.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+from pipeline import cluster
 from pipeline.data import imagenet, shards, storage
 
 # Bytes per image after resizing to shorter side 256 at quality 90, as a fraction of the original:
@@ -244,3 +247,39 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
     total = manifest["splits"]["train"]["images"]
     result = lighting.compute_lighting(ds, sample=sample or None, total_images=total)
     return result.to_dict()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """jobs/prepare_imagenet.py's flags, checked; exits 2 with a usage message naming a bad one."""
+    parser = argparse.ArgumentParser(description="ImageNet (as downloaded or extracted) -> Parquet shards + "
+                                                 "manifest.json, locally or on s3://.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("source", help="ImageNet root: a local folder or s3://bucket/prefix")
+    parser.add_argument("output", help="where the shards go: a local folder or s3://bucket/prefix")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="store images with the shorter side resized to this (the paper's 256), re-encoded")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    parser.add_argument("--shard-mb", type=float, default=128, help="target shard size in MB")
+    parser.add_argument("--val-labels", default=None,
+                        help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt "
+                             "(default: found in source)")
+    parser.add_argument("--devkit", default=None,
+                        help="ILSVRC2012_devkit_t12 folder, .tar.gz or meta.mat (default: found in source)")
+    parser.add_argument("--lighting-sample", type=int, default=None,
+                        help="compute §4.1's PCA lighting from this many train images (0 = all) into the manifest")
+    args = parser.parse_args(argv)
+    if args.resize is not None and args.resize < 1:
+        parser.error(f"--resize must be at least 1, got {args.resize}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.shard_mb <= 0:
+        parser.error(f"--shard-mb must be positive, got {args.shard_mb}")
+    return args
+
+
+def prepare_on_ray(root: str, out: str, **options: Any) -> dict[str, Any]:
+    """jobs/prepare_imagenet.py: prepare() on the job's Ray (cluster.connect_ray: RAY_ADDRESS, else a private
+    local one), the two paths checked first, so that a wrong output is answered before Ray starts."""
+    absolute_apart(root, out)
+    cluster.connect_ray()
+    return prepare(root, out, **options)

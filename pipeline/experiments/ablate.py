@@ -22,9 +22,10 @@ What the switches claim (the paper's numbers are ImageNet's; README says what th
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 from pipeline import cluster, config
 from pipeline.config import SWITCHES, Config
-from pipeline.tracking import runs
+from pipeline.tracking import recording
+from pipeline.tracking import runs as tracking
 from pipeline.train import driver
 
 CLAIMS = {
@@ -92,7 +94,7 @@ def default_grid(cfg: Config) -> list[dict[str, str]]:
 
 def plan(cfg: Config, grid: Sequence[dict[str, str]]) -> list[Ablation]:
     """The baseline and one run per grid entry, every config built (and so checked) before anything runs."""
-    runs = [Ablation(BASELINE, {}, cfg)]
+    ablations = [Ablation(BASELINE, {}, cfg)]
     base = config.switches(cfg)
     for choices in grid:
         try:
@@ -104,10 +106,10 @@ def plan(cfg: Config, grid: Sequence[dict[str, str]]) -> list[Ablation]:
             raise ValueError(f"--ablate {config.describe(choices)} is the baseline's own choice: it would train the "
                              f"baseline again")
         label = config.describe(changed)
-        if label in {r.label for r in runs}:
+        if label in {r.label for r in ablations}:
             raise ValueError(f"--ablate {label} is given twice")
-        runs.append(Ablation(label, changed, switched))
-    return runs
+        ablations.append(Ablation(label, changed, switched))
+    return ablations
 
 
 def slug(label: str) -> str:
@@ -184,19 +186,19 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
     if not 0 < threshold < 100:
         raise ValueError(f"--train-error must be in (0, 100) %, got {threshold}")
     train = train or driver.run
-    runs = plan(cfg, default_grid(cfg) if grid is None else grid)
-    tracking_uri = runs.resolve_tracking_uri()
-    runs.check_server(tracking_uri)
+    ablations = plan(cfg, default_grid(cfg) if grid is None else grid)
+    tracking_uri = tracking.resolve_tracking_uri()
+    recording.check_server(tracking_uri)
     started = time.time()
     client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = runs.ensure_experiment(cfg.experiment, tracking_uri)
+    experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
     parent = client.create_run(experiment_id, tags={
-        "mlflow.runName": f"ablation of {len(runs) - 1} switches", "ablation": "parent", "preset": cfg.preset,
-        "git_sha": runs.git_sha()}).info.run_id
+        "mlflow.runName": f"ablation of {len(ablations) - 1} switches", "ablation": "parent", "preset": cfg.preset,
+        "git_sha": tracking.git_sha()}).info.run_id
     client.log_batch(parent, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
-        **cfg.to_dict(), "ablations": json.dumps([r.label for r in runs[1:]]), "parallel": parallel,
+        **cfg.to_dict(), "ablations": json.dumps([r.label for r in ablations[1:]]), "parallel": parallel,
         "train_error_threshold": threshold}.items()])
-    log(f"[ablate] {len(runs)} runs ({', '.join(r.label for r in runs)}), {parallel} at a time; "
+    log(f"[ablate] {len(ablations)} runs ({', '.join(r.label for r in ablations)}), {parallel} at a time; "
         f"MLflow parent run {parent}")
     # Before the first run: a private local Ray gets a logical CPU for every train worker of `parallel` runs.
     cluster.connect_ray(train_workers=parallel * cfg.workers, address=cfg.address)
@@ -216,18 +218,18 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
     status = "FAILED"
     try:
         if parallel == 1:
-            done = [one(a) for a in runs]  # in this thread: Ctrl-C and SIGTERM stop the run as the train job's do
+            done = [one(a) for a in ablations]  # in this thread: Ctrl-C and SIGTERM stop the run as the train job's do
         else:
             # Only the main thread receives Ctrl-C: it cancels the runs not yet started, and the running ones
             # (whose fit() has no signal handler off the main thread) finish before the parent is marked KILLED.
             pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ablation")
             try:
-                done = list(pool.map(one, runs))
+                done = list(pool.map(one, ablations))
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         rows, ids = [], {}
         baseline_top1 = None
-        for ablation, outcome in zip(runs, done):
+        for ablation, outcome in zip(ablations, done):
             if "error" in outcome:
                 rows.append(outcome)
                 continue
@@ -240,7 +242,7 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
             rows.append(row)
         text = table(rows, threshold)
         claims = "\n".join(f"- {name}: {CLAIMS[name]}" for name in SWITCHES
-                           if any(name in r.choices for r in runs[1:]))
+                           if any(name in r.choices for r in ablations[1:]))
         report = (f"Ablation of the {cfg.preset} preset on {cfg.data or 'the generated sample'}: seed {cfg.seed}, "
                   f"{cfg.epochs} epochs each; run ids in ablation.json.\n\n{text}\n\nThe paper's claims:\n{claims}\n")
         client.log_text(parent, report, "ablation.md")
@@ -266,59 +268,44 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
         client.set_terminated(parent, status)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """jobs/ablate.py: the training job's flags, plus --ablate, --parallel, --train-error and --figure1."""
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--ablate", action="append", default=None)
-    parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--train-error", type=float, default=TRAIN_ERROR_THRESHOLD)
-    parser.add_argument("--figure1", action="store_true")
-    parser.add_argument("--figure1-epochs", type=int, default=None)
-    parser.add_argument("-h", "--help", action="store_true")
-    own, rest = parser.parse_known_args(argv)
-    if own.help:
-        print(HELP)
-        config.build_parser().print_help()
-        return 0
-    if own.figure1:
-        from pipeline.experiments import figure1
-
-        if rest:
-            print(f"error: --figure1 takes no training flags (only --figure1-epochs); got {' '.join(rest)}",
-                  file=sys.stderr)
-            return 2
-        result = figure1.run(**({"epochs": own.figure1_epochs} if own.figure1_epochs else {}))
-        print(result["text"])
-        return 0
-    cfg = config.parse_args(rest)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """jobs/ablate.py's flags: the training job's (the baseline's config) and the `ablation` group. Returns them
+    with .cfg, the baseline's Config, and .grid, the runs to compare with it (None: default_grid), every run's
+    config already built, so that a bad --ablate is refused before anything starts. Exits 2 naming bad input."""
+    parser = config.build_parser(
+        description="Trains a baseline (the training flags as given) and one run per --ablate (default: every "
+                    "switch flipped once), on the same data, seed and budget, as child MLflow runs of one parent; "
+                    "nothing is registered. Ends with a table of final top-1 / top-5, the gap between train and val "
+                    "top-1, and the epochs and training seconds until the training error fell to --train-error. "
+                    "--figure1 reproduces the paper's Figure 1 (ReLU against tanh, four-layer CNN) on the sample.",
+        usage="%(prog)s [--ablate SWITCH=VALUE[,SWITCH=VALUE...]]... [--parallel N] [--train-error PERCENT] "
+              "[training flags...]\n       %(prog)s --figure1 [--figure1-epochs N]")
+    switches = ", ".join(f"{k}={'|'.join(v) if isinstance(v, tuple) else 'NUMBER'}" for k, v in SWITCHES.items())
+    group = parser.add_argument_group("ablation", f"switches: {switches}")
+    group.add_argument("--ablate", action="append", default=None, metavar="SWITCH=VALUE[,SWITCH=VALUE...]",
+                       help="one run with these switches set (repeat for more runs); default: every switch "
+                            "flipped once")
+    group.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once on the cluster")
+    group.add_argument("--train-error", type=float, default=TRAIN_ERROR_THRESHOLD, metavar="PERCENT",
+                       help="the training error whose epochs and seconds to reach the table compares")
+    group.add_argument("--figure1", action="store_true", help="Figure 1 on the sample instead; takes no training "
+                                                               "flags")
+    group.add_argument("--figure1-epochs", type=int, default=None, metavar="N", help="epochs of each --figure1 run")
+    args = parser.parse_args(argv)
+    training = [f"--{name.replace('_', '-')}" for name in vars(args)
+                if name in {f.name for f in dataclasses.fields(Config)} | {config.LIGHTING_FLAG}]
+    if args.figure1 and (training or args.ablate):
+        parser.error(f"--figure1 takes no training flags (only --figure1-epochs); got "
+                     f"{' '.join(training + ['--ablate'] * bool(args.ablate))}")
     try:
-        grid = None if own.ablate is None else [parse_grid_entry(text) for text in own.ablate]
-        result = run(cfg, grid, parallel=own.parallel, threshold=own.train_error)
-    except driver.RunInterrupted as e:
-        print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED", file=sys.stderr)
-        return e.exit_code
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    uri = runs.resolve_tracking_uri()
-    print(f"MLflow parent run {result.parent_run_id} ({uri}): the table is its ablation.md artifact; "
-          f"{len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all")
-    return 0 if all("error" not in r for r in result.rows) else 1
-
-
-HELP = """usage: python jobs/ablate.py [--ablate SWITCH=VALUE[,SWITCH=VALUE...]]... [--parallel N]
-                           [--train-error PERCENT] [training flags...]
-       python jobs/ablate.py --figure1 [--figure1-epochs N]
-
-Trains a baseline (the training flags as given) and one run per --ablate (default: every switch flipped
-once), on the same data, seed and budget, as child MLflow runs of one parent; nothing is registered. Ends
-with a table of final top-1 / top-5, the gap between train and val top-1, and the epochs and training
-seconds until the training error fell to --train-error (default 25%). --figure1 reproduces the paper's
-Figure 1 (ReLU against tanh, four-layer CNN) on the sample instead.
-
-switches: """ + ", ".join(f"{k}={'|'.join(v) if isinstance(v, tuple) else 'NUMBER'}" for k, v in SWITCHES.items()) + """
-
-The training job's flags follow:
-"""
+        args.cfg = config.from_namespace(args)
+        args.grid = None if args.ablate is None else [parse_grid_entry(text) for text in args.ablate]
+        if not args.figure1:
+            plan(args.cfg, default_grid(args.cfg) if args.grid is None else args.grid)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
+    if not 0 < args.train_error < 100:
+        parser.error(f"--train-error must be in (0, 100) %, got {args.train_error}")
+    return args

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Iterator
 
@@ -173,3 +175,23 @@ def evaluate_model(reference: str, data_uri: str = "", *, use_gpu: bool = False,
                                               data_fingerprint=source.fingerprint, tracking_uri=tracking_uri)
     return {**result, "reference": reference, "data": source.uri, "data_fingerprint": source.fingerprint,
             "epoch": opened.state["epoch"], "recorded": recorded}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """jobs/evaluate.py's flags, checked; exits 2 with a usage message naming a bad one."""
+    parser = argparse.ArgumentParser(description="Evaluate a trained model: top-1 / top-5 from the centre crop "
+                                                 "and from the paper's ten crops (§4.1).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--model", required=True,
+                        help="models:/name@alias, models:/name/version, models:/<logged model id>, "
+                             "runs:/<run id>/<model name>, or a checkpoint directory / file")
+    parser.add_argument("--data", default="", help="dataset root, as for training; empty = the generated sample")
+    parser.add_argument("--use-gpu", action="store_true", help="score on GPUs, one actor per GPU")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="scoring actors holding the model; 0 = one per GPU with --use-gpu, else one per "
+                             "read unit (256 images) up to the cluster's CPUs less one")
+    parser.add_argument("--no-record", action="store_true", help="print the numbers only; write nothing to MLflow")
+    args = parser.parse_args(argv)
+    if args.actors < 0:
+        parser.error(f"--actors must be >= 0, got {args.actors}")
+    return args
