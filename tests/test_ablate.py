@@ -12,8 +12,8 @@ import sys
 
 import mlflow
 import pytest
-from conftest import ROOT, TINY_RUN
 
+from conftest import ROOT, TINY_RUN
 from pipeline.config import PRESETS
 from pipeline.experiments import ablate, figure1
 

@@ -13,8 +13,9 @@ import time
 import uuid
 
 import mlflow
-from conftest import ROOT
 from test_run_status import TINY_FLAGS
+
+from conftest import ROOT
 
 
 def test_two_jobs_started_together_on_one_machine_both_finish(ray_session, mlflow_server, tiny_imagenet, tmp_path):

@@ -13,19 +13,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from test_train_loop import RecordingLoop
 
+from conftest import ROOT
 from pipeline.config import PRESETS
 from pipeline.models.alexnet import build_from_config
-from pipeline.train import worker
-from pipeline.transforms import constants
+from pipeline.train import batches, worker
+from pipeline.transforms.lighting import IMAGENET
 
-LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 CFG = dataclasses.replace(PRESETS["sample"], width=0.125, crop_size=67, resize_size=76, batch_size=8, workers=1)
 # What a lent GPU machine lacks (BENCHMARKS.md, "The device check"): it has torch, torchvision, pyarrow,
 # Pillow, OpenCV and NumPy, and simplejpeg only when its wheel is carried.
 NOT_ON_THE_DEVICE = ("ray", "mlflow", "boto3", "botocore", "s3transfer", "moto", "scipy", "matplotlib", "pandas",
                      "sklearn", "psutil", "tqdm")
+
+
+def settings(cfg) -> worker.LoopSettings:
+    return worker.LoopSettings(cfg, 10, IMAGENET)
 
 
 def crops_dataset(ray, n: int = 20):
@@ -44,24 +48,22 @@ def test_batches_stay_on_the_host_where_ray_would_move_them_to_the_gpu(ray_sessi
     monkeypatch.setattr(ray.train.utils, "_in_ray_train_worker", lambda: True)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("meta"))
     shard = crops_dataset(ray_session).iterator()
-    batches = list(worker.input_batches(shard, CFG, torch.device("cpu"), drop_last=True))
-    assert len(batches) == 2 and all(v.device.type == "cpu" for b in batches for v in b.values())
-    # and the loop trains on them, reading the indices on the host
-    model = build_from_config(CFG.to_dict(), 10)
-    consumed = []
-    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
-                                  torch.Generator(), LIGHTING, checkpoint_every=1,
-                                  on_checkpoint=lambda step, sums, seen: consumed.append(np.concatenate(seen)))
-    assert stats.sums.images == 16 and len(set(consumed[0].tolist())) == 8
+    taken = list(batches.input_batches(shard, CFG, torch.device("cpu"), drop_last=True))
+    assert len(taken) == 2 and all(v.device.type == "cpu" for b in taken for v in b.values())
+    # and the loop trains on them, reading the indices on the host (a checkpoint after the first step names them)
+    loop = RecordingLoop(settings(dataclasses.replace(CFG, checkpoint_every_steps=1)),
+                         build_from_config(CFG.to_dict(), 10), device=torch.device("cpu"))
+    stats = loop.train_one_epoch(0, taken)
+    [(_, saved)] = loop.reports
+    assert stats.sums.images == 16 and len(set(saved["within_epoch"].consumed.tolist())) == 8
 
 
 def test_the_loop_refuses_indices_that_are_not_on_the_host():
     batch = {"image": torch.zeros(2, 67, 67, 3, dtype=torch.uint8), "label": torch.zeros(2, dtype=torch.long),
              "index": torch.arange(2, device="meta")}
-    model = build_from_config(CFG.to_dict(), 10)
+    loop = worker.TrainLoop(settings(CFG), build_from_config(CFG.to_dict(), 10), device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="index column is on meta, expected the CPU"):
-        worker.train_one_epoch(model, worker.make_optimizer(model, CFG), [batch], torch.device("cpu"), CFG,
-                              torch.Generator(), LIGHTING)
+        loop.train_one_epoch(0, [batch])
 
 
 def batches_of_shapes(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -74,15 +76,15 @@ def batches_of_shapes(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]
 def test_channels_last_steps_train_like_the_default_layout(placement):
     """The same weights, batches and seeds: one SGD step in each memory layout gives the same weights (to
     float rounding), and the channels_last model really is channels_last, towers included."""
-    cfg = dataclasses.replace(CFG, placement=placement, dropout=0.0, lighting_std=0.0)
     models = []
-    for channels_last in (False, True):
+    for channels_last in ("off", "on"):
+        cfg = dataclasses.replace(CFG, placement=placement, dropout=0.0, lighting_std=0.0, channels_last=channels_last)
         torch.manual_seed(0)
         model = worker.place_and_wrap(build_from_config(cfg.to_dict(), 10), cfg, [torch.device("cpu")],
-                                     channels_last=channels_last)
-        precision = worker.Precision(None, channels_last)
-        worker.train_one_epoch(model, worker.make_optimizer(model, cfg), batches_of_shapes(), torch.device("cpu"), cfg,
-                              torch.Generator(), LIGHTING, precision=precision)
+                                     channels_last=channels_last == "on")
+        loop = worker.TrainLoop(settings(cfg), model, device=torch.device("cpu"))
+        assert loop.precision == worker.Precision(None, channels_last == "on")
+        loop.train_one_epoch(0, batches_of_shapes())
         models.append(model)
     convs = [m for m in models[1].modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -93,11 +95,12 @@ def test_channels_last_steps_train_like_the_default_layout(placement):
 def test_a_compiled_model_trains_and_times_its_first_step():
     """--compile as the worker loop runs it: torch.compile (inductor, C++ on the CPU) of the placed model;
     the first step, timed alone, is the compilation; the steps change the weights and count every image."""
+    cfg = dataclasses.replace(CFG, compile=True)
     torch.manual_seed(0)
-    model = worker.place_and_wrap(build_from_config(CFG.to_dict(), 10), CFG, [torch.device("cpu")])
+    model = worker.place_and_wrap(build_from_config(cfg.to_dict(), 10), cfg, [torch.device("cpu")])
     before = [p.detach().clone() for p in model.parameters()]
-    stats = worker.train_one_epoch(torch.compile(model), worker.make_optimizer(model, CFG), batches_of_shapes(),
-                                  torch.device("cpu"), CFG, torch.Generator(), LIGHTING, time_first_step=True)
+    loop = worker.TrainLoop(settings(cfg), model, device=torch.device("cpu"))
+    stats = loop.train_one_epoch(0, batches_of_shapes())  # --compile's first epoch: its first step timed alone
     assert stats.sums.images == 24 and np.isfinite(stats.sums.loss)
     assert stats.first_step_seconds > 0.5 * stats.seconds  # compiling dwarfs two tiny steps
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

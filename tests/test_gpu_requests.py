@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from pipeline import cluster
 from pipeline.config import parse_args
 

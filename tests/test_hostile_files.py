@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import ray
 import simplejpeg
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from pipeline import data
 from pipeline.config import PRESETS
 from pipeline.data import prepare, sources

@@ -14,9 +14,9 @@ from pipeline.data import sources
 from pipeline.models.alexnet import build_model
 from pipeline.train import worker
 from pipeline.train.metrics import validate
-from pipeline.transforms import constants, stages
+from pipeline.transforms import stages
+from pipeline.transforms.lighting import IMAGENET
 
-LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 CFG = dataclasses.replace(PRESETS["sample"], batch_size=16, workers=1, lr=0.01, dropout=0.0)
 
 
@@ -57,15 +57,22 @@ def batches_of(rows, epoch: int, crops: str = "random") -> list[dict[str, torch.
             for i in range(0, len(labels), 16)]
 
 
+def small_model() -> torch.nn.Module:
+    return build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
+
+
+def loop_for(model: torch.nn.Module, precision: str = "auto") -> worker.TrainLoop:
+    """The worker's loop on the CPU, without Ray; its optimiser is make_optimizer's SGD."""
+    cfg = dataclasses.replace(CFG, precision=precision)
+    return worker.TrainLoop(worker.LoopSettings(cfg, 3, IMAGENET), model, device=torch.device("cpu"))
+
+
 def train_and_validate(rows_train, rows_val, precision: str, epochs: int = 10) -> float:
     torch.manual_seed(0)
-    model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
-    optimizer = worker.make_optimizer(model, CFG)
-    resolved = worker.resolve_precision(dataclasses.replace(CFG, precision=precision), torch.device("cpu"))
+    loop = loop_for(small_model(), precision)
     for epoch in range(epochs):
-        worker.train_one_epoch(model, optimizer, batches_of(rows_train, epoch), torch.device("cpu"), CFG,
-                              torch.Generator().manual_seed(epoch), LIGHTING, precision=resolved)
-    return validate(model, batches_of(rows_val, 0, "centre"), "cpu", resolved.dtype).metrics()["val_top1"]
+        loop.train_one_epoch(epoch, batches_of(rows_train, epoch))
+    return validate(loop.model, batches_of(rows_val, 0, "centre"), "cpu", loop.precision.dtype).metrics()["val_top1"]
 
 
 def test_bf16_autocast_trains_to_the_fp32_accuracy_band(three_shapes):
@@ -77,11 +84,11 @@ def test_bf16_autocast_trains_to_the_fp32_accuracy_band(three_shapes):
 
 
 def test_fp16_with_a_gradient_scaler_takes_steps(three_shapes):
-    model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
+    model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
-    resolved = worker.resolve_precision(dataclasses.replace(CFG, precision="fp16"), torch.device("cpu"))
-    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches_of(three_shapes[0], 0)[:3],
-                                  torch.device("cpu"), CFG, torch.Generator(), LIGHTING, precision=resolved)
+    loop = loop_for(model, "fp16")
+    assert loop.precision.scaler is not None
+    stats = loop.train_one_epoch(0, batches_of(three_shapes[0], 0)[:3])
     assert stats.sums.images == 48 and np.isfinite(stats.sums.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -97,9 +104,8 @@ def test_an_epoch_reads_the_device_once(three_shapes, monkeypatch):
             reads.append(_name)
             return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counting)
-    model = build_model("alexnet", num_classes=3, width=0.25, image_size=112, dropout=0.0, init="kaiming")
+    loop = loop_for(small_model())
     batches = batches_of(three_shapes[0], 0)                                      # 12 steps
-    stats = worker.train_one_epoch(model, worker.make_optimizer(model, CFG), batches, torch.device("cpu"), CFG,
-                                  torch.Generator(), LIGHTING)
+    stats = loop.train_one_epoch(0, batches)
     monkeypatch.undo()
     assert stats.sums.images == 192 and reads == ["tolist"], reads

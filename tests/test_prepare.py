@@ -14,9 +14,9 @@ import imagenet_fixtures as fx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_bucket
 from PIL import Image
 
+from conftest import make_bucket
 from pipeline.data import imagenet, prepare, shards, sources, storage
 from pipeline.transforms import decode
 

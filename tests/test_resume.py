@@ -16,10 +16,10 @@ from pathlib import Path
 import mlflow
 import pytest
 from test_failures import our_train_workers
+from test_train_loop import RecordingLoop
 
 from pipeline.config import PRESETS
 from pipeline.train import driver
-from pipeline.transforms import constants
 
 IMAGES, STEPS = 72, 9   # tiny_imagenet's train split; 72 = 9 steps of a global batch of 8: nothing left over
 
@@ -65,51 +65,51 @@ def effective_steps(folder: Path) -> dict[int, dict[int, list[list[int]]]]:
             for rank, epochs in kept.items()}
 
 
-def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights():
-    """train_one_epoch alone: checkpoints every 2 steps (never at the end), naming the images trained on;
-    picking up at step 4 from the checkpoint's state, with the same per-step seeds, gives bit for bit
-    the weights of the epoch that was never interrupted (dropout and lighting included)."""
-    import copy
-
+def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    """The worker's loop alone: checkpoints every 2 steps (never at the end), naming the images trained
+    on; a fresh loop resumed from the step-4 checkpoint file (checkpoint.save, then load and resume, as
+    a restarted worker does) ends the epoch with bit for bit the weights of the epoch that was never
+    interrupted (dropout and lighting included), and counts the epoch's images and steps whole."""
     import numpy as np
     import torch
 
+    from pipeline.models import checkpoint
     from pipeline.models.alexnet import build_model
     from pipeline.train import worker
+    from pipeline.transforms.lighting import IMAGENET
 
-    cfg = dataclasses.replace(PRESETS["sample"], batch_size=8, workers=1, dropout=0.5, lighting_std=0.1)
-    lighting = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
+    cfg = dataclasses.replace(PRESETS["sample"], batch_size=8, workers=1, dropout=0.5, lighting_std=0.1,
+                              checkpoint_every_steps=2)
     rng = np.random.default_rng(0)
     batches = [{"image": torch.from_numpy(rng.integers(0, 256, (8, 67, 67, 3), dtype=np.uint8)),
                 "label": torch.from_numpy(rng.integers(0, 3, 8)), "index": torch.arange(8 * i, 8 * i + 8)}
                for i in range(6)]
-    seeds = lambda step: worker.step_seed(0, 0, 5, step)  # noqa: E731
 
-    def parts():
+    def loop(directory):
         torch.manual_seed(0)
         model = build_model("alexnet", num_classes=3, width=0.125, image_size=67, dropout=0.5, init="kaiming")
-        return model, worker.make_optimizer(model, cfg)
+        return RecordingLoop(worker.LoopSettings(cfg, 3, IMAGENET), model, device=torch.device("cpu"),
+                             directory=directory)
 
-    model, optimizer = parts()
-    taken = {}
+    whole = loop(tmp_path / "whole")
+    stats = whole.train_one_epoch(5, batches)
+    # none at the end: the epoch's own follows
+    assert [m["step"] for m, _ in whole.reports] == [2, 4] and stats.steps == 6
+    at_4 = whole.reports[1][1]["within_epoch"]
+    assert (at_4.epoch, at_4.sums[3], at_4.consumed.tolist()) == (5, 32, list(range(32)))  # 4 steps: images 0..31
 
-    def on_checkpoint(step, read_sums, consumed):
-        taken[step] = (read_sums().images, np.concatenate(consumed).tolist(),
-                       copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
-
-    whole = worker.train_one_epoch(model, optimizer, batches, torch.device("cpu"), cfg, torch.Generator(), lighting,
-                                  seeds=seeds, checkpoint_every=2, on_checkpoint=on_checkpoint)
-    assert sorted(taken) == [2, 4] and whole.steps == 6                   # none at the end: the epoch's own follows
-    assert taken[4][:2] == (32, list(range(32)))                          # 4 steps: images 0..31
-
-    resumed, resumed_optimizer = parts()
-    resumed.load_state_dict(taken[4][2])
-    resumed_optimizer.load_state_dict(taken[4][3])
-    rest = worker.train_one_epoch(resumed, resumed_optimizer, batches[4:], torch.device("cpu"), cfg, torch.Generator(),
-                                 lighting, seeds=seeds, first_step=4, checkpoint_every=2, on_checkpoint=on_checkpoint)
-    assert rest.steps == 2 and sorted(taken) == [2, 4]                    # no checkpoint again at the resume step
-    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+    resumed = loop(tmp_path / "resumed")
+    resumed.resume(checkpoint.load(tmp_path / "whole" / "1"))
+    assert (resumed.start.epoch, resumed.start.step) == (5, 4)
+    rest = resumed.train_one_epoch(5, batches[4:])
+    assert rest.steps == 2 and resumed.reports == []                     # no checkpoint again at the resume step
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    val = resumed.evaluate(batches[:1])
+    metrics = resumed.epoch_metrics(5, rest, val, lr=cfg.lr)
+    assert (metrics["train_images"], metrics["train_steps"]) == (48, 6)  # the steps before the restart count
+    assert metrics["train_loss"] == pytest.approx(whole.epoch_metrics(5, stats, val, lr=cfg.lr)["train_loss"],
+                                                  rel=1e-12)  # the same losses, summed in another order
 
 
 @pytest.mark.timeout(600)

@@ -13,9 +13,9 @@ import boto3
 import numpy as np
 import pytest
 import ray
-from conftest import make_bucket, upload_folder
 from fault_proxy import FaultProxy
 
+from conftest import make_bucket, upload_folder
 from pipeline import data
 from pipeline.config import PRESETS
 from pipeline.data import imagenet, prepare, shards, sources, storage

@@ -9,10 +9,11 @@ Each section runs even when one before it failed; the last line printed is one J
 written to --out), and the exit code is 1 when any section failed.
 
     towers   TwoTowerAlexNet == the grouped AlexNet on the devices (outputs and gradients, strict fp32)
-    loop     one-process process group (NCCL on CUDA, gloo on the CPU): input_batches over a shard that moves
-             batches as Ray 2.60 does, train_one_epoch with a mid-epoch checkpoint (all_gather_object of the
-             indices), the sums' all_reduce, the data-wait all_reduce, validate; --decode-on gpu too on CUDA
-    steps    train_one_epoch's img/s per precision and memory layout, both placements, on batches as Ray
+    loop     one-process process group (NCCL on CUDA, gloo on the CPU): the worker's TrainLoop, its reports
+             kept here instead of Ray Train's: input_batches over a shard that moves batches as Ray 2.60
+             does, train_one_epoch with a mid-epoch checkpoint (the sums' all_reduce, all_gather_object of
+             the indices), evaluate, the epoch's all_reduces; --decode-on gpu too on CUDA
+    steps    TrainLoop.train_one_epoch's img/s per precision and memory layout, both placements, on batches as Ray
              delivers them (pinned uint8 crops); the measured steps run under
              torch.cuda.set_sync_debug_mode("error"), so a step that waits for the device fails the section
     decode   decode_on_device (nvJPEG on CUDA) + crops_on_device against the CPU decoder on the same JPEGs,
@@ -29,7 +30,8 @@ import platform
 import socket
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +41,9 @@ import torch.nn.functional as F
 from pipeline.config import PRESETS, Config
 from pipeline.models.alexnet import AlexNet, build_from_config
 from pipeline.models.placement import TwoTowerAlexNet, merge_towers
-from pipeline.train import worker
-from pipeline.train.metrics import validate
-from pipeline.transforms import constants, device_stages, stages
+from pipeline.train import batches, worker
+from pipeline.transforms import device_stages, stages
+from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
 
 # Largest difference relative to the reference's scale, two towers vs the grouped model, in strict fp32.
 # The CPU computes both in the same order up to the split: ~1e-7 measured. cuDNN may pick different
@@ -49,7 +51,6 @@ from pipeline.transforms import constants, device_stages, stages
 # from direct ones), so on CUDA the two agree only to the algorithms' own error; a wrong channel order
 # or a missed exchange is off by O(1). The first device run records the real figure.
 TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
-LIGHTING = {"eigval": constants.IMAGENET_EIGVAL, "eigvec": constants.IMAGENET_EIGVEC}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Size:
     jpegs: int = 256
 
     @classmethod
-    def quick(cls) -> "Size":
+    def quick(cls) -> Size:
         return cls(width=0.125, image_size=67, resize_size=76, batch_size=8, classes=10, steps=2, warmup=1, jpegs=24)
 
 
@@ -125,7 +126,7 @@ def photo_rows(size: Size, *, seed: int = 0) -> dict[str, Any]:
             "index": np.arange(n, dtype=np.int64)}
 
 
-def shard(rows: dict[str, Any], columns: tuple[str, ...], device: torch.device) -> "RayLikeShard":
+def shard(rows: dict[str, Any], columns: tuple[str, ...], device: torch.device) -> RayLikeShard:
     return RayLikeShard({k: rows[k] for k in columns}, device)
 
 
@@ -204,43 +205,41 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+class KeptReports(worker.TrainLoop):
+    """The worker's loop as a Ray Train worker runs it, but what it reports is kept here (no Ray)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def report(self, metrics: dict[str, Any], **saved: Any) -> None:
+        self.reports.append((metrics, saved))
+
+
 def check_loop(device: torch.device, size: Size, rows: dict[str, Any]) -> dict[str, Any]:
-    """The worker loop's own functions, as train_loop_per_worker calls them, under a process group."""
+    """The worker loop's own methods, as train_loop_per_worker runs them, under a process group."""
     cfg = config_for(size, device, checkpoint_every_steps=2)
+    settings = worker.LoopSettings(cfg, size.classes, IMAGENET_LIGHTING)
     out: dict[str, Any] = {}
     with process_group(device):
         worker.prepare_device(device)
         precision = worker.resolve_precision(cfg, device)
         model = worker.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
                                      channels_last=precision.channels_last)
-        optimizer = worker.make_optimizer(model, cfg)
-        checkpoints: list[int] = []
-
-        def on_checkpoint(step: int, read_sums: Callable, consumed: list[np.ndarray]) -> None:
-            read_sums().all_reduce(device=device)
-            gathered = worker._all_gather(np.concatenate(consumed))  # all_gather_object: NCCL sends from the device
-            checkpoints.append(sum(len(g) for g in gathered))
-
+        loop = KeptReports(settings, model, device=device, precision=precision)
         crops = shard(rows, CROP_COLUMNS, device)
-        batches = worker.input_batches(crops, cfg, device, drop_last=True)
-        stats = worker.train_one_epoch(model, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
-                                      precision=precision, checkpoint_every=cfg.checkpoint_every_steps,
-                                      on_checkpoint=on_checkpoint, seeds=lambda step: step)
-        sums = stats.sums.all_reduce(device=device)
-        waits = torch.full((1,), stats.data_seconds / stats.seconds, dtype=torch.float64, device=device)
-        dist.all_reduce(waits, op=dist.ReduceOp.MAX)
-        val = validate(worker.unwrap(model), worker.input_batches(crops, cfg, device, drop_last=False), device,
-                       precision.dtype).all_reduce(classes=size.classes, device=device)
-        out.update(train_images=sums.images, train_loss=sums.loss / sums.images, checkpoint_images=checkpoints,
-                   val_images=val.images, val_class_images=sum(val.class_images), data_wait=waits.item(),
-                   backend=dist.get_backend())
+        lr = loop.optimizer.param_groups[0]["lr"]
+        stats = loop.train_one_epoch(0, loop.train_batches(crops, 0))  # its checkpoint: all_reduce, all_gather_object
+        val = loop.evaluate(batches.input_batches(crops, cfg, device, drop_last=False))
+        metrics = loop.epoch_metrics(0, stats, val, lr=lr)             # the sums' and the data wait's all_reduce
+        out.update(train_images=metrics["train_images"], train_loss=metrics["train_loss"],
+                   checkpoint_images=[len(saved["within_epoch"].consumed) for _, saved in loop.reports],
+                   val_images=val.images, val_class_images=sum(val.class_images),
+                   data_wait=metrics["data_wait_fraction"], backend=dist.get_backend())
         if device.type == "cuda":  # --decode-on gpu: Ray Data hands on bytes, the loop decodes with nvJPEG
-            gpu_cfg = dataclasses.replace(cfg, decode_on="gpu")
-            decoded = worker.train_one_epoch(model, optimizer, worker.input_batches(shard(rows, BYTES_COLUMNS, device),
-                                                                                  gpu_cfg, device,
-                                                                                  drop_last=True,
-                                                                                  crop_rngs=np.random.default_rng),
-                                            device, gpu_cfg, torch.Generator(), LIGHTING, precision=precision)
+            gpu_loop = KeptReports(dataclasses.replace(settings, config=dataclasses.replace(cfg, decode_on="gpu")),
+                                   model, device=device, precision=precision)
+            decoded = gpu_loop.train_one_epoch(0, gpu_loop.train_batches(shard(rows, BYTES_COLUMNS, device), 0))
             out["decode_on_gpu_train_images"] = decoded.sums.all_reduce(device=device).images
     whole = len(rows["label"]) // size.batch_size * size.batch_size
     out["ok"] = bool(out["train_images"] == whole and out["val_images"] == len(rows["label"])
@@ -251,7 +250,7 @@ def check_loop(device: torch.device, size: Size, rows: dict[str, Any]) -> dict[s
 
 def time_steps(device: torch.device, size: Size, rows: dict[str, Any], *, placement: str, precision: str,
                channels_last: str, compile: bool = False) -> dict[str, Any]:
-    """Images/s of train_one_epoch over `size.steps` batches as Ray delivers them, after the warm-up."""
+    """Images/s of TrainLoop.train_one_epoch over `size.steps` batches as Ray delivers them, after the warm-up."""
     cfg = config_for(size, device, precision=precision, channels_last=channels_last, placement=placement,
                      compile=compile)
     worker.prepare_device(device)
@@ -259,18 +258,16 @@ def time_steps(device: torch.device, size: Size, rows: dict[str, Any], *, placem
     torch.manual_seed(0)
     model = worker.place_and_wrap(build_from_config(cfg.to_dict(), size.classes), cfg, [device],
                                  channels_last=resolved.channels_last)
-    optimizer = worker.make_optimizer(model, cfg)
-    forward = torch.compile(model) if compile else model
+    loop = worker.TrainLoop(worker.LoopSettings(cfg, size.classes, IMAGENET_LIGHTING), model, device=device,
+                            precision=resolved)  # compiles the model with compile=True
     batch = next(shard(rows, CROP_COLUMNS, device).iter_torch_batches(
         batch_size=size.batch_size, drop_last=True, pin_memory=device.type == "cuda", device="cpu"))
     start = time.perf_counter()
-    warm = worker.train_one_epoch(forward, optimizer, [batch] * size.warmup, device, cfg, torch.Generator(),
-                                 LIGHTING, precision=resolved, time_first_step=True)
+    warm = loop.train_one_epoch(0, [batch] * size.warmup, time_first_step=True)
     warmup_s = time.perf_counter() - start
     checked = resolved.scaler is None  # fp16's scaler reads the host every step, by design
-    batches = sync_checked([batch] * size.steps, device) if checked else [batch] * size.steps
-    stats = worker.train_one_epoch(forward, optimizer, batches, device, cfg, torch.Generator(), LIGHTING,
-                                  precision=resolved)
+    measured = sync_checked([batch] * size.steps, device) if checked else [batch] * size.steps
+    stats = loop.train_one_epoch(0, measured, time_first_step=False)  # no synchronize among the measured steps
     return {"placement": placement, "precision": precision, "channels_last": resolved.channels_last,
             "compile": compile, "batch_size": size.batch_size, "images_per_s": stats.sums.images / stats.seconds,
             "first_step_s": warm.first_step_seconds, "warmup_s": warmup_s, "sync_checked": checked and

@@ -131,10 +131,10 @@ def _epochs(value: float | None, epochs: int) -> str:
 def _log(result: dict[str, Any], *, experiment: str, epochs: int, learning_rates, seed: int) -> str:
     import mlflow
 
-    from pipeline.tracking import runs
+    from pipeline.tracking import recording, runs
 
     uri = runs.resolve_tracking_uri()
-    runs.check_server(uri)
+    recording.check_server(uri)
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(runs.ensure_experiment(experiment, uri), tags={
         "mlflow.runName": "figure 1: relu vs tanh", "git_sha": runs.git_sha()}).info.run_id

@@ -36,7 +36,7 @@ from pipeline import cluster, config, data
 from pipeline.config import Config
 from pipeline.data import sample
 from pipeline.models import checkpoint
-from pipeline.tracking import registry, runs
+from pipeline.tracking import recording, registry, runs
 from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
 from pipeline.transforms.lighting import Lighting
 
@@ -143,12 +143,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.worker import train_loop_per_worker
+    from pipeline.train.worker import LoopSettings, train_loop_per_worker
 
     started = time.time()
     tracking_uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for its children
     tracking_uri = runs.resolve_tracking_uri()
-    runs.check_server(tracking_uri)  # first: a dead server is answered in one line, before anything starts
+    recording.check_server(tracking_uri)  # first: a dead server is answered in one line, before anything starts
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint  # read here, and forwarded to every Ray task
     source = resolve_data(cfg)
@@ -191,17 +191,18 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
         try:
             report = data.ReadReport.remote()
             resume_point = data.ResumePoint.remote()
-            recorder = runs.start_recorder(tracking_uri=tracking_uri, run_id=run_id, data_uri=source.uri,
+            recorder = recording.start_recorder(tracking_uri=tracking_uri, run_id=run_id, data_uri=source.uri,
                                                data_fingerprint=data_fingerprint, decode_failures=report)
             callback = runs.MLflowCallback(recorder, epochs=cfg.epochs, log_models=cfg.log_models)
+            settings = LoopSettings(config=cfg, num_classes=source.num_classes, lighting=lighting,
+                                    classes=tuple(source.wnids), words=tuple(class_words(cfg, source)),
+                                    train_images=source.images.get("train"),
+                                    progress_interval_s=0.0 if interactive else PROGRESS_INTERVAL_S,
+                                    read_report=report, resume_point=resume_point)
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={"config": cfg.to_dict(), "num_classes": source.num_classes,
-                                   "lighting": lighting.to_dict(), "classes": list(source.wnids),
-                                   "words": class_words(cfg, source), "train_images": source.images.get("train"),
-                                   "progress_interval_s": 0.0 if interactive else PROGRESS_INTERVAL_S,
-                                   "decode_failures": report,   # --decode-on gpu: the workers report there
-                                   "resume_point": resume_point},
+                # A dict: Ray Train's run state checks for one (and shows its values, as text, on the dashboard).
+                train_loop_config={"settings": settings},
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                     placement_strategy=cfg.worker_strategy),
@@ -223,7 +224,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                 restarts = "no restarts" if cfg.max_failures == 0 else f"all {cfg.max_failures} restarts used"
                 raise TrainingFailed(f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last "
                                      f"attempt ended with: {e}") from e
-            delivery = runs.wait_for_records(recorder, tracking_uri, runs.TRACKING_WAIT_S, checkpoints=result.path)
+            delivery = recording.wait_for_records(recorder, tracking_uri, recording.TRACKING_WAIT_S, checkpoints=result.path)
             if register:
                 registration = registry.register_best(
                     tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
@@ -238,8 +239,8 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                 "final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"],
                 "registered": registration.uri or "nothing", "registration": registration.message,
                 **runs.delivery_tags(delivery)})
-        except runs.RecordsNotDelivered:
-            runs.abandon_run()
+        except recording.RecordsNotDelivered:
+            recording.abandon_run()
             raise
         except BaseException as e:
             # Ray Train answers Ctrl-C (and SIGTERM, above) by aborting the workers and leaving fit() with
