@@ -1,24 +1,31 @@
 """The one checkpoint format: written by the worker loop, read with weights_only=True by the callback, the
-evaluation job and the served model; a restart continues exactly; the keep and log policies."""
+evaluation job and the served model; a restart continues exactly; a checkpoint the flat layout (f34a58d)
+wrote still loads and scores the same; the keep and log policies, as seen on disk after a real run."""
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 
 from pipeline.config import PRESETS
 from pipeline.models import checkpoint
 from pipeline.models.alexnet import build_model
 from pipeline.models.placement import grouped_state_dict, place_model
-from pipeline.train import worker
+from pipeline.train import metrics, worker
+from pipeline.transforms import stages
+from pipeline.transforms.device_stages import normalize, to_float
 
 CFG = dataclasses.replace(PRESETS["paper"], width=0.125, crop_size=67, resize_size=80, schedule="plateau")
 CLASSES = ["n01440764", "n01443537", "n01484850"]
+# Written by the code of f34a58d, before pipeline/ moved into subpackages (fixtures/make_old_fixtures.py).
+OLD = Path(__file__).parent / "fixtures" / "old_layout"
 
 
 def trained_parts(placement: str = "data", steps: int = 2, seed: int = 0):
@@ -130,7 +137,55 @@ def test_which_epochs_become_logged_models(policy, improved, last, logged):
     assert checkpoint.should_log(policy, improved=improved, last_epoch=last) is logged
 
 
-def test_ray_keeps_the_best_k_by_val_top1():
-    kept = checkpoint.keep_policy(2)
-    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (2, "val_top1", "max")
-    assert checkpoint.keep_policy(0).num_to_keep is None  # every checkpoint
+def test_a_checkpoint_of_the_flat_layout_loads_scores_and_evaluates_the_same():
+    """checkpoint.pt as the old worker loop saved it: the file pickles no class of ours (load() reads it with
+    weights_only=True, which refuses any), so moving modules cannot break it; its network gives the old code's
+    logits on the old code's eval view of the same files, and the evaluation sums the old code counted."""
+    expected = torch.load(OLD / "expected.pt", weights_only=True)
+    opened = checkpoint.open_model(str(OLD))
+    state = opened.state
+    assert (state["epoch"], state["num_classes"], state["classes"]) == (0, 3, CLASSES)
+    assert (state["config"]["width"], state["config"]["crop_size"]) == (0.03125, 67)
+    assert "optimizer" in state  # the training form, as Ray Train keeps it
+
+    jpegs = [f.read_bytes() for f in sorted((OLD / "val").glob("*.JPEG"))]
+    crops = stages.center_crops({"jpeg": jpegs, "key": ["0", "1", "2"]}, resize_size=state["config"]["resize_size"],
+                                crop_size=state["config"]["crop_size"])
+    assert torch.equal(torch.from_numpy(crops["image"]), expected["crops"])  # the eval view did not change
+    network = checkpoint.build_model(state)
+    with torch.no_grad():
+        logits = network(normalize(to_float(expected["crops"])))
+    torch.testing.assert_close(logits, expected["logits"])
+    assert logits.argmax(1).tolist() == expected["labels"].tolist()  # it was trained to tell these three apart
+
+    with torch.no_grad():
+        sums = metrics.score_batch(network, expected["crops"], expected["labels"])
+    old = expected["sums"]
+    assert (sums.correct1, sums.correct5, sums.images) == (old["correct1"], old["correct5"], old["images"])
+    assert sums.loss == pytest.approx(old["loss"], abs=1e-5)
+    assert state["metrics"]["val_top1"] == pytest.approx(100.0 * sums.correct1 / sums.images)
+
+
+def test_ray_keeps_the_best_k_by_val_top1(trained_run, mlflow_server):
+    """On disk after the shared run: Ray Train's folder for the run holds the checkpoints of the K epochs with
+    the best val top-1 (K = --keep-checkpoints) and the latest, each a checkpoint.pt that loads."""
+    cfg, summary = trained_run
+    run_folder = Path(cfg.storage_path) / f"alexnet-{summary['run_id'][:12]}"  # RunConfig(name=...) in the driver
+    kept = {}
+    for folder in sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()):
+        state = checkpoint.load(folder)
+        kept[state["epoch"]] = (folder, state["metrics"]["val_top1"])
+
+    top1 = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["run_id"], "val_top1")}
+    assert sorted(top1) == list(range(cfg.epochs))
+    # Ray Train's rule: the K best (a tie goes to the later epoch), and the latest even when it is not one of them.
+    best_k = sorted(top1, key=lambda e: (-top1[e], -e))[:cfg.keep_checkpoints]
+    assert set(kept) == set(best_k) | {cfg.epochs - 1}
+    for epoch, (_, val_top1) in kept.items():
+        assert val_top1 == pytest.approx(top1[epoch])  # each checkpoint is the epoch MLflow recorded
+    assert Path(summary["checkpoint"]) == kept[cfg.epochs - 1][0]  # the run's result is the latest
+
+    policy = checkpoint.keep_policy(cfg.keep_checkpoints)
+    assert (policy.num_to_keep, policy.checkpoint_score_attribute, policy.checkpoint_score_order) == (
+        cfg.keep_checkpoints, checkpoint.SCORE, "max")
+    assert checkpoint.keep_policy(0).num_to_keep is None  # --keep-checkpoints 0: every checkpoint

@@ -2,8 +2,8 @@
 
     ImageClassifier          an mlflow.pyfunc.PythonModel: decode, shorter side to resize_size, central
                              crop, normalise (the functions validation uses), the network, softmax, top 5
-    log_model(state, ...)    one epoch's logged model: model.pt (checkpoint.for_serving), the code of this
-                             package, the signature and the pip requirements
+    log_model(state, ...)    one epoch's logged model: model.pt (checkpoint.for_serving), the code it runs
+                             (served_sources), the signature and the pip requirements
 
 Input: a DataFrame with a column "image" of encoded image bytes (JPEG, PNG, ...). Through
 `mlflow models serve` the column travels as base64 strings, which MLflow decodes because the signature
@@ -11,13 +11,15 @@ declares it binary. Output, one row per image, best first: indices, wnids, words
 or every class when there are fewer), and error ("" or why that image could not be decoded; the other
 rows are still answered).
 
-The model carries this package's source (code_paths), so it loads with MLflow and the pip requirements
-alone, without a checkout of this repository; it is built by running classifier_model.py ("models from
-code"), so it holds no pickled object, and its weights load with torch.load(weights_only=True).
+The model carries the source it runs (code_paths: the `pipeline` modules served_model.py imports, found by
+reading their imports, in their folders), so it loads with MLflow and the pip requirements alone, without a
+checkout of this repository; it is built by running served_model.py ("models from code"), so it holds no
+pickled object, and its weights load with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import importlib.metadata
 import shutil
@@ -65,7 +67,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pipeline.models import checkpoint
+        from pipeline.models import checkpoint  # deferred: torch, when a model is loaded, not when imported
 
         state = checkpoint.load(context.artifacts["model"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +91,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def _classify(self, data: list[bytes], first: int) -> list[dict[str, Any]]:
         import torch
 
-        from pipeline.transforms import device_stages, stages
+        from pipeline.transforms import device_stages, stages  # deferred: torch and the decoders, as above
 
         keys = [f"row {first + i}" for i in range(len(data))]
         out = stages.center_crops({"jpeg": data, "key": keys}, resize_size=self.resize_size,
@@ -112,14 +114,74 @@ def requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
+PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
+SERVED = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the model
+
+
+def _module_file(name: str) -> Path | None:
+    """pipeline.a.b -> pipeline/a/b.py or pipeline/a/b/__init__.py; None when it is not a module of ours."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE.name:
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+    return ".".join(parts)
+
+
+def _imported(path: Path) -> set[str]:
+    """The names of the `pipeline` modules the file at `path` imports, anywhere in it (inside functions too:
+    the classifier imports torch and its stages lazily), relative imports resolved."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from . import x / from ..a import b
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.add(module)
+            # `from pipeline.a import b` names the module pipeline.a.b when b is one, not an attribute.
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if _module_file(m) is not None}
+
+
+def served_sources(entry: Path = SERVED) -> list[Path]:
+    """The files the served model runs: `entry`, the `pipeline` modules it imports, transitively, and the
+    __init__.py of every package on their way (importing pipeline.a.b runs pipeline/__init__.py and
+    pipeline/a/__init__.py first, so their imports count too). Sorted paths inside pipeline/."""
+    files: set[Path] = set()
+    todo = [entry.resolve()]
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.add(path)
+        name = _module_name(path)
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += [f for m in sorted(_imported(path)) + parents if (f := _module_file(m)) is not None]
+    return sorted(files)
+
+
 def _package_source(into: Path) -> Path:
-    """A copy of this package's .py files (no caches) as into/pipeline, for code_paths."""
-    package = Path(__file__).resolve().parent
-    target = into / "pipeline"
-    target.mkdir(parents=True)
-    for path in package.glob("*.py"):
-        shutil.copy2(path, target / path.name)
-    return target
+    """Copies of served_sources() under into/pipeline, folders kept, for code_paths: only what the model
+    imports, so a logged model neither misses a subpackage nor ships the training and experiment code."""
+    for path in served_sources():
+        target = into / path.relative_to(PACKAGE.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return into / PACKAGE.name
 
 
 def log_model(state: dict[str, Any], *, name: str, run_id: str, step: int, tags: dict[str, str]) -> str:
@@ -133,7 +195,7 @@ def log_model(state: dict[str, Any], *, name: str, run_id: str, step: int, tags:
     import torch
     from mlflow.entities import LoggedModelOutput
 
-    from pipeline.models import checkpoint
+    from pipeline.models import checkpoint  # deferred: torch, for the callback that logs, not every importer
 
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
@@ -146,8 +208,8 @@ def log_model(state: dict[str, Any], *, name: str, run_id: str, step: int, tags:
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             mlflow.pyfunc.log_model(
                 name=name, model_id=model.model_id,
-                # Models from code: the logged model runs classifier_model.py; no pickled object in it.
-                python_model=str(Path(__file__).with_name("classifier_model.py")), artifacts={"model": str(weights)},
+                # Models from code: the logged model runs served_model.py; no pickled object in it.
+                python_model=str(SERVED), artifacts={"model": str(weights)},
                 code_paths=[str(_package_source(Path(tmp) / "code"))], signature=signature(),
                 # Stated, not inferred: inferring them loads the model in a subprocess.
                 pip_requirements=requirements(),
