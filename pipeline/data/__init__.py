@@ -26,8 +26,8 @@ _PLAN = ("train_dataset", "val_dataset", "ReadReport", "ResumePoint", "TrainValD
 
 
 def __getattr__(name: str):
-    if name in _PLAN:  # deferred: Ray
-        from pipeline.data import plan
+    if name in _PLAN:
+        from pipeline.data import plan  # deferred: Ray, which a GPU check machine does not have
 
         return getattr(plan, name)
     raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")

@@ -39,6 +39,7 @@ from typing import Any
 
 from pipeline import cluster
 from pipeline.data import imagenet, shards, storage
+from pipeline.transforms import lighting
 
 # Bytes per image after resizing to shorter side 256 at quality 90, as a fraction of the original:
 # 39 KB / 94 KB measured on photo-like 500x375 JPEGs (DESIGN.md). Only used to size the shards.
@@ -239,7 +240,6 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
     """§4.1's PCA over the written train shards (sample 0 = every image)."""
     import ray.data
 
-    from pipeline.transforms import lighting
 
     fs, root = storage.resolve(out)
     paths = [storage.join(root, s["path"]) for s in manifest["splits"]["train"]["shards"] if s["rows"]]

@@ -47,6 +47,9 @@ import torch
 from pipeline.data.sample import generate_photo_imagenet
 from pipeline.transforms import constants, device_stages, stages
 from pipeline.transforms.decode import decode_image
+from pipeline import data
+from pipeline.config import PRESETS
+from pipeline.data import prepare
 
 BATCH = 64
 RESIZE, CROP = 256, 224
@@ -151,8 +154,6 @@ def ray_plan(name: str, uri: str, cores: int, epochs: int, env: dict[str, str] |
     import ray
     from ray.data import DataContext
 
-    from pipeline import data
-    from pipeline.config import PRESETS
 
     cfg = dataclasses.replace(PRESETS["paper"], resize_size=RESIZE, crop_size=CROP, seed=0)
     os.environ.update(env or {})
@@ -191,7 +192,6 @@ def prepared(folder: Path, out: Path, resize: int | None, cores: int) -> float:
     """Shards of `folder` under `out` (prepare_imagenet.py, resumed if already there); seconds taken."""
     import ray
 
-    from pipeline.data import prepare
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
              configure_logging=False)  # its own Ray, never one found on the machine

@@ -44,6 +44,7 @@ from pipeline.models.placement import TwoTowerAlexNet, merge_towers
 from pipeline.train import batches, worker
 from pipeline.transforms import device_stages, stages
 from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
+from pipeline.data.sample import photo_like
 
 # Largest difference relative to the reference's scale, two towers vs the grouped model, in strict fp32.
 # The CPU computes both in the same order up to the split: ~1e-7 measured. cuDNN may pick different
@@ -110,7 +111,6 @@ def photo_rows(size: Size, *, seed: int = 0) -> dict[str, Any]:
     import cv2
     from PIL import Image
 
-    from pipeline.data.sample import photo_like
 
     jpegs = []
     for i in range(size.jpegs):

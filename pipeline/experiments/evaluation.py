@@ -19,6 +19,9 @@ import torch
 from pipeline.data import sources
 from pipeline.train.metrics import score_batch
 from pipeline.transforms import stages
+from pipeline import cluster, data
+from pipeline.data import sample
+from pipeline.models import checkpoint
 
 # Images per block handed from the read tasks to the scoring actors: 64 centre crops and 64 resized
 # squares are ~22 MB at 227 / 256 px, well under Ray Data's block size.
@@ -66,7 +69,6 @@ class _Scorer:
     def __init__(self, state_ref: list, crop_size: int, use_gpu: bool):
         import ray
 
-        from pipeline.models import checkpoint
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = checkpoint.build_model(ray.get(state_ref[0])).to(self.device)
@@ -98,11 +100,10 @@ def evaluate_split(state: dict[str, Any], source, *, split: str = "val", use_gpu
     import ray
     import ray.data
 
-    from pipeline.data import ReadReport
 
     cfg = state["config"]
     resize_size, crop_size = cfg["resize_size"], cfg["crop_size"]
-    report = ReadReport.remote()
+    report = data.ReadReport.remote()
     units = sources.num_units(source, split)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if use_gpu and not gpus:
@@ -154,10 +155,7 @@ def evaluate_model(reference: str, data_uri: str = "", *, use_gpu: bool = False,
     logged model unless record=False."""
     import mlflow
 
-    from pipeline import cluster
-    from pipeline.data import sample
-    from pipeline.models import checkpoint
-    from pipeline.tracking import registry, runs
+    from pipeline.tracking import registry, runs  # deferred: MLflow and Ray, so that --help answers fast
 
     in_mlflow = reference.startswith(("models:/", "runs:/"))  # a checkpoint path needs no tracking store
     tracking_uri = runs.resolve_tracking_uri() if in_mlflow else ""

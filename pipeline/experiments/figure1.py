@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pipeline.data import sample, sources
 from pipeline.models.alexnet import FourLayerCNN
 from pipeline.transforms import device_stages, stages
+from pipeline.tracking import pictures, recording, runs
 
 SIZE = 32                 # CIFAR-10's images
 THRESHOLD = 25.0          # % training error, the paper's mark
@@ -109,7 +110,6 @@ def run(*, root: str | None = None, epochs: int = EPOCHS, learning_rates=LEARNIN
             f"tanh (lr {best['tanh']['lr']:g}): "
             + (f"{ratio:.1f}x" if ratio else "no ratio (a network never got there)")
             + f"; the paper: ~{PAPER_RATIO:g}x on CIFAR-10. {time.time() - started:.0f} s.")
-    from pipeline.tracking import pictures
 
     plot = pictures.figure1_png({a: best[a]["curve"] for a in best}, threshold=THRESHOLD,
                                 labels={a: f"{a} (lr {best[a]['lr']:g})" for a in best},
@@ -131,7 +131,6 @@ def _epochs(value: float | None, epochs: int) -> str:
 def _log(result: dict[str, Any], *, experiment: str, epochs: int, learning_rates, seed: int) -> str:
     import mlflow
 
-    from pipeline.tracking import recording, runs
 
     uri = runs.resolve_tracking_uri()
     recording.check_server(uri)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from pipeline.models.alexnet import AlexNet
 from pipeline.models.placement import place_model
+from pipeline.data.sample import photo_like
 
 NUM_CLASSES = 1000
 VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
@@ -113,7 +114,6 @@ def time_step(variant: str, devices: list[torch.device], *, placement: str = "da
 def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
     from PIL import Image
 
-    from pipeline.data.sample import photo_like
 
     out = []
     for i in range(n):
@@ -125,7 +125,7 @@ def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -
 
 def cpu_data_rate(jpegs: list[bytes], batch_size: int = 64) -> float:
     """Images/s on one core: stages.random_crops (decode straight to a 224 crop) + to_model_input."""
-    from pipeline.transforms import device_stages, stages
+    from pipeline.transforms import device_stages, stages  # deferred: simplejpeg, absent on a bare GPU machine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def cpu_data_rate(jpegs: list[bytes], batch_size: int = 64) -> float:
 
 def device_data_rate(jpegs: list[bytes], device: torch.device, batch_size: int, repeats: int = 3) -> float:
     """Images/s of decode_on_device + crops_on_device + to_model_input over batches of batch_size."""
-    from pipeline.transforms import device_stages, stages
+    from pipeline.transforms import device_stages, stages  # deferred: simplejpeg, absent on a bare GPU machine
 
     keys = [str(i) for i in range(len(jpegs))]
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
@@ -198,7 +198,7 @@ def run_gpu(*, device: str = "auto", batch_sizes: tuple[int, ...] = (128, 256), 
         "towers": [t.__dict__ for t in towers],
     }
     try:  # the step numbers above stand even where the decoder is missing (a bare GPU machine)
-        from pipeline.transforms import decode  # noqa: F401  (simplejpeg and OpenCV: this project's dependencies)
+        from pipeline.transforms import decode  # noqa: F401  deferred: simplejpeg, absent on a bare GPU machine
     except ImportError as e:
         log(f"[gpu] data: skipped, the decoder's dependencies are missing ({e}); BENCHMARKS.md says which wheels "
             f"to carry")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import ray
 
 from pipeline.models import checkpoint as checkpoints
+from pipeline.tracking import pictures
 
 # Pipeline health sits beside the accuracy: images_per_s (training throughput, all workers), the
 # fraction of the training pass spent waiting for the next batch (data_wait_fraction, the slowest
@@ -196,7 +197,6 @@ class Recorder:
             # The val metrics carry the logged model's id: one record, seen on the run and on the model.
             self._add(Record(f"metrics of epoch {epoch}", partial(self._send_metrics, epoch, m, reported_ms)))
             self.history.append({k: float(m[k]) for k in CURVES})
-            from pipeline.tracking import pictures
 
             self._picture("curves.png", pictures.curves_png(self.history))
             if self.decode_failures is not None:
@@ -307,7 +307,7 @@ class Recorder:
             for k in EPOCH_METRICS if k in m])
 
     def _send_model(self, epoch: int, state: dict[str, Any], checkpoint_path: str) -> None:
-        from pipeline.tracking import classifier
+        from pipeline.tracking import classifier  # deferred: MLflow's pyfunc and pandas, when a model is logged
 
         self.model_ids[epoch] = classifier.log_model(state, name=f"epoch-{epoch:03d}", run_id=self.run_id,
                                                      step=epoch, tags={
@@ -316,7 +316,6 @@ class Recorder:
 
     def _best_pictures(self, state: dict[str, Any], m: dict[str, Any]) -> None:
         """The best model so far: its conv1 kernels (Figure 3) and its per-class validation top-1."""
-        from pipeline.tracking import pictures
 
         conv1 = next(v for v in state["model"].values() if v.dim() == 4)  # the first conv's weight, either model
         towers = 2 if state["config"]["model"] == "alexnet" else 1

@@ -39,6 +39,7 @@ from pipeline.models import checkpoint
 from pipeline.tracking import recording, registry, runs
 from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
 from pipeline.transforms.lighting import Lighting
+from pipeline.train.worker import LoopSettings, train_loop_per_worker
 
 
 def resolve_data(cfg: Config) -> data.Source:
@@ -143,7 +144,6 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.worker import LoopSettings, train_loop_per_worker
 
     started = time.time()
     tracking_uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for its children
