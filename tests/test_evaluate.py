@@ -105,16 +105,16 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
                                                                      monkeypatch):
     import mlflow
 
+    from pipeline.data import sources
     from pipeline.experiments import evaluation
     from pipeline.models import checkpoint
-    from pipeline.train import metrics
 
     cfg, summary = trained_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # where the job looks
     mlflow.set_tracking_uri(mlflow_server)
     reference = f"models:/{cfg.registered_model}@champion"
     opened = checkpoint.open_model(reference)
-    result = evaluation.evaluate_split(opened.state, metrics.sources.open_source(str(tiny_imagenet)),
+    result = evaluation.evaluate_split(opened.state, sources.open_source(str(tiny_imagenet)),
                                      batch_size=8)
     images, centre, ten = independent_counts(checkpoint.build_model(opened.state), tiny_imagenet,
                                              resize_size=cfg.resize_size, crop_size=cfg.crop_size)
@@ -137,6 +137,52 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
     recorded = {m.key: m for m in logged.metrics if m.run_id != summary["run_id"]}
     assert recorded["val_top1_10crop"].value == pytest.approx(job["metrics"]["val_top1_10crop"])
     assert recorded["val_top1_10crop"].dataset_name == str(tiny_imagenet)
+
+
+def test_evaluation_on_other_data_is_recorded_under_its_fingerprint(trained_run, mlflow_server, tmp_path,
+                                                                    monkeypatch):
+    """The trained run's model on a second data set with the same classes (another seed): its numbers go to
+    eval/<fingerprint>/ tags, never over the val_top1 the champion rule compares."""
+    import mlflow
+
+    from pipeline.data import sources
+    from pipeline.data.sample import generate_sample_imagenet
+    from pipeline.experiments import evaluation
+    from pipeline.models import checkpoint
+
+    cfg, summary = trained_run
+    other = generate_sample_imagenet(tmp_path / "other", num_classes=3, train_per_class=2, val_per_class=6, seed=7)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server)
+    version = summary["registration"].version  # this run's own version, by number
+    before = client.get_model_version(cfg.registered_model, version).tags
+    champion = client.get_model_version_by_alias(cfg.registered_model, "champion").version
+    fingerprint = sources.open_source(str(other)).fingerprint
+    assert fingerprint != before["data_fingerprint"]  # other data, by the measure the registry uses
+
+    reference = f"models:/{cfg.registered_model}/{version}"
+    job = evaluation.evaluate_model(reference, str(other))
+    assert job["data_fingerprint"] == fingerprint and job["images"] == 18
+    images, centre, ten = independent_counts(checkpoint.build_model(checkpoint.open_model(reference).state), other,
+                                             resize_size=cfg.resize_size, crop_size=cfg.crop_size)
+    assert (images, job["correct1"], job["correct1_10crop"]) == (18, centre, ten)
+
+    after = client.get_model_version(cfg.registered_model, version).tags
+    prefix = f"eval/{fingerprint[:12]}/"
+    for key in ("val_top1", "val_top5", "val_top1_10crop", "val_top5_10crop"):
+        assert float(after[prefix + key]) == pytest.approx(job["metrics"][key], abs=1e-4), key
+    assert float(after[prefix + "val_top1"]) == pytest.approx(100 * centre / 18, abs=1e-4)
+    assert after[prefix + "data_uri"] == str(other)
+    # Nothing it measured stands in for the training measurement, and the champion did not move.
+    assert {k: v for k, v in after.items() if not k.startswith(prefix)} == before
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == champion
+    # The logged model: the numbers as metrics of an evaluation run, tied to the other data.
+    logged = client.get_logged_model(after["logged_model_id"])
+    on_other = {m.key: m for m in logged.metrics if m.dataset_name == str(other)}
+    assert on_other["val_top1_10crop"].value == pytest.approx(job["metrics"]["val_top1_10crop"])
+    assert on_other["val_top1"].run_id != summary["run_id"]
+    assert on_other["val_top1"].dataset_digest == fingerprint[:32]
 
 
 def test_evaluation_job_reads_a_ray_checkpoint_and_refuses_other_classes(trained_run, tmp_path):
@@ -209,6 +255,7 @@ def test_batch_counts_per_class_equal_an_independent_numpy_count():
 def one_process_group():
     """A real torch.distributed process group of one gloo worker, destroyed after the test."""
     import torch.distributed as dist
+
     from conftest import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -19,8 +19,10 @@ import uuid
 
 import mlflow
 import pytest
-from conftest import ROOT, ray_address
+import ray
+import ray.train
 
+from conftest import ROOT, ray_address
 from pipeline.config import PRESETS
 from pipeline.train import driver, worker
 
@@ -86,6 +88,52 @@ def test_a_crash_ends_failed_with_the_error(ray_session, mlflow_server, tiny_ima
     assert run.info.status == "FAILED"
     assert "no val images were evaluated" in run.data.tags["error"]
     assert mlflow.active_run() is None  # the driver let go of the run
+
+
+# The Train controller runs DataRemover in another process, where tests/ is not importable: ship this
+# module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class DataRemover(ray.train.UserCallback):
+    """Deletes the run's data folder once the Train controller has taken the first epoch's report (after the
+    MLflow callback, which comes first, has handed that epoch's logged model on): the disk gone mid-run."""
+
+    def __init__(self, data: str):
+        self.data = data
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if "step" not in metrics[0] and os.path.isdir(self.data):
+            shutil.rmtree(self.data)
+
+
+def test_a_run_crashing_after_it_logged_a_model_registers_nothing(ray_session, mlflow_server, tiny_imagenet,
+                                                                  tmp_path, monkeypatch):
+    data = tmp_path / "vanishing"
+    shutil.copytree(tiny_imagenet, data)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = f"vanished-{uuid.uuid4().hex[:8]}"
+    # 4 epochs: the workers may have read the next epoch's images before the controller takes a report.
+    cfg = dataclasses.replace(PRESETS["sample"], data=str(data), width=0.125, resize_size=80, crop_size=67,
+                              epochs=4, batch_size=16, max_failures=0, experiment=name, registered_model=name,
+                              storage_path=str(tmp_path / "ray_results"))
+    with pytest.raises(driver.TrainingFailed):
+        driver.run(cfg, callbacks=[DataRemover(str(data))])
+    assert not data.exists()
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingFailed: training failed")
+    assert "No such file" in run.data.tags["error"] or "FileNotFoundError" in run.data.tags["error"]
+    # Epoch 0 was recorded and its model logged (under --log-models best it improves on nothing): there was
+    # a model to register, and the failed run registered none.
+    epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
+    assert epochs and epochs[0] == 0 and epochs[-1] < 3
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert 0 in {int(m.tags["epoch"]) for m in logged}
+    assert not client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert not client.search_model_versions(f"name = '{name}'")
+    assert "registered" not in run.data.tags
 
 
 def test_a_job_off_a_terminal_writes_a_short_log_ending_with_the_model(ray_session, mlflow_server, tiny_imagenet,
