@@ -60,9 +60,10 @@ RETRY_S = 2.0
 ATTEMPTS_WHEN_UP = 3
 
 
-# The bounded buffer. Logged models are the bulky records (244 MB of weights for the paper's network): the
-# newest wait, older ones are dropped (under --log-models best the newest are the best). Every other record
-# is small (an epoch's metrics, a failure report) or replaces its own older version (a picture).
+# The bounded buffer. Logged models are the bulky records (244 MB of weights for the paper's network): while
+# the server is down the newest wait and older ones are dropped (under --log-models best the newest are the
+# best); a server that answers, however slowly, gets every one. Every other record is small (an epoch's
+# metrics, a failure report) or replaces its own older version (a picture).
 MAX_PENDING_MODELS = 2
 
 
@@ -246,13 +247,19 @@ class Recorder:
                 for old in [r for r in self.pending if r.key == record.key and r is not self.sending]:
                     self.pending.remove(old)
             waiting = [r for r in self.pending if r is not self.sending]  # the one in flight cannot be taken back
-            if record.kind == "model" and sum(r.kind == "model" for r in self.pending) >= MAX_PENDING_MODELS:
-                self._drop(next(r for r in waiting if r.kind == "model"),
-                           f"{MAX_PENDING_MODELS} newer logged models were waiting")
-            elif len(self.pending) >= MAX_PENDING_RECORDS:
+            if len(self.pending) >= MAX_PENDING_RECORDS:
                 self._drop(waiting[0], f"{MAX_PENDING_RECORDS} records were waiting")
             self.pending.append(record)
+            if self.down_since is not None:
+                self._bound_models()
             self.changed.notify_all()
+
+    def _bound_models(self) -> None:
+        """While the server is down: keep the newest MAX_PENDING_MODELS logged models, drop the older ones."""
+        models = [r for r in self.pending if r.kind == "model"]
+        waiting = [r for r in models if r is not self.sending]  # the one in flight cannot be taken back
+        for old in waiting[:max(len(models) - MAX_PENDING_MODELS, 0)]:
+            self._drop(old, f"{MAX_PENDING_MODELS} newer logged models were waiting")
 
     def _drop(self, record: Record, why: str) -> None:
         self.pending.remove(record)
@@ -278,6 +285,7 @@ class Recorder:
                         self.down_since = time.time()
                         print(f"[mlflow] {self.tracking_uri} does not answer ({down}); training goes on and its "
                               f"records wait, retried every {RETRY_S:g} s", file=sys.stderr)
+                        self._bound_models()
                 else:
                     if self.down_since is not None:
                         self.outages.append(time.time() - self.down_since)
