@@ -70,7 +70,7 @@ def assign_shards(units: list[imagenet.InputUnit], num_shards: dict[str, int],
     """(split, shard) -> a unit of exactly the files of that shard, in image_id order (the order of
     the rows in the shard), for every shard in todo; a shard no file hashed to gets an empty unit
     (it is written empty, still part of the set)."""
-    sources = {}
+    sources: dict[str, Any] = {}
     for unit in units:
         if unit.kind == "inner_tar":
             raise ValueError("index inner tars (imagenet.index_inner_tar) before assigning their files to shards")
@@ -167,7 +167,7 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     pending = [task.remote(unit, index, out=out, classes=classes, resize=resize, quality=quality,
                            options=options[split])
                for (split, index), unit in work.items()]
-    images, writing, retried = 0, time.time(), Counter()
+    images, writing, retried = 0, time.time(), Counter[str]()
     while pending:  # sidecars as shards finish, for progress; a failed task raises here
         [ready], pending = ray.wait(pending, num_returns=1)
         car, task_retried = ray.get(ready)

@@ -69,6 +69,7 @@ def save(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer, sch
     """
     within = None
     if within_epoch is not None:
+        assert within_epoch.sums is not None  # a checkpoint inside an epoch always carries its sums so far
         within = {"step": int(within_epoch.step), "sums": list(within_epoch.sums),
                   "consumed": torch.as_tensor(within_epoch.consumed, dtype=torch.int64)}
     path = Path(directory) / CHECKPOINT_FILE

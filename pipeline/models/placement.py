@@ -174,7 +174,7 @@ class TwoTowerAlexNet(nn.Module):
         self._split(AlexNet(num_classes=num_classes, width=width, image_size=image_size, dropout=dropout), devices)
 
     @classmethod
-    def from_grouped(cls, model: AlexNet, devices: Sequence[torch.device | str] = ("cpu", "cpu")) -> TwoTowerAlexNet:
+    def from_grouped(cls, model: nn.Module, devices: Sequence[torch.device | str] = ("cpu", "cpu")) -> TwoTowerAlexNet:
         """The two-tower form of `model`, weights copied exactly; `model` itself is left as it was."""
         if not isinstance(model, AlexNet):
             raise TypeError(f"the grouped placement needs the paper's AlexNet (pipeline.models.alexnet.AlexNet), "
@@ -224,7 +224,7 @@ class TwoTowerAlexNet(nn.Module):
         """The single-device AlexNet with these weights, on CPU, in this module's train/eval mode."""
         with torch.device("meta"):  # shapes only: skip AlexNet's random initialisation
             grouped = AlexNet(num_classes=self.num_classes, width=self.width, image_size=self.image_size,
-                              dropout=self.towers[0].dropout.p)
+                              dropout=float(self.towers[0].dropout.p))  # type: ignore[arg-type]
         # assign=True makes the fresh CPU tensors of grouped_state_dict() the parameters, with no second copy.
         grouped.load_state_dict(self.grouped_state_dict(), assign=True)
         return grouped.train(self.training)
@@ -244,7 +244,7 @@ class TwoTowerAlexNet(nn.Module):
         return exchange(logits, devices[:1])[0]                                                 # (B, 1000) on device 0
 
 
-def place_model(model: AlexNet, placement: str, devices: Sequence[torch.device | str]) -> nn.Module:
+def place_model(model: nn.Module, placement: str, devices: Sequence[torch.device | str]) -> nn.Module:
     """`model` placed for training. "data": the whole model on devices[0] (DDP across workers supplies
     the parallelism). "grouped": TwoTowerAlexNet with tower i on devices[i]; given one device, both
     towers go on it (the same code path, e.g. on CPU or a one-GPU worker)."""

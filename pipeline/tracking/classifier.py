@@ -30,6 +30,7 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.pyfunc import PythonModel
 import pandas as pd
 
 TOP = 5
@@ -61,7 +62,7 @@ def _as_bytes(value: Any) -> bytes:
     raise TypeError(f"column {COLUMN!r} holds {type(value).__name__}; expected image bytes or a base64 string")
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
+class ImageClassifier(PythonModel):
     """A checkpoint's network behind the evaluation view (stages.center_crops), top-5 out."""
 
     def load_context(self, context) -> None:

@@ -167,7 +167,7 @@ def close_unfinished_run(recorder, tracking_uri: str, run_id: str, status: str, 
 
 def delivery_tags(delivery: dict[str, Any]) -> dict[str, Any]:
     """What a tracking outage cost, as tags on the run: nothing when there was none."""
-    tags = {}
+    tags: dict[str, Any] = {}
     if delivery["retries"]:
         tags.update(tracking_retries=delivery["retries"], tracking_outage_s=delivery["outage_s"])
     if delivery["undelivered"]:

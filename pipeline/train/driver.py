@@ -215,7 +215,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                     storage_path=storage,
                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=checkpoint.keep_policy(cfg.keep_checkpoints),
-                    callbacks=[callback, *callbacks],
+                    callbacks=[callback, *callbacks],  # type: ignore[list-item]  # a Train V2 UserCallback
                 ),
             )
             try:
@@ -234,6 +234,7 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
             else:
                 registration = registry.Registration(model_name, None, False, "nothing registered: not asked to "
                                                                               "(an ablation run)")
+            assert result.metrics is not None  # fit() returned: the last epoch reported
             final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
             runs.finish_run(tracking_uri, run_id, "FINISHED", {
                 "final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"],

@@ -293,7 +293,7 @@ class TrainLoop:
         if self.rank == 0 and self.settings.progress_interval_s:
             progress = ProgressLines(interval=self.settings.progress_interval_s, epoch=epoch, epochs=self.cfg.epochs,
                                      workers=self.workers, total_images=self.settings.train_images)
-        self.forward.train()
+        self.model.train()  # the compiled forward shares the module, and its mode
         running = RunningSums(self.device)
         consumed: list[np.ndarray] = []          # the indices of the images trained on, for checkpoints
         kept = None

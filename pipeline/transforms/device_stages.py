@@ -97,7 +97,8 @@ def _channel_constants(device: torch.device, dtype: torch.dtype, mean: Floats,
                        std: Floats) -> tuple[torch.Tensor, torch.Tensor]:
     """normalize's mean and std, (3, 1, 1) on `device`."""
     with torch.inference_mode(False):
-        return tuple(to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (mean, std))
+        mean_t, std_t = (to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (mean, std))
+        return mean_t, std_t
 
 
 @functools.lru_cache(maxsize=16)
@@ -107,7 +108,8 @@ def _row_constants(device: torch.device, width: int, mean: Floats,
     triples (width * 3,), float32 on `device`."""
     with torch.inference_mode(False):
         mean_t, std_t = torch.tensor(mean), torch.tensor(std)
-        return tuple(to_device(t, device) for t in (mean_t, std_t, (1 / (255 * std_t)).repeat(width)))
+        scale = (1 / (255 * std_t)).repeat(width)
+        return to_device(mean_t, device), to_device(std_t, device), to_device(scale, device)
 
 
 def normalize(images: torch.Tensor, *, mean: Floats = IMAGENET_MEAN, std: Floats = IMAGENET_STD) -> torch.Tensor:
@@ -189,7 +191,7 @@ def _decode_jpegs(files: list[bytes], device: torch.device) -> list[torch.Tensor
         return []
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
     try:
-        return _decode_on_stream(encoded, device)
+        return list(_decode_on_stream(encoded, device))
     except RuntimeError:  # one file it refuses fails the whole call: find which, one at a time
         pass
     out: list[torch.Tensor | None] = []

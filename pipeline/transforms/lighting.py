@@ -97,8 +97,9 @@ class Lighting:
         )
 
 
-def _floats(values) -> tuple[float, ...]:
-    return tuple(float(v) for v in values)
+def _floats(values) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)  # one per RGB channel
+    return a, b, c
 
 
 # fb.resnet.torch's constants, "computed from a random subset of ImageNet training images", and
@@ -163,7 +164,7 @@ def _sampled_image_moments(batch: dict, *, size: int, seed: int, below: int) -> 
     keep = np.flatnonzero(order < np.uint64(below)) if below < 2**64 else np.arange(len(order))
     kept = {"jpeg": [batch["jpeg"][i] for i in keep]}
     if "key" in batch or "path" in batch:
-        keys = batch.get("key", batch.get("path"))
+        keys = batch["key"] if "key" in batch else batch["path"]
         kept["key"] = [keys[i] for i in keep]
     total, outer = _image_moments(kept, size)
     return {"order": order[keep], "sum": total.reshape(-1, 3), "outer": outer.reshape(-1, 3, 3)}

@@ -81,7 +81,8 @@ def _decode_crops(batch: Batch, top: np.ndarray, left: np.ndarray, flip: np.ndar
     _check_errors(errors)
     keys = _keys(batch)
     out = np.empty((len(keys), crop_size, crop_size, 3), np.uint8)
-    good, failed = [], {}
+    good: list[int] = []
+    failed: dict[str, str] = {}
     for i, (data, key) in enumerate(zip(batch["jpeg"], keys)):
         try:
             image = decode_image(data, key=key, min_size=resize_size, max_pixels=max_pixels)
