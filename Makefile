@@ -26,7 +26,7 @@ $(CHECKOV_VENV)/.installed:
 test: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
 
-# The inner loop: no Ray, no server, no training run, no job (tests/conftest.py marks the rest slow); ~2 min.
+# The inner loop: no Ray, no server, no training run, no job (tests/conftest.py marks the rest slow); ~40 s.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 

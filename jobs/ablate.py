@@ -31,8 +31,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"MLflow parent run {result.parent_run_id} ({runs.resolve_tracking_uri()}): the table is its ablation.md "
-          f"artifact; {len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all")
+    print(
+        f"MLflow parent run {result.parent_run_id} ({runs.resolve_tracking_uri()}): the table is its ablation.md "
+        f"artifact; {len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all"
+    )
     return 0 if all("error" not in r for r in result.rows) else 1
 
 

@@ -26,23 +26,38 @@ GPU_VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compil
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="the data path vs torchvision's DataLoader", allow_abbrev=False,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_argument("--data", default=None, help="an ImageNet-layout folder (train/<class>/*.JPEG, val/...) to "
-                                                   "use instead of generated photo-like JPEGs")
+    data = commands.add_parser(
+        "data",
+        help="the data path vs torchvision's DataLoader",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data.add_argument(
+        "--data",
+        default=None,
+        help="an ImageNet-layout folder (train/<class>/*.JPEG, val/...) to use instead of generated photo-like JPEGs",
+    )
     data.add_argument("--images", type=int, default=4000, help="photo-like JPEGs to generate (500x375, quality 90)")
     data.add_argument("--epochs", type=int, default=2, help="passes over the train images per path")
     data.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores every path may use")
     data.add_argument("--paths", default=",".join(DATA_PATHS), help=f"which paths to run, of {','.join(DATA_PATHS)}")
-    data.add_argument("--work", default=str(Path.home() / ".cache" / "alexnet-ray" / "benchmark"),
-                      help="where generated files and prepared shards are kept between runs")
+    data.add_argument(
+        "--work",
+        default=str(Path.home() / ".cache" / "alexnet-ray" / "benchmark"),
+        help="where generated files and prepared shards are kept between runs",
+    )
     data.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
 
-    gpu = commands.add_parser("gpu", help="training step, two towers and data rates on one device",
-                              allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gpu = commands.add_parser(
+        "gpu",
+        help="training step, two towers and data rates on one device",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     gpu.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cuda:N or cpu")
     gpu.add_argument("--batch-sizes", default="128,256", help="global batch sizes to time the step at")
     gpu.add_argument("--variants", default=",".join(GPU_VARIANTS), help=f"of {','.join(GPU_VARIANTS)}")
@@ -61,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.variants = tuple(v for v in args.variants.split(",") if v)
         unknown = set(args.variants) - set(GPU_VARIANTS)
         if unknown or not args.variants:
-            parser.error(f"--variants: unknown {', '.join(sorted(unknown)) or '(none given)'}; "
-                         f"choose from {','.join(GPU_VARIANTS)}")
+            parser.error(
+                f"--variants: unknown {', '.join(sorted(unknown)) or '(none given)'}; "
+                f"choose from {','.join(GPU_VARIANTS)}"
+            )
         if min(args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 0 or args.images < 1:
             parser.error("--batch-sizes, --steps and --images must be at least 1, --warmup at least 0")
         return args
@@ -81,17 +98,30 @@ def main(argv=None) -> int:
     if args.command == "gpu":
         from pipeline.experiments import gpu_benchmark
 
-        report = gpu_benchmark.run_gpu(device=args.device, batch_sizes=args.batch_sizes, variants=args.variants,
-                                       width=args.width, image_size=args.image_size, steps=args.steps,
-                                       warmup=args.warmup, images=args.images)
+        report = gpu_benchmark.run_gpu(
+            device=args.device,
+            batch_sizes=args.batch_sizes,
+            variants=args.variants,
+            width=args.width,
+            image_size=args.image_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            images=args.images,
+        )
         if args.json:
             print(json.dumps(report))
         return 0
     from pipeline.experiments import benchmark
 
     try:
-        report = benchmark.run_data(data_dir=args.data, images=args.images, epochs=args.epochs, cores=args.cores,
-                                    work=Path(args.work), paths=args.paths)
+        report = benchmark.run_data(
+            data_dir=args.data,
+            images=args.images,
+            epochs=args.epochs,
+            cores=args.cores,
+            work=Path(args.work),
+            paths=args.paths,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

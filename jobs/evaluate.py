@@ -19,21 +19,30 @@ from pipeline.experiments import evaluation
 def main(argv=None) -> int:
     args = evaluation.parse_args(argv)
     try:
-        result = evaluation.evaluate_model(args.model, args.data, use_gpu=args.use_gpu, actors=args.actors,
-                                           record=not args.no_record)
+        result = evaluation.evaluate_model(
+            args.model, args.data, use_gpu=args.use_gpu, actors=args.actors, record=not args.no_record
+        )
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = result["metrics"]
-    print(f"\n{args.model} (epoch {result['epoch'] + 1}) on {result['data']} val: {result['images']} images"
-          + (f", {len(result['failed'])} could not be decoded and are left out" if result["failed"] else ""))
+    print(
+        f"\n{args.model} (epoch {result['epoch'] + 1}) on {result['data']} val: {result['images']} images"
+        + (f", {len(result['failed'])} could not be decoded and are left out" if result["failed"] else "")
+    )
     print(f"  centre crop  top-1 {m['val_top1']:.2f}%  top-5 {m['val_top5']:.2f}%")
     print(f"  ten crops    top-1 {m['val_top1_10crop']:.2f}%  top-5 {m['val_top5_10crop']:.2f}%")
     for where in result["recorded"]:
         print(f"  recorded on {where}")
     if not result["recorded"]:
-        print("  not recorded in MLflow" + (" (--no-record)" if args.no_record else
-                                            " (a checkpoint has no model version or logged model to hold it)"))
+        print(
+            "  not recorded in MLflow"
+            + (
+                " (--no-record)"
+                if args.no_record
+                else " (a checkpoint has no model version or logged model to hold it)"
+            )
+        )
     print(json.dumps({"metrics": m, "images": result["images"], "failed": len(result["failed"])}))
     return 0
 

@@ -23,8 +23,12 @@ from pipeline.experiments import device_check  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
-                        help="auto: the GPUs if there are any (the paper's network), else the CPU (a small one)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: the GPUs if there are any (the paper's network), else the CPU (a small one)",
+    )
     parser.add_argument("--quick", action="store_true", help="the small sizes on any device (a smoke test)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (~1 min on a GPU)")
     parser.add_argument("--out", type=Path, help="also write the JSON document here")

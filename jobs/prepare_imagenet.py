@@ -18,11 +18,24 @@ from pipeline.data import prepare, storage
 def main(argv=None) -> int:
     args = prepare.parse_args(argv)
     try:
-        prepare.prepare_on_ray(args.source, args.output, resize=args.resize, quality=args.quality,
-                               target_mb=args.shard_mb, val_labels=args.val_labels, devkit=args.devkit,
-                               lighting_sample=args.lighting_sample)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError,
-            storage.StoreUnavailable) as e:
+        prepare.prepare_on_ray(
+            args.source,
+            args.output,
+            resize=args.resize,
+            quality=args.quality,
+            target_mb=args.shard_mb,
+            val_labels=args.val_labels,
+            devkit=args.devkit,
+            lighting_sample=args.lighting_sample,
+        )
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        storage.StoreUnavailable,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

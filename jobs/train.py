@@ -20,8 +20,10 @@ def main(argv=None) -> int:
     try:
         summary = driver.run(cfg)
     except driver.RunInterrupted as e:
-        print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED; nothing registered",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED; nothing registered",
+            file=sys.stderr,
+        )
         return e.exit_code
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input, or a server (Ray, MLflow) that does not answer

@@ -21,8 +21,13 @@ from pipeline.config import Config
 # Where object storage is: every task that reads s3:// needs it. Credentials are not forwarded; each
 # node reads them from its own AWS chain (environment, profile, instance role). And whether MLflow
 # draws download bars, which the Train controller would print into the job's log.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+)
 
 
 def submitted_job_env_vars() -> dict[str, str]:
@@ -65,12 +70,16 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
     except ConnectionError as e:
         # Ray 2.60 turns token authentication on for `ray start` clusters, and an explicit address never
         # turns it on in the client: its refusal reads like an absent cluster.
-        auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
-            "; if it runs with token authentication (the default of `ray start`), set RAY_AUTH_MODE=token")
+        auth = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else ("; if it runs with token authentication (the default of `ray start`), set RAY_AUTH_MODE=token")
+        )
         raise ConnectionError(
             f"cannot join the Ray cluster at {address!r} ({source}: {str(e).splitlines()[0]}): start one there "
             f"(`ray start --head`){auth}; or unset RAY_ADDRESS and drop --address to run on a private local "
-            f"Ray") from None
+            f"Ray"
+        ) from None
 
 
 # The GCS address of the private local Ray connect_ray started in this process, if it did: that Ray is this
@@ -82,8 +91,11 @@ def on_private_ray() -> bool:
     """Whether this process is connected to the private local Ray that connect_ray started for it."""
     import ray
 
-    return (_private_gcs_address is not None and ray.is_initialized()
-            and ray.get_runtime_context().gcs_address == _private_gcs_address)
+    return (
+        _private_gcs_address is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _private_gcs_address
+    )
 
 
 # How long has_autoscaler waits for the cluster's monitor to publish its first report (it publishes one every
@@ -157,8 +169,9 @@ def unplaceable(cfg: Config, resources: dict[str, float], nodes: list[dict[str, 
     totals can hold 2 GPUs in two 1-GPU nodes while no node holds a worker that needs 2."""
     totals = [node.get("Resources") or {} for node in nodes if node.get("Alive")]
     wanted = {k: v for k, v in resources.items() if v > 0}
-    holds = [min((int(total.get(k, 0.0) / v + 1e-9) for k, v in wanted.items()), default=cfg.workers)
-             for total in totals]
+    holds = [
+        min((int(total.get(k, 0.0) / v + 1e-9) for k, v in wanted.items()), default=cfg.workers) for total in totals
+    ]
     flags = []
     if cfg.use_gpu:
         flags += ["--use-gpu", "--placement grouped"] if cfg.placement == "grouped" else ["--use-gpu"]
@@ -168,15 +181,15 @@ def unplaceable(cfg: Config, resources: dict[str, float], nodes: list[dict[str, 
         flags.append(f"--cpus-per-worker {cfg.cpus_per_worker:g}")
     if cfg.worker_strategy.startswith("STRICT"):
         flags.append(f"--worker-strategy {cfg.worker_strategy}")
-    asks = (f"{' '.join(flags) if flags else 'the job'} asks for {cfg.workers} train workers x "
-            f"{_shown(resources)}")
+    asks = f"{' '.join(flags) if flags else 'the job'} asks for {cfg.workers} train workers x {_shown(resources)}"
     largest = {k: max((total.get(k, 0.0) for total in totals), default=0.0) for k in wanted}
     missing = [k for k in sorted(wanted, key=lambda k: (k != "GPU", k == "CPU", k)) if largest[k] < wanted[k]]
     remedies = []
     if max(holds, default=0) == 0:
         if missing:
             why = "no node of this Ray cluster has " + " or ".join(
-                f"{_amount(k, wanted[k])} (the largest has {largest[k]:g})" for k in missing)
+                f"{_amount(k, wanted[k])} (the largest has {largest[k]:g})" for k in missing
+            )
         else:
             why = f"no single node of this Ray cluster has all of {_shown(resources)}"
         if "GPU" in missing:
@@ -200,8 +213,10 @@ def unplaceable(cfg: Config, resources: dict[str, float], nodes: list[dict[str, 
         why = f"--worker-strategy STRICT_PACK puts them all on one node, and the largest holds {fit}"
     elif cfg.worker_strategy == "STRICT_SPREAD":
         fit = sum(1 for h in holds if h)
-        why = (f"--worker-strategy STRICT_SPREAD puts each on a node of its own, and {fit} "
-               f"node{'' if fit == 1 else 's'} can hold one")
+        why = (
+            f"--worker-strategy STRICT_SPREAD puts each on a node of its own, and {fit} "
+            f"node{'' if fit == 1 else 's'} can hold one"
+        )
     else:
         fit, why = sum(holds), f"all the nodes of this Ray cluster together hold {sum(holds)} of them"
     if fit >= cfg.workers:
@@ -224,12 +239,13 @@ def check_placeable(cfg: Config, resources: dict[str, float]) -> None:
         return
     asks, remedies = problem  # what the job asks for and what is missing; what the user can do
     if on_private_ray():
-        raise ValueError(f"{asks}, and this job's private local Ray (no --address, no RAY_ADDRESS) is this "
-                         f"machine alone, with no autoscaler to add one: {remedies}")
+        raise ValueError(
+            f"{asks}, and this job's private local Ray (no --address, no RAY_ADDRESS) is this "
+            f"machine alone, with no autoscaler to add one: {remedies}"
+        )
     if not has_autoscaler():
         raise ValueError(f"{asks}, and the cluster has no autoscaler to add one: {remedies}")
-    print(f"[ray] {asks} now: waiting for the cluster's autoscaler to start nodes with those resources",
-          flush=True)
+    print(f"[ray] {asks} now: waiting for the cluster's autoscaler to start nodes with those resources", flush=True)
 
 
 def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = None) -> dict[str, float]:
@@ -255,10 +271,12 @@ def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = N
     if cpus <= 0:
         raise ValueError(
             f"{free_cpus:g}{of} CPUs free: too few for {cfg.workers} train workers and the one CPU Ray Data needs "
-            f"to feed them. Use a bigger cluster, or wait until other jobs on it finish.")
+            f"to feed them. Use a bigger cluster, or wait until other jobs on it finish."
+        )
     if left_for_data < 1.0:
         raise ValueError(
             f"{cfg.workers} train workers x {cpus:g} CPU with {free_cpus:g}{of} CPUs free leaves Ray Data "
             f"{max(left_for_data, 0):g} CPU; it needs at least 1 to feed them. Use fewer --workers, a smaller "
-            f"--cpus-per-worker, a bigger cluster, or wait until other jobs on it finish.")
+            f"--cpus-per-worker, a bigger cluster, or wait until other jobs on it finish."
+        )
     return {"CPU": cpus}

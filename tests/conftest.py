@@ -22,7 +22,9 @@ HEAVY_FIXTURES = {"ray_session", "mlflow_server", "trained_run", "s3_server"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts Ray, a server, a training run or a job (left out of make test-fast)")
+    config.addinivalue_line(
+        "markers", "slow: starts Ray, a server, a training run or a job (left out of make test-fast)"
+    )
 
 
 def pytest_collection_modifyitems(items):
@@ -60,8 +62,14 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
-                       "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing-key-id",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     yield endpoint
     server.stop()
 
@@ -116,10 +124,26 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "server.log", "a") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                (root / "artifacts").as_uri(),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process)
@@ -153,13 +177,24 @@ def tiny_imagenet(tmp_path_factory) -> Path:
     """3 classes, 24 train and 8 val images each, in ImageNet layout (grayscale and CMYK included)."""
     from pipeline.data.sample import generate_sample_imagenet
 
-    return generate_sample_imagenet(tmp_path_factory.mktemp("data") / "tiny", num_classes=3,
-                                    train_per_class=24, val_per_class=8, seed=1)
+    return generate_sample_imagenet(
+        tmp_path_factory.mktemp("data") / "tiny", num_classes=3, train_per_class=24, val_per_class=8, seed=1
+    )
 
 
 # The shared training run: the reduced network on the tiny data, 2 epochs of 16-image steps.
-TINY_RUN = {"width": 0.125, "resize_size": 80, "crop_size": 67, "epochs": 2, "batch_size": 16, "lr": 0.01,
-            "workers": 2, "experiment": "e2e", "registered_model": "alexnet-e2e", "max_failures": 0}
+TINY_RUN = {
+    "width": 0.125,
+    "resize_size": 80,
+    "crop_size": 67,
+    "epochs": 2,
+    "batch_size": 16,
+    "lr": 0.01,
+    "workers": 2,
+    "experiment": "e2e",
+    "registered_model": "alexnet-e2e",
+    "max_failures": 0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -172,8 +207,9 @@ def trained_run(ray_session, mlflow_server, tiny_imagenet, tmp_path_factory):
     from pipeline.config import PRESETS
     from pipeline.train import driver
 
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet),
-                              storage_path=str(tmp_path_factory.mktemp("ray_results")), **TINY_RUN)
+    cfg = dataclasses.replace(
+        PRESETS["sample"], data=str(tiny_imagenet), storage_path=str(tmp_path_factory.mktemp("ray_results")), **TINY_RUN
+    )
     # The run lasts seconds: sample the system metrics every second so that it has some.
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     saved = {k: os.environ.get(k) for k in env}

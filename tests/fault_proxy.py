@@ -28,16 +28,19 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                  b'<Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId>'
-                  b'<HostId>faultproxy</HostId></Error>')
+SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId>"
+    b"<HostId>faultproxy</HostId></Error>"
+)
 # Headers that describe one hop's connection, not the message (RFC 9110 7.6.1).
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, slow_down: float = 0.0, reset: float = 0.0, truncate: float = 0.0,
-                 seed: int = 0):
+    def __init__(
+        self, upstream: str, *, slow_down: float = 0.0, reset: float = 0.0, truncate: float = 0.0, seed: int = 0
+    ):
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.rates = {"slow_down": slow_down, "reset": reset, "truncate": truncate}
@@ -114,18 +117,26 @@ def _handler(proxy: FaultProxy):
                 upstream.endheaders(body)
                 response = upstream.getresponse()
                 payload = response.read()
-                headers = [(k, v) for k, v in response.getheaders()
-                           if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
+                headers = [
+                    (k, v)
+                    for k, v in response.getheaders()
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+                ]
             finally:
                 upstream.close()
             fault = proxy.break_body() if payload and self.command == "GET" else "forward"
             if fault == "forward":
-                self._send(response.status, headers, payload, head=self.command == "HEAD",
-                           length=response.getheader("Content-Length"))
+                self._send(
+                    response.status,
+                    headers,
+                    payload,
+                    head=self.command == "HEAD",
+                    length=response.getheader("Content-Length"),
+                )
                 return
             # Headers promise the whole body; part of it comes, then the connection goes.
             self._send_headers(response.status, headers, len(payload))
-            self.wfile.write(payload[:len(payload) // 2])
+            self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
             if fault == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

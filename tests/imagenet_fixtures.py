@@ -27,23 +27,35 @@ PALETTE = ((220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 200, 40), (200, 60
 CONVERTIBLE = ("png", "cmyk", "grayscale")
 BAD = ("truncated", "zero_byte", "not_image")
 LABEL_KINDS = ("loc", "ground_truth", "devkit_tarball")
-META_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-               "num_train_images")
+META_FIELDS = (
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
+)
 
 
 @dataclass
 class Expected:
-    labels: dict[str, str] = field(default_factory=dict)         # image_id -> wnid of every record
-    coloured: set[str] = field(default_factory=set)              # image_ids that decode to their class colour
-    convertible: dict[str, str] = field(default_factory=dict)    # image_id -> kind, see CONVERTIBLE
-    bad: dict[str, str] = field(default_factory=dict)            # image_id -> kind, see BAD
+    labels: dict[str, str] = field(default_factory=dict)  # image_id -> wnid of every record
+    coloured: set[str] = field(default_factory=set)  # image_ids that decode to their class colour
+    convertible: dict[str, str] = field(default_factory=dict)  # image_id -> kind, see CONVERTIBLE
+    bad: dict[str, str] = field(default_factory=dict)  # image_id -> kind, see BAD
     class_colours: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def __or__(self, other: Expected) -> Expected:
         assert not self.labels.keys() & other.labels.keys(), "fixtures overlap"
-        return Expected(self.labels | other.labels, self.coloured | other.coloured,
-                        self.convertible | other.convertible, self.bad | other.bad,
-                        self.class_colours | other.class_colours)
+        return Expected(
+            self.labels | other.labels,
+            self.coloured | other.coloured,
+            self.convertible | other.convertible,
+            self.bad | other.bad,
+            self.class_colours | other.class_colours,
+        )
 
 
 def devkit_ids(wnids) -> dict[int, str]:
@@ -52,8 +64,9 @@ def devkit_ids(wnids) -> dict[int, str]:
     return {i + 1: wnid for i, wnid in enumerate(ordered[-1:] + ordered[:-1])}
 
 
-def write_extracted(root: Path, *, wnids=WNIDS, train_per_class=4, val_per_class=2, bad=True, seed=0,
-                    train=True, val=True) -> Expected:
+def write_extracted(
+    root: Path, *, wnids=WNIDS, train_per_class=4, val_per_class=2, bad=True, seed=0, train=True, val=True
+) -> Expected:
     """root/train/<wnid>/<wnid>_<n>.JPEG and root/val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG."""
     expected = Expected(class_colours=_class_colours(wnids))
     if train:
@@ -65,8 +78,9 @@ def write_extracted(root: Path, *, wnids=WNIDS, train_per_class=4, val_per_class
     return expected
 
 
-def write_flat_val(root: Path, *, labels: str = "loc", wnids=WNIDS, per_class=2, seed=0,
-                   labels_at: Path | None = None) -> Expected:
+def write_flat_val(
+    root: Path, *, labels: str = "loc", wnids=WNIDS, per_class=2, seed=0, labels_at: Path | None = None
+) -> Expected:
     """root/val/ILSVRC2012_val_<8 digits>.JPEG with no class folders, and the labels (see write_labels)
     in labels_at (default root)."""
     expected = Expected(class_colours=_class_colours(wnids))
@@ -77,8 +91,18 @@ def write_flat_val(root: Path, *, labels: str = "loc", wnids=WNIDS, per_class=2,
     return expected
 
 
-def write_archives(root: Path, *, labels: str = "loc", wnids=WNIDS, train_per_class=4, val_per_class=2,
-                   bad=True, seed=0, train=True, val=True) -> Expected:
+def write_archives(
+    root: Path,
+    *,
+    labels: str = "loc",
+    wnids=WNIDS,
+    train_per_class=4,
+    val_per_class=2,
+    bad=True,
+    seed=0,
+    train=True,
+    val=True,
+) -> Expected:
     """The official downloads: root/ILSVRC2012_img_train.tar (a tar of <wnid>.tar) and
     root/ILSVRC2012_img_val.tar (flat), plus the val labels (see write_labels)."""
     expected = Expected(class_colours=_class_colours(wnids))
@@ -87,8 +111,9 @@ def write_archives(root: Path, *, labels: str = "loc", wnids=WNIDS, train_per_cl
         by_class: dict[str, list[tuple[str, bytes]]] = {w: [] for w in wnids}
         for wnid, name, data in _train_files(wnids, train_per_class, bad, seed, expected):
             by_class[wnid].append((name, data))
-        _write(root / "ILSVRC2012_img_train.tar",
-               _tar([(f"{wnid}.tar", _tar(files)) for wnid, files in by_class.items()]))
+        _write(
+            root / "ILSVRC2012_img_train.tar", _tar([(f"{wnid}.tar", _tar(files)) for wnid, files in by_class.items()])
+        )
     if val:
         files = _val_files(wnids, val_per_class, seed, expected)
         _write(root / "ILSVRC2012_img_val.tar", _tar([(name, data) for _, name, data in files]))
@@ -119,8 +144,10 @@ def write_labels(root: Path, kind: str, val_wnids: dict[str, str], wnids=WNIDS) 
     ground_truth = "".join(f"{id_of[all_wnids[stem]]}\n" for stem in sorted(all_wnids)).encode()
     meta = io.BytesIO()
     write_meta_mat(meta, ids)
-    files = [("ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue()),
-             ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth)]
+    files = [
+        ("ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue()),
+        ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth),
+    ]
     if kind == "ground_truth":
         for name, data in files:
             _write(root / name, data)
@@ -133,14 +160,35 @@ def write_meta_mat(path, ids_to_wnids: dict[int, str], extra_non_leaf: int = 2) 
     doubles, the non-leaf synsets (IDs after the classes, num_children > 0) first, so neither
     position nor ID order gives the sorted-wnid order. `path` may be a file-like object."""
     leaf_ids = sorted(ids_to_wnids)
-    rows = [(1000 + k + 1, f"n0000{k + 1:04d}", f"ancestor {k}", "a WordNet ancestor", len(leaf_ids),
-             np.array([leaf_ids], dtype=float), 2 + k, 0) for k in range(extra_non_leaf)]
-    rows += [(class_id, ids_to_wnids[class_id], f"class {class_id}", "a class", 0, np.zeros((1, 0)), 0, 1300)
-             for class_id in leaf_ids]
+    rows = [
+        (
+            1000 + k + 1,
+            f"n0000{k + 1:04d}",
+            f"ancestor {k}",
+            "a WordNet ancestor",
+            len(leaf_ids),
+            np.array([leaf_ids], dtype=float),
+            2 + k,
+            0,
+        )
+        for k in range(extra_non_leaf)
+    ]
+    rows += [
+        (class_id, ids_to_wnids[class_id], f"class {class_id}", "a class", 0, np.zeros((1, 0)), 0, 1300)
+        for class_id in leaf_ids
+    ]
     synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in META_FIELDS])
     for i, (class_id, wnid, words, gloss, num_children, children, height, num_train) in enumerate(rows):
-        synsets[i, 0] = (float(class_id), wnid, words, gloss, float(num_children), children, float(height),
-                         float(num_train))
+        synsets[i, 0] = (
+            float(class_id),
+            wnid,
+            words,
+            gloss,
+            float(num_children),
+            children,
+            float(height),
+            float(num_train),
+        )
     scipy.io.savemat(path, {"synsets": synsets})
 
 

@@ -43,19 +43,32 @@ def main() -> None:
 
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     base = dataclasses.replace(
-        PRESETS["sample"], data=str(data), width=0.125, resize_size=80, crop_size=67, epochs=2, batch_size=8,
-        workers=2, deterministic=True, max_failures=0, experiment="multinode", registered_model="multinode",
-        storage_path=str(work / "ray_results"))
+        PRESETS["sample"],
+        data=str(data),
+        width=0.125,
+        resize_size=80,
+        crop_size=67,
+        epochs=2,
+        batch_size=8,
+        workers=2,
+        deterministic=True,
+        max_failures=0,
+        experiment="multinode",
+        registered_model="multinode",
+        storage_path=str(work / "ray_results"),
+    )
     import os
+
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     out = {}
     for strategy in ("STRICT_SPREAD", "STRICT_PACK"):
         nodes = work / f"{strategy}-nodes.json"
         summary = driver.run(dataclasses.replace(base, worker_strategy=strategy), callbacks=[WorkerNodes(nodes)])
         client = mlflow.MlflowClient(tracking_uri)
-        history = {key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key),
-                                                 key=lambda m: m.step)]
-                   for key in ("train_loss", "val_top1")}
+        history = {
+            key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
+            for key in ("train_loss", "val_top1")
+        }
         out[strategy] = {**history, "nodes": json.loads(nodes.read_text())}
     print("RESULT " + json.dumps(out), flush=True)
     ray.shutdown()

@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from conftest import free_port
 
@@ -39,22 +40,46 @@ def fake_autoscaler_config(worker_node_types: dict[str, Any], gcs_address: str, 
         "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {"type": "external", "module": "fake_cloud.SeparateDisksProvider", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "provider": {
+            "type": "external",
+            "module": "fake_cloud.SeparateDisksProvider",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
         "auth": {"ssh_user": "ubuntu"},
-        "available_node_types": {**worker_node_types,
-                                 "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0}},
+        "available_node_types": {
+            **worker_node_types,
+            "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+        },
         "head_node_type": "ray.head.default",
-        "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
 
 
 class Head:
-    def __init__(self, process: subprocess.Popen, ip: str, gcs_port: int, dashboard_port: int, token: str,
-                 env: dict[str, str], log: Path):
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        ip: str,
+        gcs_port: int,
+        dashboard_port: int,
+        token: str,
+        env: dict[str, str],
+        log: Path,
+    ):
         self.process, self.env, self.token, self.log = process, env, token, log
         self.gcs_address = f"{ip}:{gcs_port}"
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -62,8 +87,9 @@ class Head:
     def get(self, path: str, *, token: bool = True) -> Any:
         """GET a dashboard endpoint (the state API, the job API) as JSON, with the cluster's token."""
         headers = {"Authorization": f"Bearer {self.token}"} if token else {}
-        with urllib.request.urlopen(urllib.request.Request(self.dashboard + path, headers=headers),
-                                    timeout=10) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(self.dashboard + path, headers=headers), timeout=10
+        ) as response:
             return json.loads(response.read())
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -89,8 +115,13 @@ def head_processes(pgid: int, token: str) -> list[int]:
 
 
 @contextmanager
-def ray_head(*, num_cpus: int, worker_node_types: dict[str, Any] | None = None, idle_timeout_s: float = 5.0,
-             env: dict[str, str] | None = None) -> Iterator[Head]:
+def ray_head(
+    *,
+    num_cpus: int,
+    worker_node_types: dict[str, Any] | None = None,
+    idle_timeout_s: float = 5.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[Head]:
     """`ray start --head --block` with token authentication, free ports and a temp dir of its own; with
     worker_node_types, the fake autoscaler adds and removes nodes of those types on this machine."""
     from ray._private.services import get_node_ip_address
@@ -101,29 +132,50 @@ def ray_head(*, num_cpus: int, worker_node_types: dict[str, Any] | None = None, 
     token = secrets.token_hex(32)
     # The cluster's token in the environment: the head and everything it starts read it from there, and
     # ~/.ray/auth_token, which other Ray users on this machine share, is neither read nor written.
-    head_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head_env = {
+        **os.environ,
+        **(env or {}),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     head_env.pop("RAY_ADDRESS", None)
-    command = [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-               f"--metrics-export-port={free_port()}", f"--node-manager-port={free_port()}",
-               f"--object-manager-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
-               f"--temp-dir={temp}", "--object-store-memory=300000000"]
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp}",
+        "--object-store-memory=300000000",
+    ]
     if worker_node_types:
         config = temp / "autoscaler.json"
         config.write_text(json.dumps(fake_autoscaler_config(worker_node_types, f"{ip}:{gcs_port}", idle_timeout_s)))
         command.append(f"--autoscaling-config={config}")
         # The fake provider refuses to run without RAY_FAKE_CLUSTER; 1 s between autoscaler rounds; the
         # autoscaler imports tests/fake_cloud.py.
-        head_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-                        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                                 head_env.get("PYTHONPATH")])))
+        head_env.update(
+            RAY_FAKE_CLUSTER="1",
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), head_env.get("PYTHONPATH")])),
+        )
     log = temp / "head.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=head_env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(process, ip, gcs_port, dashboard_port, token, head_env, log)
     try:
         deadline = time.time() + 90

@@ -28,28 +28,45 @@ def test_grid_entries_parse_and_bad_ones_are_refused():
 
 def test_the_default_grid_flips_every_switch_once():
     labels = [r.label for r in ablate.plan(PRESETS["paper"], ablate.default_grid(PRESETS["paper"]))]
-    assert labels == ["baseline", "activation=tanh", "lrn=off", "pool=non-overlapping", "dropout=0", "lighting=off",
-                      "augment=off", "init=kaiming", "init=xavier", "init_bias=0.1"]
+    assert labels == [
+        "baseline",
+        "activation=tanh",
+        "lrn=off",
+        "pool=non-overlapping",
+        "dropout=0",
+        "lighting=off",
+        "augment=off",
+        "init=kaiming",
+        "init=xavier",
+        "init_bias=0.1",
+    ]
     sample = [r.label for r in ablate.plan(PRESETS["sample"], ablate.default_grid(PRESETS["sample"]))]
     assert "init=paper" in sample and "init=kaiming" not in sample and not any("init_bias" in s for s in sample)
     tv = [r.label for r in ablate.plan(PRESETS["torchvision"], ablate.default_grid(PRESETS["torchvision"]))]
     assert tv == ["baseline", "dropout=0", "lighting=off", "augment=off"]
 
 
-@pytest.mark.parametrize("grid,message", [
-    ([{"activation": "relu"}], "is the baseline's own choice"),
-    ([{"lrn": "off"}, {"lrn": "off"}], "lrn=off is given twice"),
-    ([{"colour": "on"}], "unknown switch 'colour'"),
-    ([{"init": "kaiming", "init_bias": "0.1"}], "--init kaiming starts every bias at 0"),
-])
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        ([{"activation": "relu"}], "is the baseline's own choice"),
+        ([{"lrn": "off"}, {"lrn": "off"}], "lrn=off is given twice"),
+        ([{"colour": "on"}], "unknown switch 'colour'"),
+        ([{"init": "kaiming", "init_bias": "0.1"}], "--init kaiming starts every bias at 0"),
+    ],
+)
 def test_a_bad_grid_is_refused_before_anything_runs(grid, message):
     with pytest.raises(ValueError, match=message):
         ablate.plan(PRESETS["paper"], grid)
 
 
 def test_summary_rows_count_epochs_and_seconds_to_the_threshold():
-    history = {"val_top1": {0: 40.0, 1: 60.0, 2: 70.0}, "val_top5": {0: 80.0, 1: 90.0, 2: 95.0},
-               "train_top1": {0: 50.0, 1: 76.0, 2: 90.0}, "epoch_seconds": {0: 10.0, 1: 12.0, 2: 11.0}}
+    history = {
+        "val_top1": {0: 40.0, 1: 60.0, 2: 70.0},
+        "val_top5": {0: 80.0, 1: 90.0, 2: 95.0},
+        "train_top1": {0: 50.0, 1: 76.0, 2: 90.0},
+        "epoch_seconds": {0: 10.0, 1: 12.0, 2: 11.0},
+    }
     row = ablate.summarise("lrn=off", history, threshold=25.0, seconds=50.0, baseline_top1=72.5)
     assert row["epochs_to_threshold"] == 2 and row["train_seconds_to_threshold"] == 22.0  # 24% error at epoch 2
     assert (row["val_top1"], row["gap"], row["delta_top1"]) == (70.0, 20.0, -2.5)
@@ -63,21 +80,28 @@ def test_figure1_counts_epochs_to_the_first_point_under_the_threshold():
 
 
 def test_an_ablation_runs_concurrently_under_one_parent_and_registers_nothing(
-        ray_session, mlflow_server, tiny_imagenet, tmp_path, monkeypatch):
+    ray_session, mlflow_server, tiny_imagenet, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet), storage_path=str(tmp_path), **{
-        **TINY_RUN, "workers": 1, "experiment": "ablate-e2e", "registered_model": "alexnet-ablate-e2e"})
+    cfg = dataclasses.replace(
+        PRESETS["sample"],
+        data=str(tiny_imagenet),
+        storage_path=str(tmp_path),
+        **{**TINY_RUN, "workers": 1, "experiment": "ablate-e2e", "registered_model": "alexnet-ablate-e2e"},
+    )
     # Two runs at once, one train worker each: the session Ray's 4 CPUs leave their Ray Data 2.
     result = ablate.run(cfg, [{"activation": "tanh"}], parallel=2, threshold=60.0)
 
     client = mlflow.MlflowClient(mlflow_server)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ablation"] == "parent"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
     by_label = {c.data.tags["ablation"]: c for c in children}
     assert sorted(by_label) == ["activation=tanh", "baseline"] and result.runs == {
-        label: c.info.run_id for label, c in by_label.items()}
+        label: c.info.run_id for label, c in by_label.items()
+    }
     tanh, baseline = by_label["activation=tanh"], by_label["baseline"]
     assert (tanh.data.params["activation"], baseline.data.params["activation"]) == ("tanh", "relu")
     assert tanh.data.tags["ablation.activation"] == "tanh"
@@ -95,8 +119,10 @@ def test_an_ablation_runs_concurrently_under_one_parent_and_registers_nothing(
     # The table against the children's own metrics.
     rows = {r["run"]: r for r in result.rows}
     for label, child in by_label.items():
-        history = {k: {m.step: m.value for m in client.get_metric_history(child.info.run_id, k)}
-                   for k in ("val_top1", "val_top5", "train_top1")}
+        history = {
+            k: {m.step: m.value for m in client.get_metric_history(child.info.run_id, k)}
+            for k in ("val_top1", "val_top5", "train_top1")
+        }
         assert sorted(history["val_top1"]) == [0, 1]
         row = rows[label]
         assert row["val_top1"] == history["val_top1"][1] and row["val_top5"] == history["val_top5"][1]
@@ -105,16 +131,24 @@ def test_an_ablation_runs_concurrently_under_one_parent_and_registers_nothing(
         assert row["epochs_to_threshold"] == (reached[0] + 1 if reached else None)
         assert parent.data.metrics[f"{ablate.slug(label)}.val_top1"] == pytest.approx(row["val_top1"])
         assert f"| {label} | {row['val_top1']:.1f} |" in result.table
-    assert rows["activation=tanh"]["delta_top1"] == pytest.approx(rows["activation=tanh"]["val_top1"]
-                                                                  - rows["baseline"]["val_top1"])
+    assert rows["activation=tanh"]["delta_top1"] == pytest.approx(
+        rows["activation=tanh"]["val_top1"] - rows["baseline"]["val_top1"]
+    )
     logged = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/ablation.md")
     assert result.table in logged and "§3.1" in logged
     assert json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/ablation.json"))["runs"] == result.runs
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_the_job_refuses_a_bad_grid_at_once_naming_it(tmp_path):
-    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "ablate.py"), "--ablate", "pool=none"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    job = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "ablate.py"), "--ablate", "pool=none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert job.returncode == 2, job.stderr
     assert "--ablate pool=none: pool='none': expected one of overlapping, non-overlapping" in job.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
@@ -132,8 +166,12 @@ def test_figure1_logs_both_curves_the_ratio_and_the_plot(tiny_imagenet, mlflow_s
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["paper_ratio"] == 6.0
     for activation, curve in result["curves"].items():
-        logged = [m.value for m in sorted(client.get_metric_history(result["run_id"], f"train_error_{activation}"),
-                                          key=lambda m: m.step)]
+        logged = [
+            m.value
+            for m in sorted(
+                client.get_metric_history(result["run_id"], f"train_error_{activation}"), key=lambda m: m.step
+            )
+        ]
         assert logged == pytest.approx([error for _, error in curve])
     reached = result["epochs_to_threshold"]
     assert (result["ratio"] is None) == (None in reached.values())

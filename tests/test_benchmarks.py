@@ -7,19 +7,37 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # whole jobs and clusters
 
 
 def run_job(*args: str, timeout: int = 300) -> dict:
-    result = subprocess.run([sys.executable, "jobs/benchmark.py", *args, "--json"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", *args, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_data_benchmark_compares_every_path_with_the_reference(tmp_path):
-    report = run_job("data", "--images", "300", "--epochs", "1", "--paths", "decode,reference,folder,shards-256",
-                     "--work", str(tmp_path))
+    report = run_job(
+        "data",
+        "--images",
+        "300",
+        "--epochs",
+        "1",
+        "--paths",
+        "decode,reference,folder,shards-256",
+        "--work",
+        str(tmp_path),
+    )
     rows = {r["path"].split(" (")[0].split(":")[0]: r for r in report["results"]}
     assert {"decode PIL, one core", "reference", "folder", "shards-256"} <= rows.keys()
     assert report["files"]["train_images"] == 270 and 60 < report["files"]["mean_kb"] < 140  # photo-like sizes
@@ -29,8 +47,25 @@ def test_data_benchmark_compares_every_path_with_the_reference(tmp_path):
 
 
 def test_gpu_benchmark_runs_on_the_cpu():
-    report = run_job("gpu", "--device", "cpu", "--width", "0.125", "--image-size", "67", "--batch-sizes", "4",
-                     "--steps", "2", "--warmup", "1", "--images", "8", "--variants", "fp32,bf16")
+    report = run_job(
+        "gpu",
+        "--device",
+        "cpu",
+        "--width",
+        "0.125",
+        "--image-size",
+        "67",
+        "--batch-sizes",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--images",
+        "8",
+        "--variants",
+        "fp32,bf16",
+    )
     assert [(s["variant"], s["batch_size"]) for s in report["step"]] == [("fp32", 4), ("bf16", 4)]
     assert all(s["images_per_s"] > 0 for s in report["step"] + report["towers"])
     assert [t["placement"] for t in report["towers"]] == ["data", "grouped"]

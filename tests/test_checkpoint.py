@@ -18,7 +18,7 @@ from pipeline.config import PRESETS
 from pipeline.models import checkpoint
 from pipeline.models.alexnet import build_model
 from pipeline.models.placement import grouped_state_dict, place_model
-from pipeline.train import metrics, worker
+from pipeline.train import metrics, recipe
 from pipeline.transforms import stages
 from pipeline.transforms.device_stages import normalize, to_float
 
@@ -31,10 +31,13 @@ OLD = Path(__file__).parent / "fixtures" / "old_layout"
 def trained_parts(placement: str = "data", steps: int = 2, seed: int = 0):
     """A model placed as `placement`, its SGD (with momentum buffers) and plateau scheduler after `steps` steps."""
     torch.manual_seed(seed)
-    model = place_model(build_model("alexnet", num_classes=3, width=CFG.width, image_size=CFG.crop_size, dropout=0.0),
-                        placement, ["cpu"])
-    optimizer = worker.make_optimizer(model, CFG)
-    scheduler = worker.make_scheduler(optimizer, CFG)
+    model = place_model(
+        build_model("alexnet", num_classes=3, width=CFG.width, image_size=CFG.crop_size, dropout=0.0),
+        placement,
+        ["cpu"],
+    )
+    optimizer = recipe.make_optimizer(model, CFG)
+    scheduler = recipe.make_scheduler(optimizer, CFG)
     for step in range(steps):
         step_on(model, optimizer, seed=step)
         scheduler.step(float(step))
@@ -50,11 +53,21 @@ def step_on(model, optimizer, seed: int) -> None:
 
 
 def save(directory, model, optimizer, scheduler, epoch: int = 4, within_epoch=None):
-    return checkpoint.save(directory, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                           config=CFG.to_dict(), num_classes=3, classes=CLASSES, words=["a", "b", "c"],
-                           metrics={"val_top1": 50.0, "node_id": "abc"},
-                           val_per_class={"correct": [1, 2, 3], "images": [4, 4, 4]},
-                           files={checkpoint.TRAIN_BATCH_FILE: b"\x89PNG..."}, within_epoch=within_epoch)
+    return checkpoint.save(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=epoch,
+        config=CFG.to_dict(),
+        num_classes=3,
+        classes=CLASSES,
+        words=["a", "b", "c"],
+        metrics={"val_top1": 50.0, "node_id": "abc"},
+        val_per_class={"correct": [1, 2, 3], "images": [4, 4, 4]},
+        files={checkpoint.TRAIN_BATCH_FILE: b"\x89PNG..."},
+        within_epoch=within_epoch,
+    )
 
 
 @pytest.mark.parametrize("placement", ["data", "grouped"])
@@ -76,11 +89,10 @@ def test_a_restart_continues_exactly_where_the_checkpoint_left(tmp_path, placeme
 def test_a_mid_epoch_checkpoint_resumes_inside_its_epoch(tmp_path):
     model, optimizer, scheduler = trained_parts()
     consumed = np.array([7, 3, 2 << 20, 11], dtype=np.int64)
-    save(tmp_path, model, optimizer, scheduler, epoch=4,
-         within_epoch=checkpoint.Start(4, 3, consumed, (12.5, 2, 4, 4)))
+    save(tmp_path, model, optimizer, scheduler, epoch=4, within_epoch=checkpoint.Start(4, 3, consumed, (12.5, 2, 4, 4)))
     restored, restored_opt, restored_sched = trained_parts(steps=0, seed=99)
     start = checkpoint.resume(checkpoint.load(tmp_path), restored, restored_opt, restored_sched)
-    assert (start.epoch, start.step, start.sums) == (4, 3, (12.5, 2, 4, 4))   # the same epoch, not the next
+    assert (start.epoch, start.step, start.sums) == (4, 3, (12.5, 2, 4, 4))  # the same epoch, not the next
     assert start.consumed.tolist() == consumed.tolist()
 
 
@@ -111,8 +123,11 @@ class NotAllowed:
 
 def test_loading_refuses_pickled_code_and_names_the_file(tmp_path):
     bad = tmp_path / checkpoint.CHECKPOINT_FILE
-    torch.save({"format": 1, "model": {}, "epoch": 0, "config": {}, "num_classes": 3, "x": NotAllowed()}, bad,
-               pickle_module=pickle)
+    torch.save(
+        {"format": 1, "model": {}, "epoch": 0, "config": {}, "num_classes": 3, "x": NotAllowed()},
+        bad,
+        pickle_module=pickle,
+    )
     with pytest.raises(ValueError, match=rf"{bad}.*weights_only=True"):
         checkpoint.load(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nowhere.*checkpoint\.pt"):
@@ -129,10 +144,16 @@ def test_open_model_reads_a_checkpoint_directory(tmp_path):
     assert opened.state["epoch"] == 4 and opened.model_id == "" and opened.version == ""
 
 
-@pytest.mark.parametrize("policy,improved,last,logged", [
-    ("best", True, False, True), ("best", False, False, False), ("best", False, True, True),
-    ("all", False, False, True), ("none", True, True, False),
-])
+@pytest.mark.parametrize(
+    "policy,improved,last,logged",
+    [
+        ("best", True, False, True),
+        ("best", False, False, False),
+        ("best", False, True, True),
+        ("all", False, False, True),
+        ("none", True, True, False),
+    ],
+)
 def test_which_epochs_become_logged_models(policy, improved, last, logged):
     assert checkpoint.should_log(policy, improved=improved, last_epoch=last) is logged
 
@@ -149,8 +170,11 @@ def test_a_checkpoint_of_the_flat_layout_loads_scores_and_evaluates_the_same():
     assert "optimizer" in state  # the training form, as Ray Train keeps it
 
     jpegs = [f.read_bytes() for f in sorted((OLD / "val").glob("*.JPEG"))]
-    crops = stages.center_crops({"jpeg": jpegs, "key": ["0", "1", "2"]}, resize_size=state["config"]["resize_size"],
-                                crop_size=state["config"]["crop_size"])
+    crops = stages.center_crops(
+        {"jpeg": jpegs, "key": ["0", "1", "2"]},
+        resize_size=state["config"]["resize_size"],
+        crop_size=state["config"]["crop_size"],
+    )
     assert torch.equal(torch.from_numpy(crops["image"]), expected["crops"])  # the eval view did not change
     network = checkpoint.build_model(state)
     with torch.no_grad():
@@ -179,7 +203,7 @@ def test_ray_keeps_the_best_k_by_val_top1(trained_run, mlflow_server):
     top1 = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["run_id"], "val_top1")}
     assert sorted(top1) == list(range(cfg.epochs))
     # Ray Train's rule: the K best (a tie goes to the later epoch), and the latest even when it is not one of them.
-    best_k = sorted(top1, key=lambda e: (-top1[e], -e))[:cfg.keep_checkpoints]
+    best_k = sorted(top1, key=lambda e: (-top1[e], -e))[: cfg.keep_checkpoints]
     assert set(kept) == set(best_k) | {cfg.epochs - 1}
     for epoch, (_, val_top1) in kept.items():
         assert val_top1 == pytest.approx(top1[epoch])  # each checkpoint is the epoch MLflow recorded
@@ -187,5 +211,8 @@ def test_ray_keeps_the_best_k_by_val_top1(trained_run, mlflow_server):
 
     policy = checkpoint.keep_policy(cfg.keep_checkpoints)
     assert (policy.num_to_keep, policy.checkpoint_score_attribute, policy.checkpoint_score_order) == (
-        cfg.keep_checkpoints, checkpoint.SCORE, "max")
+        cfg.keep_checkpoints,
+        checkpoint.SCORE,
+        "max",
+    )
     assert checkpoint.keep_policy(0).num_to_keep is None  # --keep-checkpoints 0: every checkpoint

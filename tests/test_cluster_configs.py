@@ -58,8 +58,11 @@ def kuberay_schema(plural: str) -> dict:
 
     def strict(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 strict(value)
@@ -119,8 +122,9 @@ def test_aws_cluster_is_closed_and_reads_s3_through_its_instance_profiles():
 
     # Names that must be Terraform's: the group that opens only SSH from the operator, and the profiles.
     assert config["provider"]["security_group"]["GroupName"] in terraform_names("aws_security_group")
-    profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"]
-                for name, t in config["available_node_types"].items()}
+    profiles = {
+        name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in config["available_node_types"].items()
+    }
     assert set(profiles.values()) <= terraform_names("aws_iam_instance_profile")
     assert profiles[config["head_node_type"]] == "alexnet-ray-head"
     assert {p for n, p in profiles.items() if n != config["head_node_type"]} == {"alexnet-ray-worker"}
@@ -152,12 +156,17 @@ def checkov_binary() -> str:
     import os
     import shutil
 
-    for candidate in (os.environ.get("CHECKOV"), str(ROOT / ".venv-checkov" / "bin" / "checkov"), shutil.which("checkov")):
+    for candidate in (
+        os.environ.get("CHECKOV"),
+        str(ROOT / ".venv-checkov" / "bin" / "checkov"),
+        shutil.which("checkov"),
+    ):
         if candidate and Path(candidate).exists():
             return candidate
     pytest.fail("checkov is not installed: `make .venv-checkov` (or set CHECKOV to its path)")
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_checkov_finds_nothing_in_cluster_and_infra_and_every_skip_says_why(tmp_path):
     """Static IaC scan (checkov: Terraform, Kubernetes, Dockerfiles, secrets in any file) of cluster/ and
     infra/: no failed check; each suppressed check carries its reason inline. A planted AWS key beside them
@@ -170,11 +179,28 @@ def test_checkov_finds_nothing_in_cluster_and_infra_and_every_skip_says_why(tmp_
     shutil.copytree(INFRA, tmp_path / "infra")
     (tmp_path / "planted").mkdir()
     (tmp_path / "planted" / "credentials").write_text(  # AWS's documented example key, not a real one
-        "[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
+        "[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\n"
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+    )
     result = subprocess.run(
-        [checkov_binary(), "-d", str(tmp_path), "--framework", "terraform", "kubernetes", "dockerfile", "secrets",
-         "--enable-secret-scan-all-files", "--skip-download", "-o", "json"],
-        capture_output=True, text=True, timeout=120)
+        [
+            checkov_binary(),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "terraform",
+            "kubernetes",
+            "dockerfile",
+            "secrets",
+            "--enable-secret-scan-all-files",
+            "--skip-download",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     reports = json.loads(result.stdout)
     by_kind = {r["check_type"]: r for r in reports}
     assert {"terraform", "kubernetes", "dockerfile", "secrets"} <= by_kind.keys(), result.stderr[-2000:]
@@ -184,6 +210,7 @@ def test_checkov_finds_nothing_in_cluster_and_infra_and_every_skip_says_why(tmp_
     assert {path for _, path in failed} == {"/planted/credentials"}, failed
     assert [r["summary"]["parsing_errors"] for r in reports] == [0] * len(reports)
     skipped = [c for r in reports for c in r["results"].get("skipped_checks", [])]
-    unexplained = [(c["check_id"], c["file_path"]) for c in skipped
-                   if len(c["check_result"].get("suppress_comment", "")) < 20]
+    unexplained = [
+        (c["check_id"], c["file_path"]) for c in skipped if len(c["check_result"].get("suppress_comment", "")) < 20
+    ]
     assert skipped and not unexplained, unexplained

@@ -27,10 +27,30 @@ def test_two_jobs_started_together_on_one_machine_both_finish(ray_session, mlflo
     logs = [tmp_path / f"{name}.log" for name in names]
     outputs = [open(log, "w") for log in logs]
     started = time.time()
-    jobs = [subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(tiny_imagenet), *TINY_FLAGS, "--epochs", "1",
-         "--experiment", name, "--registered-model", name, "--storage-path", str(tmp_path / name)],
-        cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env) for name, out in zip(names, outputs)]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "train.py"),
+                "--data",
+                str(tiny_imagenet),
+                *TINY_FLAGS,
+                "--epochs",
+                "1",
+                "--experiment",
+                name,
+                "--registered-model",
+                name,
+                "--storage-path",
+                str(tmp_path / name),
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for name, out in zip(names, outputs)
+    ]
     ended: dict[int, float] = {}
     try:
         while len(ended) < len(jobs) and time.time() - started < 500:

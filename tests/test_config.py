@@ -23,7 +23,12 @@ def test_default_is_the_sample_preset_and_paper_is_the_paper():
     assert (paper.schedule, paper.lr_gamma, paper.width, paper.model) == ("plateau", 0.1, 1.0, "alexnet")
     tv = parse_args(["--preset", "torchvision"])
     assert (tv.model, tv.crop_size, tv.batch_size, tv.weight_decay, tv.schedule) == (
-        "torchvision", 224, 256, 1e-4, "step")
+        "torchvision",
+        224,
+        256,
+        1e-4,
+        "step",
+    )
 
 
 def test_flags_override_the_preset_whatever_their_order():
@@ -39,18 +44,21 @@ def test_every_field_is_a_documented_flag():
         assert f.metadata["help"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--epoch", "3"], "unrecognized arguments"),  # no silent abbreviation of --epochs
-    (["--epochs", "three"], "invalid int value"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "63"], "must divide evenly across --workers 2"),
-    (["--crop-size", "300"], "must not exceed --resize-size"),
-    (["--preset", "huge"], "invalid choice"),
-    (["--flip-p", "1.5"], "--flip-p must be in [0, 1]"),
-    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
-    (["--log-models", "some"], "invalid choice: 'some'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--epoch", "3"], "unrecognized arguments"),  # no silent abbreviation of --epochs
+        (["--epochs", "three"], "invalid int value"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "63"], "must divide evenly across --workers 2"),
+        (["--crop-size", "300"], "must not exceed --resize-size"),
+        (["--preset", "huge"], "invalid choice"),
+        (["--flip-p", "1.5"], "--flip-p must be in [0, 1]"),
+        (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
+        (["--log-models", "some"], "invalid choice: 'some'"),
+    ],
+)
 def test_bad_flags_exit_with_a_message_naming_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
@@ -66,11 +74,13 @@ def test_config_is_frozen_and_worker_batch_is_the_global_batch_split():
 
 
 def test_train_help_and_unknown_flag_answer_without_starting_anything():
-    help_run = subprocess.run([sys.executable, "jobs/train.py", "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+    help_run = subprocess.run(
+        [sys.executable, "jobs/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert help_run.returncode == 0 and "--registered-model" in help_run.stdout
-    bad = subprocess.run([sys.executable, "jobs/train.py", "--wrokers", "2"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "jobs/train.py", "--wrokers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "unrecognized arguments: --wrokers" in bad.stderr
 
 
@@ -94,15 +104,18 @@ def test_worker_cpus_leave_ray_data_a_cpu_or_refuse():
     from pipeline.cluster import worker_resources
 
     sample = config.PRESETS["sample"]
-    assert worker_resources(sample, free_cpus=4) == {"CPU": 1.0}      # local: 2 cores + 2 logical
-    assert worker_resources(sample, free_cpus=2) == {"CPU": 0.5}      # `ray start --head` on 2 cores
+    assert worker_resources(sample, free_cpus=4) == {"CPU": 1.0}  # local: 2 cores + 2 logical
+    assert worker_resources(sample, free_cpus=2) == {"CPU": 0.5}  # `ray start --head` on 2 cores
     with pytest.raises(ValueError, match="leaves Ray Data 0 CPU"):
         worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), free_cpus=2)
     # A shared cluster: what other jobs hold is not ours to plan with, and the message says both numbers.
     with pytest.raises(ValueError, match=r"^1 of the cluster's 8 CPUs free: too few for 2 train workers"):
         worker_resources(sample, free_cpus=1, total_cpus=8)
-    with pytest.raises(ValueError, match=r"2 train workers x 1 CPU with 2 of the cluster's 8 CPUs free leaves Ray "
-                                         r"Data 0 CPU"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 train workers x 1 CPU with 2 of the cluster's 8 CPUs free leaves Ray "
+        r"Data 0 CPU",
+    ):
         worker_resources(dataclasses.replace(sample, cpus_per_worker=1.0), free_cpus=2, total_cpus=8)
     gpu = dataclasses.replace(sample, use_gpu=True)
     assert worker_resources(gpu, 0) == {"CPU": 1.0, "GPU": 1.0}
@@ -117,7 +130,8 @@ def test_every_field_is_in_exactly_one_help_group_and_help_shows_the_groups():
     for f in dataclasses.fields(Config):
         flag = re.compile(rf"^  --{f.name.replace('_', '-')}[ ,\n]", re.M)  # where it is defined, not named
         assert [title for title, text in sections.items() if flag.search(text + "\n")] == [
-            config.GROUPS[f.metadata["group"]]]
+            config.GROUPS[f.metadata["group"]]
+        ]
     assert "--lighting {on,off}" in sections[config.GROUPS["switch"]]
     assert "(default: 5)" in sections["recipe (§5)"]  # the sample preset's epochs, stated in words
 
@@ -130,16 +144,30 @@ def test_a_flag_given_wins_over_its_preset_and_the_namespace_holds_only_flags_gi
 
 
 # Each job and a flag no job has: argparse's own refusal, exit 2, before anything starts.
-JOBS = [("train.py",), ("ablate.py",), ("evaluate.py", "--model", "m"), ("prepare_imagenet.py", "a", "b"),
-        ("benchmark.py", "gpu"), ("benchmark.py", "data"), ("gpu_check.py",)]
+JOBS = [
+    ("train.py",),
+    ("ablate.py",),
+    ("evaluate.py", "--model", "m"),
+    ("prepare_imagenet.py", "a", "b"),
+    ("benchmark.py", "gpu"),
+    ("benchmark.py", "data"),
+    ("gpu_check.py",),
+]
 
 
+@pytest.mark.slow  # a job in a subprocess
 @pytest.mark.parametrize("job", JOBS, ids=" ".join)
 def test_every_job_refuses_an_unknown_flag(job):
-    run = subprocess.run([sys.executable, f"jobs/{job[0]}", *job[1:], "--no-such-flag"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, f"jobs/{job[0]}", *job[1:], "--no-such-flag"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(
-        "error: unrecognized arguments: --no-such-flag"), run.stderr[-2000:]
+        "error: unrecognized arguments: --no-such-flag"
+    ), run.stderr[-2000:]
 
 
 def run_from_a_clone(clone: Path, job: str, *args: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
@@ -147,20 +175,24 @@ def run_from_a_clone(clone: Path, job: str, *args: str, pythonpath: str | None =
     finder (which maps `pipeline` to this checkout) is taken out, and sys.path[0] is the script's folder, as
     Python sets it for a script; prints, last, where `pipeline` was imported from."""
     script = clone / "jobs" / job
-    code = ("import runpy, sys\n"
-            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f) + type(f).__module__]\n"
-            f"sys.path[0] = {str(script.parent)!r}\n"
-            f"sys.argv = {[str(script), *args]!r}\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print(sys.modules['pipeline'].__file__ if 'pipeline' in sys.modules else None)\nsys.exit(code)\n")
+    code = (
+        "import runpy, sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f) + type(f).__module__]\n"
+        f"sys.path[0] = {str(script.parent)!r}\n"
+        f"sys.argv = {[str(script), *args]!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print(sys.modules['pipeline'].__file__ if 'pipeline' in sys.modules else None)\nsys.exit(code)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.run([sys.executable, "-c", code], cwd=clone.parent, capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=clone.parent, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_jobs_import_pipeline_from_their_clone_uninstalled(tmp_path):
     """The bootstrap decision. gpu_check.py and benchmark.py (gpu) run on a lent GPU machine from a clone that is
     not installed: they put the clone's root on sys.path themselves. The jobs that need Ray do not: under `ray job

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline import data
-from pipeline.data import plan
 from pipeline.config import PRESETS
+from pipeline.data import plan
 
 CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=3)
 
@@ -21,15 +21,18 @@ def test_scan_lists_splits_and_sorted_class_index(tiny_imagenet):
     assert folder.class_index()[folder.wnids[2]] == 2
 
 
-@pytest.mark.parametrize("layout,message", [
-    ("missing", "does not exist"),
-    ("file", "is not a folder"),
-    ("empty", "has no train/ folder"),
-    ("no_val", "has no val/ folder"),
-    ("no_images", "has no images under train/"),
-    ("flat", "holds files but no class folders"),
-    ("val_only_class", "val/ has classes that train/ lacks"),
-])
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a folder"),
+        ("empty", "has no train/ folder"),
+        ("no_val", "has no val/ folder"),
+        ("no_images", "has no images under train/"),
+        ("flat", "holds files but no class folders"),
+        ("val_only_class", "val/ has classes that train/ lacks"),
+    ],
+)
 def test_scan_refuses_bad_layouts_naming_the_path(tmp_path, layout, message):
     root = tmp_path / "imagenet"
     jpeg = b"\xff\xd8 not decoded at scan time"
@@ -94,8 +97,9 @@ def test_val_plan_is_central_crops_matching_the_stages(ray_session, tiny_imagene
 
 def epochs_of(dataset, n: int = 2, batch_size: int = 8) -> list[list[list[str]]]:
     """n passes over a dataset (each an execution, as Ray Train's epochs are): the keys, batch by batch."""
-    return [[list(b["key"]) for b in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
-            for _ in range(n)]
+    return [
+        [list(b["key"]) for b in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")] for _ in range(n)
+    ]
 
 
 def check_fresh_orders(first_run, second_run, total: int) -> None:
@@ -128,24 +132,27 @@ def test_a_resumed_epoch_is_that_epoch_without_the_images_already_trained_on(ray
     cfg = dataclasses.replace(CFG, deterministic=True)
 
     def rows_of_pass(dataset) -> dict[str, tuple]:  # one execution of the dataset: one epoch
-        return {k: (int(i), image) for batch in dataset.iter_batches(batch_size=8, batch_format="numpy")
-                for k, i, image in zip(batch["key"], batch["index"], batch["image"])}
+        return {
+            k: (int(i), image)
+            for batch in dataset.iter_batches(batch_size=8, batch_format="numpy")
+            for k, i, image in zip(batch["key"], batch["index"], batch["image"])
+        }
 
     with _preserve_order():
         dataset = data.train_dataset(folder, cfg, keys=True)
-        passes = [rows_of_pass(dataset) for _ in range(3)]                               # epochs 0, 1, 2
+        passes = [rows_of_pass(dataset) for _ in range(3)]  # epochs 0, 1, 2
         at_two = rows_of_pass(plan.start_at(data.train_dataset(folder, cfg, keys=True), 2))
         consumed = np.array(sorted(i for i, _ in list(passes[2].values())[:30]))
         resumed_plan = plan.start_at(data.train_dataset(folder, cfg, keys=True), 2, consumed)
         resumed = rows_of_pass(resumed_plan)
-        after = rows_of_pass(resumed_plan)                                            # the pass after: epoch 3
-    assert list(at_two) == list(passes[2]) and list(at_two) != list(passes[0])         # the same order...
-    assert all(np.array_equal(at_two[k][1], passes[2][k][1]) for k in at_two)         # ... and crops
+        after = rows_of_pass(resumed_plan)  # the pass after: epoch 3
+    assert list(at_two) == list(passes[2]) and list(at_two) != list(passes[0])  # the same order...
+    assert all(np.array_equal(at_two[k][1], passes[2][k][1]) for k in at_two)  # ... and crops
     assert len(resumed) == 72 - 30 and not {i for i, _ in resumed.values()} & set(consumed.tolist())
     assert list(resumed) == [k for k in passes[2] if passes[2][k][0] not in consumed]
     assert all(np.array_equal(resumed[k][1], passes[2][k][1]) for k in resumed)
     assert len(after) == 72 and list(after) not in (list(passes[2]), list(passes[0]))  # skips only epoch 2
-    assert sorted(i for i, _ in passes[0].values()) == list(range(72))                # a folder's index: its file
+    assert sorted(i for i, _ in passes[0].values()) == list(range(72))  # a folder's index: its file
 
 
 def test_a_resumed_epoch_with_centre_crops_leaves_out_what_was_trained_on(ray_session, tiny_imagenet):
@@ -177,11 +184,14 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
     from pipeline.data import sources
 
     folder = data.scan_image_folder(str(tiny_imagenet))
-    many = dc.replace(folder, files={**folder.files, "train": folder.files["train"] * 8},
-                      labels={**folder.labels, "train": folder.labels["train"] * 8},
-                      keys={**folder.keys, "train": folder.keys["train"] * 8})    # 576 images: 3 units
+    many = dc.replace(
+        folder,
+        files={**folder.files, "train": folder.files["train"] * 8},
+        labels={**folder.labels, "train": folder.labels["train"] * 8},
+        keys={**folder.keys, "train": folder.keys["train"] * 8},
+    )  # 576 images: 3 units
     assert sources.num_units(many, "train") == 3
-    tasks_per_cpu, plan.TASKS_PER_CPU = plan.TASKS_PER_CPU, 0   # so all three share one task (num_tasks)
+    tasks_per_cpu, plan.TASKS_PER_CPU = plan.TASKS_PER_CPU, 0  # so all three share one task (num_tasks)
     try:
         dataset = data.train_dataset(many, CFG)
     finally:
@@ -191,10 +201,10 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
 
 
 def test_tasks_take_up_to_eight_units_and_leave_every_cpu_two():
-    assert plan.num_tasks(5000, 16) == 625   # ImageNet's 1.28 M images on a 16-CPU node
-    assert plan.num_tasks(78, 2) == 10       # the benchmark's 19,800 images on 2 CPUs
-    assert plan.num_tasks(11, 4) == 8        # the sample's 2,600 on 4 logical CPUs: 1-2 units each
-    assert plan.num_tasks(3, 8) == 3         # never more tasks than units
+    assert plan.num_tasks(5000, 16) == 625  # ImageNet's 1.28 M images on a 16-CPU node
+    assert plan.num_tasks(78, 2) == 10  # the benchmark's 19,800 images on 2 CPUs
+    assert plan.num_tasks(11, 4) == 8  # the sample's 2,600 on 4 logical CPUs: 1-2 units each
+    assert plan.num_tasks(3, 8) == 3  # never more tasks than units
 
 
 def test_webdataset_shuffle_buffer_gives_every_item_once_in_a_seeded_order():
@@ -237,15 +247,27 @@ def test_decode_on_gpu_hands_on_bytes_and_the_trainer_makes_the_same_view(ray_se
     assert set(raw) == {"jpeg", "key", "label", "index"} and isinstance(raw["jpeg"][0], bytes)
 
     with _preserve_order():  # both in file order, to compare image for image
-        on_device = list(worker.input_batches(data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg,
-                                             torch.device("cpu"), drop_last=False))
+        on_device = list(
+            worker.input_batches(
+                data.val_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"), drop_last=False
+            )
+        )
         cpu = data.val_dataset(folder, CFG).take_batch(24, batch_format="numpy")
     images = torch.cat([b["image"] for b in on_device]).numpy()
-    assert images.shape == cpu["image"].shape and np.array_equal(torch.cat([b["label"] for b in on_device]), cpu["label"])
+    assert images.shape == cpu["image"].shape and np.array_equal(
+        torch.cat([b["label"] for b in on_device]), cpu["label"]
+    )
     assert np.abs(images.astype(int) - cpu["image"].astype(int)).mean() < 1.5
 
-    crops = list(worker.input_batches(data.train_dataset(folder, gpu_cfg).iterator(), gpu_cfg, torch.device("cpu"),
-                                     drop_last=False, crop_rngs=lambda i: np.random.default_rng([0, i])))
+    crops = list(
+        worker.input_batches(
+            data.train_dataset(folder, gpu_cfg).iterator(),
+            gpu_cfg,
+            torch.device("cpu"),
+            drop_last=False,
+            crop_rngs=lambda i: np.random.default_rng([0, i]),
+        )
+    )
     labels = torch.cat([b["label"] for b in crops]).tolist()
     assert sum(len(b["image"]) for b in crops) == 72 and sorted(np.bincount(labels).tolist()) == [24, 24, 24]
     assert all(b["image"].shape[1:] == (67, 67, 3) for b in crops)

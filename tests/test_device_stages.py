@@ -51,8 +51,9 @@ def test_to_float_and_normalize():
 @pytest.mark.parametrize("lighting_std", [0.1, 0.0])
 def test_to_model_input_is_the_chain_in_one_pass(lighting_std):
     images = torch.randint(0, 256, (6, 9, 7, 3), dtype=torch.uint8)  # height 9, width 7: nothing square
-    chain = device_stages.normalize(device_stages.pca_lighting(
-        device_stages.to_float(images), torch.Generator().manual_seed(1), std=lighting_std))
+    chain = device_stages.normalize(
+        device_stages.pca_lighting(device_stages.to_float(images), torch.Generator().manual_seed(1), std=lighting_std)
+    )
     fused = device_stages.to_model_input(images, torch.Generator().manual_seed(1), lighting_std=lighting_std)
     assert fused.shape == (6, 3, 9, 7) and fused.dtype == torch.float32
     torch.testing.assert_close(fused, chain, rtol=1e-5, atol=1e-5)
@@ -87,7 +88,7 @@ def test_device_decode_and_crops_match_the_cpu_path():
     assert rows == [0, 1, 2, 3] and failed == {}
     device = device_stages.crops_on_device(images, top, left, flip, resize_size=256, crop_size=224)
     assert device.shape == (4, 224, 224, 3) and device.dtype == torch.uint8
-    diff = (device.numpy().astype(int) - cpu["image"].astype(int))
+    diff = device.numpy().astype(int) - cpu["image"].astype(int)
     assert np.abs(diff).mean() < 1.5 and np.abs(diff).max() <= 16, (np.abs(diff).mean(), np.abs(diff).max())
 
 
@@ -97,15 +98,17 @@ def test_device_decode_falls_back_per_image_and_names_failures():
     from PIL import Image
 
     pixels = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+
     def saved(mode, fmt):
         buf = io.BytesIO()
         Image.fromarray(pixels).convert(mode).save(buf, fmt)
         return buf.getvalue()
+
     good, cmyk, png = saved("RGB", "JPEG"), saved("CMYK", "JPEG"), saved("RGB", "PNG")
-    jpegs = [good, cmyk, b"", good[:len(good) // 2], png]
+    jpegs = [good, cmyk, b"", good[: len(good) // 2], png]
     images, rows, failed = device_stages.decode_on_device(jpegs, list("abcde"), "cpu")
     assert rows == [0, 1, 4] and [tuple(im.shape) for im in images] == [(3, 40, 60)] * 3
-    assert torch.equal(images[2].permute(1, 2, 0), torch.from_numpy(pixels))          # the PNG, lossless, by the CPU decoder
+    assert torch.equal(images[2].permute(1, 2, 0), torch.from_numpy(pixels))  # the PNG, lossless, by the CPU decoder
     assert set(failed) == {"c", "d"} and failed["c"] == "zero-byte file" and "JPEG" in failed["d"]
     big = device_stages.decode_on_device([good], ["big"], "cpu", max_pixels=100)[2]
     assert big["big"].startswith("image too large: 60 x 40")
@@ -122,24 +125,28 @@ def test_a_file_the_device_decoder_refuses_is_decoded_by_the_cpu_decoder(monkeyp
     from pipeline.transforms import decode
 
     pixels = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+
     def saved(**options):
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", **options)
         return buf.getvalue()
-    plain, refused = saved(quality=90), saved(quality=80, subsampling=1)   # 4:2:2, as nvJPEG might refuse
-    corrupt = plain[:len(plain) // 2]
+
+    plain, refused = saved(quality=90), saved(quality=80, subsampling=1)  # 4:2:2, as nvJPEG might refuse
+    corrupt = plain[: len(plain) // 2]
 
     real, offered = torchvision.io.decode_jpeg, []
+
     def device_decoder(encoded, *args, **kwargs):  # the real decoder, refusing `refused` as nvJPEG would
         files = [bytes(e.numpy()) for e in (encoded if isinstance(encoded, list) else [encoded])]
         offered.extend(files)
         if refused in files:
             raise RuntimeError("Error while decoding JPEG images: simulated nvJPEG refusal")
         return real(encoded, *args, **kwargs)
+
     monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
 
     images, rows, failed = device_stages.decode_on_device([plain, refused, corrupt], list("abc"), "cpu")
-    assert refused in offered                       # the device's decoder was asked first
+    assert refused in offered  # the device's decoder was asked first
     assert rows == [0, 1] and list(failed) == ["c"]
     assert torch.equal(images[1].permute(1, 2, 0), torch.from_numpy(decode.decode_image(refused)))
     assert failed["c"].startswith("truncated or corrupt JPEG")  # the CPU decoder's words
@@ -188,9 +195,13 @@ def test_cuda_decode_runs_on_its_own_stream_and_hands_the_outputs_to_the_callers
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
     device_stages._decode_stream.cache_clear()
-    request.addfinalizer(device_stages._decode_stream.cache_clear)   # it would hold a stub stream
+    request.addfinalizer(device_stages._decode_stream.cache_clear)  # it would hold a stub stream
     out = device_stages._decode_on_stream([torch.zeros(1, dtype=torch.uint8)] * 2, torch.device("cuda", 0))
     assert [image.i for image in out] == [0, 1]
-    assert events == [("decode", "decode"), ("wait", "caller", "decode"), ("record", 0, "caller"),
-                      ("record", 1, "caller")]
+    assert events == [
+        ("decode", "decode"),
+        ("wait", "caller", "decode"),
+        ("record", 0, "caller"),
+        ("record", 1, "caller"),
+    ]
     assert current[-1].name == "caller"

@@ -65,14 +65,18 @@ def test_eval_views_centre_is_trainings_view_and_the_square_is_the_resize(tiny_i
     from pipeline.transforms import stages
 
     paths = sorted((tiny_imagenet / "val").glob("*/*.JPEG"))[:3]
-    batch = {"jpeg": [p.read_bytes() for p in paths] + [b"junk"], "key": [p.name for p in paths] + ["bad"],
-             "label": np.array([0, 1, 2, 0])}
+    batch = {
+        "jpeg": [p.read_bytes() for p in paths] + [b"junk"],
+        "key": [p.name for p in paths] + ["bad"],
+        "label": np.array([0, 1, 2, 0]),
+    }
     views = evaluation.eval_views(batch, resize_size=80, crop_size=67)
     assert list(views["failed"]) == ["bad"] and views["label"].tolist() == [0, 1, 2]
     want = stages.center_crops({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, resize_size=80, crop_size=67)
     assert np.array_equal(views["image"], want["image"])
-    square = stages.resize_center(stages.decode({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, min_size=80),
-                                  size=80)["image"]
+    square = stages.resize_center(
+        stages.decode({"jpeg": batch["jpeg"][:3], "key": batch["key"][:3]}, min_size=80), size=80
+    )["image"]
     assert np.array_equal(views["square"], square) and views["square"].shape == (3, 80, 80, 3)
 
 
@@ -90,8 +94,8 @@ def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tupl
         row = {"jpeg": [path.read_bytes()], "key": [path.name]}
         centre = stages.center_crops(row, resize_size=resize_size, crop_size=crop_size)["image"]
         square = stages.resize_center(stages.decode(row, min_size=resize_size), size=resize_size)["image"]
-        square = torch.from_numpy(square).permute(0, 3, 1, 2)[0]                     # (3, S, S) uint8
-        patches = torch.stack(TF.ten_crop(square, [crop_size, crop_size]))             # (10, 3, C, C)
+        square = torch.from_numpy(square).permute(0, 3, 1, 2)[0]  # (3, S, S) uint8
+        patches = torch.stack(TF.ten_crop(square, [crop_size, crop_size]))  # (10, 3, C, C)
         with torch.no_grad():
             p_centre = model(device_stages.normalize(device_stages.to_float(torch.from_numpy(centre)))).softmax(1)
             p_ten = model(device_stages.normalize(patches.float() / 255)).softmax(1).mean(0)
@@ -101,8 +105,9 @@ def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tupl
     return images, centre_hits, ten_hits
 
 
-def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run, mlflow_server, tiny_imagenet,
-                                                                     monkeypatch):
+def test_evaluation_job_matches_an_independent_count_and_is_recorded(
+    trained_run, mlflow_server, tiny_imagenet, monkeypatch
+):
     import mlflow
 
     from pipeline.data import sources
@@ -114,10 +119,10 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
     mlflow.set_tracking_uri(mlflow_server)
     reference = f"models:/{cfg.registered_model}@champion"
     opened = checkpoint.open_model(reference)
-    result = evaluation.evaluate_split(opened.state, sources.open_source(str(tiny_imagenet)),
-                                     batch_size=8)
-    images, centre, ten = independent_counts(checkpoint.build_model(opened.state), tiny_imagenet,
-                                             resize_size=cfg.resize_size, crop_size=cfg.crop_size)
+    result = evaluation.evaluate_split(opened.state, sources.open_source(str(tiny_imagenet)), batch_size=8)
+    images, centre, ten = independent_counts(
+        checkpoint.build_model(opened.state), tiny_imagenet, resize_size=cfg.resize_size, crop_size=cfg.crop_size
+    )
     assert images == 24
     assert (result["images"], result["correct1"], result["correct1_10crop"]) == (images, centre, ten)
     assert result["metrics"]["val_top1"] == pytest.approx(100 * centre / 24)
@@ -139,8 +144,7 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(trained_run
     assert recorded["val_top1_10crop"].dataset_name == str(tiny_imagenet)
 
 
-def test_evaluation_on_other_data_is_recorded_under_its_fingerprint(trained_run, mlflow_server, tmp_path,
-                                                                    monkeypatch):
+def test_evaluation_on_other_data_is_recorded_under_its_fingerprint(trained_run, mlflow_server, tmp_path, monkeypatch):
     """The trained run's model on a second data set with the same classes (another seed): its numbers go to
     eval/<fingerprint>/ tags, never over the val_top1 the champion rule compares."""
     import mlflow
@@ -164,8 +168,12 @@ def test_evaluation_on_other_data_is_recorded_under_its_fingerprint(trained_run,
     reference = f"models:/{cfg.registered_model}/{version}"
     job = evaluation.evaluate_model(reference, str(other))
     assert job["data_fingerprint"] == fingerprint and job["images"] == 18
-    images, centre, ten = independent_counts(checkpoint.build_model(checkpoint.open_model(reference).state), other,
-                                             resize_size=cfg.resize_size, crop_size=cfg.crop_size)
+    images, centre, ten = independent_counts(
+        checkpoint.build_model(checkpoint.open_model(reference).state),
+        other,
+        resize_size=cfg.resize_size,
+        crop_size=cfg.crop_size,
+    )
     assert (images, job["correct1"], job["correct1_10crop"]) == (18, centre, ten)
 
     after = client.get_model_version(cfg.registered_model, version).tags
@@ -203,13 +211,19 @@ def test_evaluation_job_reads_a_ray_checkpoint_and_refuses_other_classes(trained
         evaluation.evaluate_model(summary["checkpoint"], str(fewer), record=False)
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_evaluation_job_names_a_model_it_cannot_find(tmp_path):
     import subprocess
     import sys
 
     missing = tmp_path / "no-such-checkpoint"
-    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "jobs" / "evaluate.py"), "--model",
-                             str(missing)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "jobs" / "evaluate.py"), "--model", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert f"no checkpoint at '{missing}'" in result.stderr
 
@@ -233,10 +247,11 @@ def test_batch_counts_per_class_equal_an_independent_numpy_count():
 
     rng = np.random.default_rng(5)
     classes, n = 9, 60
-    logits = rng.integers(0, 4, (n, classes)).astype(np.float32)   # small integers: many tied maxima
-    labels = rng.integers(0, 7, n)                                  # repeated labels; classes 7 and 8 unseen
-    sums = sums_of(batch_counts(FixedLogits(logits), torch.zeros(n, 2, 2, 3, dtype=torch.uint8),
-                                torch.from_numpy(labels)))
+    logits = rng.integers(0, 4, (n, classes)).astype(np.float32)  # small integers: many tied maxima
+    labels = rng.integers(0, 7, n)  # repeated labels; classes 7 and 8 unseen
+    sums = sums_of(
+        batch_counts(FixedLogits(logits), torch.zeros(n, 2, 2, 3, dtype=torch.uint8), torch.from_numpy(labels))
+    )
 
     # A hit is the label being the one class top-1 picks (topk_hits' rule). Where the maximum is unique
     # that is NumPy's argmax; where it is tied, torch's pick among the tied classes decides.
@@ -269,16 +284,18 @@ def test_all_reduce_runs_on_the_workers_device_and_reads_back_once(one_process_g
     import torch.distributed as dist
 
     real, devices, reads = dist.all_reduce, [], []
+
     def all_reduce(tensor, *args, **kwargs):
         devices.append(tensor.device)
         return real(tensor, *args, **kwargs)
+
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
     monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or pytest.fail("item() read"))
 
     sums = EvalSums(2.5, 3, 4, 5, (2, 3, 0), (1, 2, 0))
-    assert sums.all_reduce(classes=3, device=torch.device("cpu")) == sums   # one worker: its own sums
+    assert sums.all_reduce(classes=3, device=torch.device("cpu")) == sums  # one worker: its own sums
     assert devices == [torch.device("cpu")] and reads == ["tolist"]
     # A worker that scored no batch sends zeros of the full length; without classes none are kept.
     assert EvalSums(1.0, 1, 1, 1).all_reduce(classes=3, device="cpu").class_images == (0, 0, 0)

@@ -26,8 +26,10 @@ def our_train_workers() -> list[int]:
     RayTrainWorker in this driver's job. Never a scan of the machine's processes, which would find other
     jobs' workers too."""
     context = ray.get_runtime_context()
-    actors = list_actors(address=context.gcs_address, filters=[
-        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", context.get_job_id())])
+    actors = list_actors(
+        address=context.gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", context.get_job_id())],
+    )
     return [a.pid for a in actors]
 
 
@@ -56,8 +58,9 @@ class ReportLog(ray.train.UserCallback):
         return [epoch for epoch, _ in self.reports()]
 
 
-def kill_a_worker_after_the_first_epoch(reports: ReportLog, killed: list[tuple[int, float]],
-                                        timeout: float = 600) -> None:
+def kill_a_worker_after_the_first_epoch(
+    reports: ReportLog, killed: list[tuple[int, float]], timeout: float = 600
+) -> None:
     """SIGKILL one of our train workers once the controller has taken epoch 0's report."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -73,9 +76,18 @@ def kill_a_worker_after_the_first_epoch(reports: ReportLog, killed: list[tuple[i
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_imagenet, in_tmp_dir):
     storage = in_tmp_dir / "ray_results"
     cfg = dataclasses.replace(
-        PRESETS["sample"], data=str(tiny_imagenet), width=0.125, resize_size=80, crop_size=67, epochs=3,
-        batch_size=8, max_failures=1, experiment="failures", registered_model="failures",
-        storage_path=str(storage))
+        PRESETS["sample"],
+        data=str(tiny_imagenet),
+        width=0.125,
+        resize_size=80,
+        crop_size=67,
+        epochs=3,
+        batch_size=8,
+        max_failures=1,
+        experiment="failures",
+        registered_model="failures",
+        storage_path=str(storage),
+    )
     killed: list[tuple[int, float]] = []
     reports = ReportLog(in_tmp_dir / "reports.txt")
     killer = threading.Thread(target=kill_a_worker_after_the_first_epoch, args=(reports, killed), daemon=True)
@@ -94,5 +106,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_imag
     assert failures
     # What the failure cost (BENCHMARKS.md): the epoch the kill fell in, against an undisturbed one.
     at = [t for _, t in reports.reports()]
-    print(f"\nkilled {killed[0][1] - at[0]:.1f} s after epoch 0's report; epoch 1 took {at[1] - at[0]:.1f} s with the "
-          f"restart, epoch 2 {at[2] - at[1]:.1f} s; job {summary['seconds']:.0f} s")
+    print(
+        f"\nkilled {killed[0][1] - at[0]:.1f} s after epoch 0's report; epoch 1 took {at[1] - at[0]:.1f} s with the "
+        f"restart, epoch 2 {at[2] - at[1]:.1f} s; job {summary['seconds']:.0f} s"
+    )

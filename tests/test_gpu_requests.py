@@ -47,10 +47,12 @@ def test_the_session_ray_has_no_autoscaler(ray_session):
 def test_gpus_on_a_cluster_without_gpus_are_refused_with_what_is_missing(ray_session):
     assert refusal(ray_session, ["--use-gpu"]) == (
         "--use-gpu asks for 2 train workers x {GPU: 1, CPU: 1}; no node of this Ray cluster has 1 GPU (the largest "
-        "has 0), " + NO_AUTOSCALER + "drop --use-gpu or point --address at a cluster with GPU nodes")
+        "has 0), " + NO_AUTOSCALER + "drop --use-gpu or point --address at a cluster with GPU nodes"
+    )
     assert refusal(ray_session, ["--use-gpu", "--placement", "grouped"]).startswith(
         "--use-gpu --placement grouped asks for 2 train workers x {GPU: 2, CPU: 1}; no node of this Ray cluster has "
-        "2 GPUs (the largest has 0), " + NO_AUTOSCALER + "drop --use-gpu")
+        "2 GPUs (the largest has 0), " + NO_AUTOSCALER + "drop --use-gpu"
+    )
 
 
 def test_a_train_resource_no_node_offers_is_refused(ray_session):
@@ -58,23 +60,30 @@ def test_a_train_resource_no_node_offers_is_refused(ray_session):
     assert message == (
         "--train-resource tpu-v9 asks for 2 train workers x {tpu-v9: 1, CPU: 1}; no node of this Ray cluster has 1 "
         "of the resource `tpu-v9` (the largest has 0), " + NO_AUTOSCALER + "drop --train-resource tpu-v9 or point "
-        "--address at a cluster with nodes that offer `tpu-v9`")
+        "--address at a cluster with nodes that offer `tpu-v9`"
+    )
 
 
 def test_more_workers_than_the_nodes_hold_together_are_refused(ray_session):
     # Each 1-CPU worker fits the node, but STRICT_SPREAD wants a node per worker, and there is one.
     message = refusal(ray_session, ["--worker-strategy", "STRICT_SPREAD", "--cpus-per-worker", "1"])
     assert "STRICT_SPREAD puts each on a node of its own, and 1 node can hold one, " + NO_AUTOSCALER in message
-    assert message.endswith("use at most --workers 1, use --worker-strategy PACK, or point --address at a bigger "
-                            "cluster")
+    assert message.endswith(
+        "use at most --workers 1, use --worker-strategy PACK, or point --address at a bigger cluster"
+    )
 
 
 def test_a_request_that_fits_passes(ray_session, capsys):
-    for argv in ([], ["--cpus-per-worker", "1"], ["--worker-strategy", "STRICT_PACK", "--cpus-per-worker", "1"],
-                 ["--workers", "1", "--batch-size", "8", "--worker-strategy", "STRICT_SPREAD"]):
+    for argv in (
+        [],
+        ["--cpus-per-worker", "1"],
+        ["--worker-strategy", "STRICT_PACK", "--cpus-per-worker", "1"],
+        ["--workers", "1", "--batch-size", "8", "--worker-strategy", "STRICT_SPREAD"],
+    ):
         cfg = parse_args(argv)
-        resources = cluster.worker_resources(cfg, ray_session.available_resources()["CPU"],
-                                            ray_session.cluster_resources()["CPU"])
+        resources = cluster.worker_resources(
+            cfg, ray_session.available_resources()["CPU"], ray_session.cluster_resources()["CPU"]
+        )
         cluster.check_placeable(cfg, resources)
     assert "[ray]" not in capsys.readouterr().out  # nothing to wait for
 
@@ -97,8 +106,11 @@ def test_each_worker_must_fit_on_one_node_not_in_the_cluster_totals():
     assert asks.endswith("all the nodes of this Ray cluster together hold 1 of them")
     assert remedies == "use at most --workers 1 or point --address at a bigger cluster"
     # Every resource is somewhere, but not on one node.
-    asks, _ = cluster.unplaceable(parse_args(["--use-gpu", "--train-resource", "train"]),
-                                 {"CPU": 1.0, "GPU": 1.0, "train": 1.0}, [node(GPU=1.0), node(train=2.0)])
+    asks, _ = cluster.unplaceable(
+        parse_args(["--use-gpu", "--train-resource", "train"]),
+        {"CPU": 1.0, "GPU": 1.0, "train": 1.0},
+        [node(GPU=1.0), node(train=2.0)],
+    )
     assert asks.endswith("no single node of this Ray cluster has all of {GPU: 1, train: 1, CPU: 1}")
 
 
@@ -117,6 +129,7 @@ def ray_processes_with(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_the_job_with_use_gpu_on_a_machine_without_gpus_ends_at_once_with_the_error(tiny_imagenet, tmp_path):
     marker = f"GPU_REQUEST_TEST={uuid.uuid4().hex}"
     key, value = marker.split("=")
@@ -124,9 +137,24 @@ def test_the_job_with_use_gpu_on_a_machine_without_gpus_ends_at_once_with_the_er
     env.pop("RAY_ADDRESS", None)  # its own private local Ray, as `python jobs/train.py` on a laptop
     started = time.monotonic()
     try:
-        job = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--use-gpu", "--epochs", "1",
-                              "--data", str(tiny_imagenet), "--batch-size", "8"],
-                             capture_output=True, text=True, timeout=90, cwd=tmp_path, env=env)
+        job = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "train.py"),
+                "--use-gpu",
+                "--epochs",
+                "1",
+                "--data",
+                str(tiny_imagenet),
+                "--batch-size",
+                "8",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd=tmp_path,
+            env=env,
+        )
     finally:
         seconds = time.monotonic() - started
         deadline = time.monotonic() + 20  # the Ray processes the job started go with it, not after a minute
@@ -136,10 +164,12 @@ def test_the_job_with_use_gpu_on_a_machine_without_gpus_ends_at_once_with_the_er
             os.kill(pid, 9)
     print(f"\nthe job ended in {seconds:.1f} s with {job.returncode}")
     assert job.returncode == 2, job.stdout[-2000:] + job.stderr[-3000:]
-    assert ("error: --use-gpu asks for 2 train workers x {GPU: 1, CPU: 1}; no node of this Ray cluster has 1 GPU "
-            "(the largest has 0), and this job's private local Ray (no --address, no RAY_ADDRESS) is this machine "
-            "alone, with no autoscaler to add one: drop --use-gpu or point --address at a cluster with GPU "
-            "nodes") in job.stderr
+    assert (
+        "error: --use-gpu asks for 2 train workers x {GPU: 1, CPU: 1}; no node of this Ray cluster has 1 GPU "
+        "(the largest has 0), and this job's private local Ray (no --address, no RAY_ADDRESS) is this machine "
+        "alone, with no autoscaler to add one: drop --use-gpu or point --address at a cluster with GPU "
+        "nodes"
+    ) in job.stderr
     assert "Started a local Ray" in job.stderr
     assert "[mlflow] run" not in job.stdout  # refused before a run was opened
     assert seconds < 60

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import imagenet_fixtures as fx
 import numpy as np
@@ -35,6 +36,7 @@ CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=
 def png(width: int, height: int) -> bytes:
     """A valid all-black 1-bit PNG of width x height, deflated row by row (never held decoded): a
     20000 x 20000 one is 400 M pixels in ~50 KB."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -51,7 +53,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "JPEG", quality=90)
     data = bytearray(buffer.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)  # after marker, length, precision
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)  # after marker, length, precision
     return bytes(data)
 
 
@@ -59,33 +61,41 @@ def truncated_jpeg() -> bytes:
     """A noisy 96 x 96 JPEG (~20 KB, nearly all scan data) cut after half its bytes."""
     noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     data = simplejpeg.encode_jpeg(noise, quality=90)
-    return data[:len(data) // 2]
+    return data[: len(data) // 2]
 
 
 class Hostile(NamedTuple):
     make: Callable[[], bytes]
-    as_is: str | None       # the reason in the prepare job's report (a regex), None for an image it keeps
-    resized: str | None     # the same with --resize 64
-    training: str | None    # the reason in a training run's decode report
+    as_is: str | None  # the reason in the prepare job's report (a regex), None for an image it keeps
+    resized: str | None  # the same with --resize 64
+    training: str | None  # the reason in a training run's decode report
 
 
 PIL_BOMB = r"image too large \(Image size \(400000000 pixels\) exceeds limit"
-OVER_LIMIT = (r"image too large: 9000 x 8000 = 72,000,000 pixels to decode, above the limit of 64,000,000 "
-              r"\(decode.MAX_PIXELS\)")
+OVER_LIMIT = (
+    r"image too large: 9000 x 8000 = 72,000,000 pixels to decode, above the limit of 64,000,000 "
+    r"\(decode.MAX_PIXELS\)"
+)
 TRUNCATED = "truncated or corrupt JPEG"
 HOSTILE = {
     "bomb.png": Hostile(lambda: png(20000, 20000), PIL_BOMB, PIL_BOMB, PIL_BOMB),
     "huge.png": Hostile(lambda: png(9000, 8000), OVER_LIMIT, OVER_LIMIT, OVER_LIMIT),  # PIL itself would take it
     # Decoded at 1/8 (2500 x 2500, 19 MB) when a smaller size is asked for, then found short of data.
-    "bomb_header.JPEG": Hostile(lambda: jpeg_claiming(20000, 20000),
-                                "image too large: 20000 x 20000 = 400,000,000 pixels", TRUNCATED, TRUNCATED),
+    "bomb_header.JPEG": Hostile(
+        lambda: jpeg_claiming(20000, 20000), "image too large: 20000 x 20000 = 400,000,000 pixels", TRUNCATED, TRUNCATED
+    ),
     "empty.JPEG": Hostile(lambda: b"", *["zero-byte file"] * 3),
-    "text.JPEG": Hostile(lambda: b"this is not an image\n" * 4,
-                         *["not an image: 84 bytes starting b'this is not '"] * 3),
+    "text.JPEG": Hostile(
+        lambda: b"this is not an image\n" * 4, *["not an image: 84 bytes starting b'this is not '"] * 3
+    ),
     "truncated.JPEG": Hostile(truncated_jpeg, TRUNCATED, TRUNCATED, TRUNCATED),
     # 67 M pixels, valid: decoded at 1/8 (1025 x 1025) when a smaller size is asked for, and kept.
-    "huge.JPEG": Hostile(lambda: simplejpeg.encode_jpeg(np.full((8200, 8200, 1), 128, np.uint8), colorspace="Gray"),
-                         "image too large: 8200 x 8200 = 67,240,000 pixels", None, None),
+    "huge.JPEG": Hostile(
+        lambda: simplejpeg.encode_jpeg(np.full((8200, 8200, 1), 128, np.uint8), colorspace="Gray"),
+        "image too large: 8200 x 8200 = 67,240,000 pixels",
+        None,
+        None,
+    ),
 }
 
 
@@ -111,8 +121,13 @@ def test_the_prepare_job_names_each_hostile_file_and_finishes(ray_session, hosti
         reason = hostile_file.as_is if resize is None else hostile_file.resized
         entry = report.get(ids[name])
         if reason is None:  # decoded at 1/8 and resized: converted (grayscale), never held at full size
-            assert entry == {"image_id": ids[name], "key": name, "reason": "converted from grayscale (L)",
-                             "action": "converted", "split": "train"}
+            assert entry == {
+                "image_id": ids[name],
+                "key": name,
+                "reason": "converted from grayscale (L)",
+                "action": "converted",
+                "split": "train",
+            }
         else:
             assert entry is not None and entry["action"] == "skipped", name
             assert re.match(reason, entry["reason"]), (name, entry["reason"])
@@ -174,11 +189,19 @@ def test_decoding_the_hostile_files_stays_within_bounded_memory(hostile, min_siz
     (min_size = the resize size) and as the prepare job does without --resize (full size)."""
     root, ids = hostile
     paths = [str(root / ids[name]) for name in HOSTILE]
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(min_size), str(root / ids["huge.JPEG"]), *paths],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(min_size), str(root / ids["huge.JPEG"]), *paths],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     measured = {Path(path).name: value for path, value in json.loads(out.stdout).items()}
-    print(f"\n[hostile] min_size {min_size or None}: " + "; ".join(f"{name} +{mb:.1f} MB ({result[:40]})"
-                                                                for name, (mb, result) in measured.items()))
+    print(
+        f"\n[hostile] min_size {min_size or None}: "
+        + "; ".join(f"{name} +{mb:.1f} MB ({result[:40]})" for name, (mb, result) in measured.items())
+    )
     control_mb, control = measured.pop("control")
     assert control == "decoded (8200, 8200, 3)" and control_mb > 150  # 8200 x 8200 x 3 bytes = 202 MB
     # Decoded in full, the bombs are 400 M pixels (1.2 GB as RGB); the header bomb at 1/8 is 2500 x 2500 (19 MB).

@@ -26,8 +26,9 @@ from imagenet_fixtures import (
 )
 from PIL import Image, ImageFile
 
-from pipeline.data import devkit, imagenet
-from pipeline.data.imagenet import BadImage, clean_image, discover_inputs, iter_records
+from pipeline.data import clean, devkit, imagenet
+from pipeline.data.clean import BadImage, clean_image
+from pipeline.data.imagenet import discover_inputs, iter_records
 from pipeline.data.sample import photo_like
 from pipeline.transforms import decode
 
@@ -42,18 +43,25 @@ def meta_bytes(ids_to_wnids: dict[int, str], extra_non_leaf: int = 2) -> bytes:
 
 
 def test_loc_val_solution_label_is_the_first_wnid():
-    text = ("ImageId,PredictionString\n"
-            "ILSVRC2012_val_00008726,n02119789 255 142 454 329 n02119789 44 21 322 295\n"
-            "ILSVRC2012_val_00000001,n01751748 111 108 441 193 \n\n")
-    assert devkit.read_loc_val_solution(text) == {"ILSVRC2012_val_00008726": "n02119789",
-                                                    "ILSVRC2012_val_00000001": "n01751748"}
+    text = (
+        "ImageId,PredictionString\n"
+        "ILSVRC2012_val_00008726,n02119789 255 142 454 329 n02119789 44 21 322 295\n"
+        "ILSVRC2012_val_00000001,n01751748 111 108 441 193 \n\n"
+    )
+    assert devkit.read_loc_val_solution(text) == {
+        "ILSVRC2012_val_00008726": "n02119789",
+        "ILSVRC2012_val_00000001": "n01751748",
+    }
 
 
-@pytest.mark.parametrize("text,match", [
-    ("ILSVRC2012_val_00000001,n01751748 1 2 3 4\n", "header"),                     # no header
-    ("ImageId,PredictionString\nILSVRC2012_val_00000001,\n", "line 2"),             # no boxes
-    ("ImageId,PredictionString\nILSVRC2012_val_00000001,123 1 2 3 4\n", "line 2"),  # not a wnid
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("ILSVRC2012_val_00000001,n01751748 1 2 3 4\n", "header"),  # no header
+        ("ImageId,PredictionString\nILSVRC2012_val_00000001,\n", "line 2"),  # no boxes
+        ("ImageId,PredictionString\nILSVRC2012_val_00000001,123 1 2 3 4\n", "line 2"),  # not a wnid
+    ],
+)
 def test_loc_val_solution_rejects_what_it_is_not(text, match):
     with pytest.raises(ValueError, match=match):
         devkit.read_loc_val_solution(text)
@@ -72,10 +80,18 @@ def test_devkit_meta_maps_ids_through_wnids_not_sorted_order():
 def test_devkit_meta_reads_the_nesting_savemat_writes_for_matlab():
     # The real file is MATLAB-written: each field wrapped as [[1.]] / ['n02119789'], ids possibly uint16.
     synsets = np.empty((2, 1), dtype=[(f, object) for f in ("ILSVRC2012_ID", "WNID", "num_children", "children")])
-    synsets[0, 0] = (np.array([[7]], dtype=np.uint16), np.array(["n01443537"]), np.array([[0]], np.uint8),
-                     np.zeros((1, 0)))
-    synsets[1, 0] = (np.array([[1001]], dtype=np.uint16), np.array(["n00001740"]), np.array([[1]], np.uint8),
-                     np.array([[7]], dtype=np.uint16))
+    synsets[0, 0] = (
+        np.array([[7]], dtype=np.uint16),
+        np.array(["n01443537"]),
+        np.array([[0]], np.uint8),
+        np.zeros((1, 0)),
+    )
+    synsets[1, 0] = (
+        np.array([[1001]], dtype=np.uint16),
+        np.array(["n00001740"]),
+        np.array([[1]], np.uint8),
+        np.array([[7]], dtype=np.uint16),
+    )
     out = io.BytesIO()
     scipy.io.savemat(out, {"synsets": synsets})
     assert devkit.read_devkit_meta(out.getvalue()) == {7: "n01443537"}
@@ -100,8 +116,12 @@ def test_val_ground_truth_is_one_id_per_line_in_val_index_order():
 
 def test_val_wnids_from_ground_truth_go_through_the_devkit_ids():
     got = devkit.val_wnids_from_ground_truth("2\n1\n3\n1\n", meta_bytes(devkit_ids(WNIDS)))
-    assert got == {"ILSVRC2012_val_00000001": "n01440764", "ILSVRC2012_val_00000002": "n02119789",
-                   "ILSVRC2012_val_00000003": "n01443537", "ILSVRC2012_val_00000004": "n02119789"}
+    assert got == {
+        "ILSVRC2012_val_00000001": "n01440764",
+        "ILSVRC2012_val_00000002": "n02119789",
+        "ILSVRC2012_val_00000003": "n01443537",
+        "ILSVRC2012_val_00000004": "n02119789",
+    }
 
 
 def test_val_ground_truth_id_missing_from_meta_names_the_image():
@@ -110,8 +130,8 @@ def test_val_ground_truth_id_missing_from_meta_names_the_image():
 
 
 def test_known_odd_files_are_train_file_names():
-    names = imagenet.KNOWN_CMYK + imagenet.KNOWN_PNG
-    assert len(imagenet.KNOWN_CMYK) == 22 and len(set(names)) == 23
+    names = clean.KNOWN_CMYK + clean.KNOWN_PNG
+    assert len(clean.KNOWN_CMYK) == 22 and len(set(names)) == 23
     assert all(re.fullmatch(r"n\d{8}_\d+\.JPEG", name) for name in names)
 
 
@@ -141,14 +161,18 @@ def rgba_half_transparent() -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("data,note", [
-    (image_bytes(RED, (60, 40), "RGB", "PNG"), "converted from PNG"),
-    (image_bytes(RED, (60, 40), "CMYK", "JPEG"), "converted from CMYK"),
-    (image_bytes(RED, (60, 40), "L", "JPEG"), "converted from grayscale (L)"),
-    (image_bytes(RED, (60, 40), "P", "PNG"), "converted from PNG, palette (P)"),
-    (image_bytes(RED, (60, 40), "RGB", "GIF"), "converted from GIF, palette (P)"),
-    (rgba_half_transparent(), "converted from PNG, RGBA"),
-], ids=["png", "cmyk", "grayscale", "palette", "gif", "rgba"])
+@pytest.mark.parametrize(
+    "data,note",
+    [
+        (image_bytes(RED, (60, 40), "RGB", "PNG"), "converted from PNG"),
+        (image_bytes(RED, (60, 40), "CMYK", "JPEG"), "converted from CMYK"),
+        (image_bytes(RED, (60, 40), "L", "JPEG"), "converted from grayscale (L)"),
+        (image_bytes(RED, (60, 40), "P", "PNG"), "converted from PNG, palette (P)"),
+        (image_bytes(RED, (60, 40), "RGB", "GIF"), "converted from GIF, palette (P)"),
+        (rgba_half_transparent(), "converted from PNG, RGBA"),
+    ],
+    ids=["png", "cmyk", "grayscale", "palette", "gif", "rgba"],
+)
 def test_clean_converts_odd_files_to_rgb_jpeg(data, note):
     clean = clean_image(data, key="odd.JPEG")
     assert clean.note == note and (clean.width, clean.height) == (60, 40)
@@ -166,8 +190,7 @@ def test_clean_converts_odd_files_to_rgb_jpeg(data, note):
         assert np.abs(pixels.reshape(-1, 3).mean(0) - RED).max() < 8
 
 
-@pytest.mark.parametrize("size,resized", [((600, 400), (384, 256)), ((300, 500), (256, 427)),
-                                          ((256, 300), (256, 300))])
+@pytest.mark.parametrize("size,resized", [((600, 400), (384, 256)), ((300, 500), (256, 427)), ((256, 300), (256, 300))])
 def test_clean_resize_sets_the_shorter_side_keeps_aspect(size, resized):
     clean = clean_image(image_bytes(RED, size), key="k", resize_shorter=256)
     assert Image.open(io.BytesIO(clean.jpeg)).size == resized
@@ -200,8 +223,9 @@ def test_clean_quality_is_the_reencode_quality():
     assert len(low) < len(high) / 2
 
 
-@pytest.mark.parametrize("kind,reason", [("zero_byte", "zero-byte"), ("truncated", "truncated"),
-                                         ("not_image", "not an image")])
+@pytest.mark.parametrize(
+    "kind,reason", [("zero_byte", "zero-byte"), ("truncated", "truncated"), ("not_image", "not an image")]
+)
 def test_clean_bad_files_raise_naming_the_file(kind, reason):
     data = odd_file(kind, RED, np.random.default_rng(0))
     with pytest.raises(BadImage, match="n01440764_7.JPEG") as err:
@@ -306,10 +330,10 @@ def test_inner_tar_index_gives_byte_ranges_of_the_outer_archive(tmp_path):
     for unit in discover_inputs(str(tmp_path)):
         (inner,) = unit.members
         indexed = imagenet.index_inner_tar(unit)
-        with tarfile.open(fileobj=io.BytesIO(archive[inner.offset:inner.offset + inner.size])) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive[inner.offset : inner.offset + inner.size])) as tar:
             files = {f"{inner.name}/{i.name}": tar.extractfile(i).read() for i in tar.getmembers()}
         # Each member's bytes are where the index says, in the outer archive: read in place later.
-        assert {m.name: archive[m.offset:m.offset + m.size] for m in indexed.members} == files
+        assert {m.name: archive[m.offset : m.offset + m.size] for m in indexed.members} == files
         assert {m.wnid for m in indexed.members} == {inner.wnid} and indexed.count == len(files)
         assert indexed.nbytes == sum(len(d) for d in files.values())
 
@@ -320,10 +344,12 @@ def test_label_files_passed_by_uri(tmp_path):
     write_labels(elsewhere / "kit", "ground_truth", {k.removeprefix("val/"): w for k, w in expected.labels.items()})
     write_labels(elsewhere / "tgz", "devkit_tarball", {k.removeprefix("val/"): w for k, w in expected.labels.items()})
     kit = elsewhere / "kit" / devkit.DEVKIT_DIR
-    for kwargs in ({"val_labels": str(elsewhere / "kaggle" / devkit.LOC_VAL_SOLUTION)},
-                   {"devkit": str(kit)},
-                   {"devkit": str(elsewhere / "tgz" / devkit.DEVKIT_TARBALL)},
-                   {"val_labels": str(kit / devkit.DEVKIT_GROUND_TRUTH), "devkit": str(kit / devkit.DEVKIT_META)}):
+    for kwargs in (
+        {"val_labels": str(elsewhere / "kaggle" / devkit.LOC_VAL_SOLUTION)},
+        {"devkit": str(kit)},
+        {"devkit": str(elsewhere / "tgz" / devkit.DEVKIT_TARBALL)},
+        {"val_labels": str(kit / devkit.DEVKIT_GROUND_TRUTH), "devkit": str(kit / devkit.DEVKIT_META)},
+    ):
         check_records(read_all(discover_inputs(str(root), **kwargs)), expected)
     with pytest.raises(ValueError, match="needs the devkit"):  # ground truth alone cannot name classes
         discover_inputs(str(root), val_labels=str(kit / devkit.DEVKIT_GROUND_TRUTH))
@@ -343,16 +369,19 @@ def test_stray_files_are_listed_and_given_a_reason_to_skip(tmp_path):
     assert not any(imagenet.skip_reason(members[i]) for i in expected.labels)
 
 
-@pytest.mark.parametrize("split,name,image_id", [
-    ("train", "train/n01440764/n01440764_10026.JPEG", "train/n01440764_10026"),      # extracted
-    ("train", "n01440764.tar/n01440764_10026.JPEG", "train/n01440764_10026"),        # inside the train tar
-    ("val", "val/n01440764/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),
-    ("val", "val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),    # flat val
-    ("val", "ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),        # in the val tar
-    ("train", "train/cat/0.jpg", "train/cat/0.jpg"),                                 # any ImageFolder
-    ("val", "val/cat/0.jpg", "val/cat/0.jpg"),
-    ("train", "train/README.txt", "train/README.txt"),
-])
+@pytest.mark.parametrize(
+    "split,name,image_id",
+    [
+        ("train", "train/n01440764/n01440764_10026.JPEG", "train/n01440764_10026"),  # extracted
+        ("train", "n01440764.tar/n01440764_10026.JPEG", "train/n01440764_10026"),  # inside the train tar
+        ("val", "val/n01440764/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),
+        ("val", "val/ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),  # flat val
+        ("val", "ILSVRC2012_val_00000001.JPEG", "val/ILSVRC2012_val_00000001"),  # in the val tar
+        ("train", "train/cat/0.jpg", "train/cat/0.jpg"),  # any ImageFolder
+        ("val", "val/cat/0.jpg", "val/cat/0.jpg"),
+        ("train", "train/README.txt", "train/README.txt"),
+    ],
+)
 def test_image_ids_imagenet_names_stay_short_other_names_are_paths(split, name, image_id):
     assert imagenet.image_id_of(split, name) == image_id
 
@@ -364,8 +393,9 @@ def test_an_image_folder_with_the_same_names_in_every_class(tmp_path):
                 (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
                 (tmp_path / split / cls / f"{n}.jpg").write_bytes(image_bytes(RED, (40 + c, 30)))
     records = read_all(discover_inputs(str(tmp_path)))
-    assert sorted(r.image_id for r in records) == sorted(f"{s}/{c}/{n}.jpg" for s in ("train", "val")
-                                                         for c in ("cat", "dog") for n in range(2))
+    assert sorted(r.image_id for r in records) == sorted(
+        f"{s}/{c}/{n}.jpg" for s in ("train", "val") for c in ("cat", "dog") for n in range(2)
+    )
     assert {r.wnid for r in records} == {"cat", "dog"}
 
 
@@ -441,8 +471,12 @@ def s3_endpoint(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "moto",
-                        "AWS_SECRET_ACCESS_KEY": "moto", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "moto",
+        "AWS_SECRET_ACCESS_KEY": "moto",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     yield
     server.stop()

@@ -9,8 +9,16 @@ from pathlib import Path
 from conftest import ROOT
 
 # Lower floors never import higher ones; rooms on one floor do not import each other.
-FLOORS = {"config": 0, "cluster": 1, "transforms": 1, "models": 1, "data": 2, "tracking": 2, "train": 3,
-          "experiments": 4}
+FLOORS = {
+    "config": 0,
+    "cluster": 1,
+    "transforms": 1,
+    "models": 1,
+    "data": 2,
+    "tracking": 2,
+    "train": 3,
+    "experiments": 4,
+}
 MAX_LINES = 520
 
 
@@ -59,15 +67,17 @@ def test_rooms_import_downward_only():
 def test_no_import_circle():
     graph = {name: {t for t, _, _ in imports(path) if t != name} for name, path in modules().items()}
     # A package's __init__ that re-exports its modules is not a cycle with them.
-    graph = {n: {t for t in ts if not (n.startswith(t + ".") and modules()[t].name == "__init__.py")}
-             for n, ts in graph.items()}
+    graph = {
+        n: {t for t in ts if not (n.startswith(t + ".") and modules()[t].name == "__init__.py")}
+        for n, ts in graph.items()
+    }
     seen: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
         seen[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if seen.get(nxt) == 1:
-                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             if nxt not in seen:
                 visit(nxt, path + [nxt])
         seen[node] = 2
@@ -81,12 +91,12 @@ def test_imports_inside_functions_say_why_they_are_deferred():
     """A pipeline module imported inside a function hides the real graph; allowed only to defer a heavy or
     optional dependency, which a comment on the line (or the line above) names with `deferred:`."""
     silent = []
-    for name, path in modules().items():
+    for path in modules().values():
         lines = path.read_text().splitlines()
         for target, node, at_top in imports(path):
             if at_top:
                 continue
-            said = " ".join(lines[node.lineno - 2:node.end_lineno])
+            said = " ".join(lines[node.lineno - 2 : node.end_lineno])
             if "deferred:" not in said:
                 silent.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
     assert not silent, "\n".join(silent)
@@ -99,5 +109,7 @@ def test_jobs_import_the_library_only_from_the_top():
 
 
 def test_no_module_grows_past_500_lines():
-    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, long

@@ -44,7 +44,7 @@ def smooth_images(n: int, size: int, seed: int) -> list[np.ndarray]:
     out = []
     for _ in range(n):
         base = rng.uniform(40, 200, 3)
-        light = rng.uniform(-60, 60) * (yy if rng.random() < 0.5 else xx)        # shared by R, G, B
+        light = rng.uniform(-60, 60) * (yy if rng.random() < 0.5 else xx)  # shared by R, G, B
         tint = rng.uniform(-20, 20, 3) * xx[..., None]
         img = base + light[..., None] + tint + rng.normal(0, 6, (size, size, 3))
         out.append(np.clip(img, 0, 255).astype(np.uint8))
@@ -53,14 +53,15 @@ def smooth_images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 # --- lighting_from_moments: the algebra --------------------------------------------------------
 
+
 def test_from_moments_recovers_a_known_covariance_from_gaussian_pixels():
     rng = np.random.default_rng(0)
     true_vec = np.linalg.qr(rng.normal(size=(3, 3)))[0]
-    true_val = np.array([0.05, 0.01, 0.002])                         # distinct, like photos'
+    true_val = np.array([0.05, 0.01, 0.002])  # distinct, like photos'
     cov = true_vec @ np.diag(true_val) @ true_vec.T
     mean = np.array([0.48, 0.45, 0.40])
     n = 400_000
-    x = rng.multivariate_normal(mean, cov, size=n)                    # not clipped: exact Gaussian
+    x = rng.multivariate_normal(mean, cov, size=n)  # not clipped: exact Gaussian
     L = lighting.lighting_from_moments(n, 7, x.sum(axis=0), x.T @ x, source="gaussian")
 
     # Exactly the sample covariance's decomposition (the formula), ...
@@ -74,9 +75,9 @@ def test_from_moments_recovers_a_known_covariance_from_gaussian_pixels():
     np.testing.assert_allclose(L.mean, mean, atol=1e-3)
 
     vec = np.array(L.eigvec)
-    np.testing.assert_allclose(vec.T @ vec, np.eye(3), atol=1e-12)    # orthonormal columns
+    np.testing.assert_allclose(vec.T @ vec, np.eye(3), atol=1e-12)  # orthonormal columns
     assert L.eigval[0] > L.eigval[1] > L.eigval[2] > 0
-    assert sum(L.eigval) == pytest.approx(sum(s * s for s in L.std), rel=1e-9)   # trace
+    assert sum(L.eigval) == pytest.approx(sum(s * s for s in L.std), rel=1e-9)  # trace
     assert (L.images, L.pixels, L.source) == (7, n, "gaussian")
 
 
@@ -85,7 +86,7 @@ def test_from_moments_of_the_imagenet_covariance_gives_back_its_constants_and_th
     mean = np.array(constants.IMAGENET_MEAN)
     cov = vec @ np.diag(val) @ vec.T
     L = lighting.lighting_from_moments(1, 1, mean, cov + np.outer(mean, mean), source="x")
-    np.testing.assert_allclose(L.eigval, val, atol=1e-4)             # constants are rounded to 4 places
+    np.testing.assert_allclose(L.eigval, val, atol=1e-4)  # constants are rounded to 4 places
     # Largest-magnitude component negative: fb.resnet.torch's 1st and 3rd columns; its 2nd is flipped.
     np.testing.assert_allclose(L.eigvec, vec * [1, -1, 1], atol=1e-3)
     got = np.array(L.eigvec)
@@ -101,10 +102,11 @@ def test_from_moments_refuses_no_pixels_and_wrong_shapes():
 
 # --- pixel_moments: one Ray Data map, against NumPy --------------------------------------------
 
+
 def test_pixel_moments_on_png_equals_numpy_per_pixel_over_the_central_square():
     rng = np.random.default_rng(1)
     square = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
-    wide = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)        # shorter side already 8: no resize
+    wide = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)  # shorter side already 8: no resize
     batch = {"jpeg": np.array([encode(p, "PNG") for p in [*square, wide]], dtype=object)}
     row = lighting.pixel_moments(batch, size=8)
 
@@ -118,13 +120,15 @@ def test_pixel_moments_on_png_equals_numpy_per_pixel_over_the_central_square():
 
 
 def test_pixel_moments_of_solid_colour_jpegs_give_the_covariance_of_the_colours():
-    colours = np.array([[200, 30, 30], [30, 180, 40], [20, 40, 220], [240, 240, 230], [90, 80, 60],
-                        [10, 10, 10]], dtype=np.uint8)
-    shapes = [(64, 64), (40, 30), (30, 50), (17, 23), (64, 100), (16, 16)]   # decoded at 1/1 to 1/4
+    colours = np.array(
+        [[200, 30, 30], [30, 180, 40], [20, 40, 220], [240, 240, 230], [90, 80, 60], [10, 10, 10]], dtype=np.uint8
+    )
+    shapes = [(64, 64), (40, 30), (30, 50), (17, 23), (64, 100), (16, 16)]  # decoded at 1/1 to 1/4
     jpegs = [encode(np.broadcast_to(c, (h, w, 3)).copy()) for c, (h, w) in zip(colours, shapes)]
     row = lighting.pixel_moments({"jpeg": np.array(jpegs, dtype=object)}, size=16)
-    L = lighting.lighting_from_moments(int(row["n"][0]), int(row["images"][0]), row["sum"][0],
-                                       row["outer"][0], source="solid")
+    L = lighting.lighting_from_moments(
+        int(row["n"][0]), int(row["images"][0]), row["sum"][0], row["outer"][0], source="solid"
+    )
 
     # Each image is one colour, equally weighted: the pixel covariance is that of the six colours,
     # up to JPEG's rounding of a flat colour (a level or two).
@@ -151,14 +155,13 @@ def test_64_px_keeps_the_colour_components_of_natural_photos():
         at = {}
         for size in (256, 64):
             row = lighting.pixel_moments(batch, size=size)
-            at[size] = lighting.lighting_from_moments(int(row["n"][0]), 1, row["sum"][0], row["outer"][0],
-                                                      source=name)
+            at[size] = lighting.lighting_from_moments(int(row["n"][0]), 1, row["sum"][0], row["outer"][0], source=name)
         v256, v64 = np.array(at[256].eigvec), np.array(at[64].eigvec)
         angles = np.degrees(np.arccos(np.clip(np.abs((v256 * v64).sum(axis=0)), 0, 1)))
         ratio = np.array(at[64].eigval) / np.array(at[256].eigval)
         assert angles[0] < 2 and angles.max() < 3, (name, angles)
-        assert 0.92 < ratio[0] < 1.0, (name, ratio)                  # measured 0.946 and 0.952
-        assert (0.65 < ratio[1:]).all() and (ratio[1:] < 1.0).all(), (name, ratio)   # 0.73-0.85
+        assert 0.92 < ratio[0] < 1.0, (name, ratio)  # measured 0.946 and 0.952
+        assert (0.65 < ratio[1:]).all() and (ratio[1:] < 1.0).all(), (name, ratio)  # 0.73-0.85
         np.testing.assert_allclose(at[64].mean, at[256].mean, atol=0.01)
 
 
@@ -171,8 +174,7 @@ JPEGS = [encode(p) for p in IMAGES]
 
 def decoded(jpegs: list[bytes]) -> np.ndarray:
     """Plain PIL decoding (no pipeline code): (P, 3) in [0, 1]. The JPEGs are already SIZE x SIZE."""
-    return np.concatenate([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).reshape(-1, 3)
-                           for b in jpegs]) / 255.0
+    return np.concatenate([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).reshape(-1, 3) for b in jpegs]) / 255.0
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,7 @@ def test_sample_is_exactly_the_k_lowest_seeded_hashes_and_reproducible(jpeg_ds):
     # lets too few images through the first pass and widens the net until 10 come).
     assert lighting.compute_lighting(jpeg_ds, sample=10, size=SIZE, seed=0) == L
     wide = lighting.compute_lighting(jpeg_ds, sample=10, size=SIZE, seed=0, total_images=400)
-    assert dataclasses.replace(wide, source=L.source) == L         # its source repeats the 400 it was told
+    assert dataclasses.replace(wide, source=L.source) == L  # its source repeats the 400 it was told
 
     other = lighting.compute_lighting(jpeg_ds, sample=10, size=SIZE, seed=1, total_images=40)
     assert other.images == 10 and other.eigval != L.eigval
@@ -229,6 +231,7 @@ def test_compute_refuses_bad_arguments(jpeg_ds):
 
 # --- Lighting: a record, and what the train loop hands to pca_lighting -----------------
 
+
 def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants():
     L = lighting.lighting_from_moments(10, 1, np.full(3, 4.0), np.eye(3) * 2 + 1.5, source="data: test")
     back = Lighting.from_dict(json.loads(json.dumps(L.to_dict())))
@@ -239,7 +242,10 @@ def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants(
     assert lighting.IMAGENET.eigvec == constants.IMAGENET_EIGVEC
     assert (lighting.IMAGENET.mean, lighting.IMAGENET.std) == (constants.IMAGENET_MEAN, constants.IMAGENET_STD)
     assert (lighting.IMAGENET.images, lighting.IMAGENET.pixels, lighting.IMAGENET.source) == (
-        0, 0, "imagenet-constants")
+        0,
+        0,
+        "imagenet-constants",
+    )
 
     with pytest.raises(ValueError, match="got \\['eigval'\\]"):
         Lighting.from_dict({"eigval": [1, 2, 3]})
@@ -250,13 +256,13 @@ def test_lighting_round_trips_through_json_and_imagenet_is_the_stages_constants(
 def test_a_lighting_from_data_drives_pca_lighting():
     pixels = np.concatenate([p.reshape(-1, 3) for p in IMAGES]) / 255.0
     L = lighting.lighting_from_moments(len(pixels), 40, pixels.sum(axis=0), pixels.T @ pixels, source="data")
-    x = device_stages.to_float(torch.from_numpy(np.stack(IMAGES[:4])))          # (4, 3, 24, 24)
+    x = device_stages.to_float(torch.from_numpy(np.stack(IMAGES[:4])))  # (4, 3, 24, 24)
     out = device_stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
     again = device_stages.pca_lighting(x, torch.Generator().manual_seed(0), eigval=L.eigval, eigvec=L.eigvec)
     assert out.shape == x.shape == (4, 3, SIZE, SIZE) and out.dtype == torch.float32
     assert torch.equal(out, again) and not torch.equal(out, x)
     # One shift per image, along the components: eigvec^T shift / eigval = alpha, std 0.1.
-    shift = (out - x)[:, :, 0, 0].double().numpy()                        # (4, 3)
+    shift = (out - x)[:, :, 0, 0].double().numpy()  # (4, 3)
     alpha = shift @ np.array(L.eigvec) / np.array(L.eigval)
     expected = (torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 0.1).double().numpy()
     np.testing.assert_allclose(alpha, expected, rtol=1e-3, atol=1e-4)

@@ -37,7 +37,7 @@ def paper_lrn(a: np.ndarray, k: float = 2.0, n: int = 5, alpha: float = 1e-4, be
     b = np.empty_like(a)
     for i in range(N):
         lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
-        b[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(axis=1)) ** beta
+        b[:, i] = a[:, i] / (k + alpha * (a[:, lo : hi + 1] ** 2).sum(axis=1)) ** beta
     return b
 
 
@@ -49,8 +49,10 @@ def test_layer_shapes_at_227(paper_model):
 
     # Measured at each conv's output (ReLU and LRN keep the shape, so this is also the conv block's
     # output before its pool); `pool` is one module called three times: pool1, pool2, pool5.
-    handles = [getattr(paper_model, name).register_forward_hook(record(name))
-               for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "pool", "fc8")]
+    handles = [
+        getattr(paper_model, name).register_forward_hook(record(name))
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "pool", "fc8")
+    ]
     with torch.no_grad():
         paper_model(torch.randn(1, 3, 227, 227))
     for h in handles:
@@ -118,7 +120,7 @@ def test_init_statistics(paper_model):
         w = layer.weight.detach()
         n = w.numel()  # smallest is conv1: 34,848 weights, so the sample std is within ~0.4% (1 sigma)
         assert w.std().item() == pytest.approx(0.01, rel=0.03), name
-        assert abs(w.mean().item()) < 5 * 0.01 / n ** 0.5, name
+        assert abs(w.mean().item()) < 5 * 0.01 / n**0.5, name
         expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
         assert torch.equal(layer.bias, torch.full_like(layer.bias, expected_bias)), name
 
@@ -149,8 +151,11 @@ def test_lrn_matches_the_papers_formula(paper_model):
 
     # In the network each tower normalises its own maps: channel 6 does not see channel 7.
     two_towers = torch.cat([a, -a.flip(1)], dim=1)
-    np.testing.assert_allclose(per_tower(paper_model.lrn, two_towers).numpy(),
-                               np.concatenate([expected, paper_lrn(-a.flip(1).numpy())], axis=1), rtol=1e-10)
+    np.testing.assert_allclose(
+        per_tower(paper_model.lrn, two_towers).numpy(),
+        np.concatenate([expected, paper_lrn(-a.flip(1).numpy())], axis=1),
+        rtol=1e-10,
+    )
 
 
 def test_dropout_is_on_fc6_and_fc7_outputs_in_train_mode_only():
@@ -160,7 +165,8 @@ def test_dropout_is_on_fc6_and_fc7_outputs_in_train_mode_only():
     inputs: dict[str, list[torch.Tensor]] = {}
     for name in ("fc6", "fc7", "fc8"):
         getattr(model, name).register_forward_hook(
-            lambda module, args, output, name=name: inputs.setdefault(name, []).append(args[0]))
+            lambda module, args, output, name=name: inputs.setdefault(name, []).append(args[0])
+        )
 
     with torch.no_grad():
         model.eval()

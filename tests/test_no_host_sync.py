@@ -25,17 +25,23 @@ META = torch.device("meta")
 @contextlib.contextmanager
 def host_reads_refused():
     """Every call that would make the host wait for a CUDA device raises, naming itself."""
+
     def refuse(name):
         def refused(*args, **kwargs):
             raise AssertionError(f"{name} makes the host wait for the device")
+
         return refused
 
     getitem, tensor = torch.Tensor.__getitem__, torch.tensor
+
     def no_mask(self, index):
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (index if isinstance(index, tuple)
-                                                                               else (index,))):
+        if any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (index if isinstance(index, tuple) else (index,))
+        ):
             raise AssertionError("boolean-mask indexing makes the host wait for the device")
         return getitem(self, index)
+
     def no_device(*args, **kwargs):
         if kwargs.get("device") is not None:
             raise AssertionError("torch.tensor(..., device=...) is a blocking copy")
@@ -59,24 +65,26 @@ def test_batch_counts_calls_nothing_that_waits_for_the_device(crops):
     images, labels = torch.randint(0, 256, shape, dtype=torch.uint8), torch.tensor([0, 1, 1, 3, 3, 3])
     with torch.no_grad(), host_reads_refused():
         counts = metrics.batch_counts(model, images, labels)
-    sums = metrics.sums_of(counts)   # read once, after the pass
+    sums = metrics.sums_of(counts)  # read once, after the pass
     assert sums.images == 6 and sums.class_images == (1, 2, 0, 3, 0)
 
 
 def test_to_model_input_copies_only_the_lighting_shift_and_builds_its_constants_once(monkeypatch):
     device_stages._row_constants.cache_clear()
     to, copies = torch.Tensor.to, []
+
     def recorded_to(self, *args, **kwargs):
         out = to(self, *args, **kwargs)
         if self.device.type == "cpu" and out.device.type != "cpu":
             copies.append((tuple(self.shape), kwargs.get("non_blocking", False)))
         return out
+
     monkeypatch.setattr(torch.Tensor, "to", recorded_to)
 
     images = torch.empty(8, 9, 7, 3, dtype=torch.uint8, device=META)
     with host_reads_refused():
         x = device_stages.to_model_input(images, torch.Generator().manual_seed(0))
-        built = len(copies)   # the first call for this device and width: the constants
+        built = len(copies)  # the first call for this device and width: the constants
         device_stages.to_model_input(images, torch.Generator().manual_seed(0))
         device_stages.to_model_input(images, torch.Generator(), lighting_std=0.0)
     assert x.shape == (8, 3, 9, 7) and x.device == META
@@ -92,7 +100,7 @@ def test_normalize_builds_its_constants_once_per_device_and_dtype():
     assert torch.equal(device_stages.normalize(x), first)
     device_stages.normalize(torch.empty(2, 3, 4, 4, device=META))
     info = device_stages._channel_constants.cache_info()
-    assert (info.currsize, info.hits) == (2, 1)   # CPU float32 once, used twice; meta once
+    assert (info.currsize, info.hits) == (2, 1)  # CPU float32 once, used twice; meta once
 
 
 def test_to_device_pins_before_a_non_blocking_copy_to_cuda(monkeypatch):
@@ -104,7 +112,7 @@ def test_to_device_pins_before_a_non_blocking_copy_to_cuda(monkeypatch):
     device_stages.to_device(torch.zeros(3), "cuda")
     assert calls == ["pin", ((torch.device("cuda"),), {"non_blocking": True})]
     calls.clear()
-    device_stages.to_device(torch.zeros(3), "cpu")   # pin_memory needs CUDA: never for another device
+    device_stages.to_device(torch.zeros(3), "cpu")  # pin_memory needs CUDA: never for another device
     assert "pin" not in calls
 
 

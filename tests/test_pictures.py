@@ -29,7 +29,7 @@ def test_model_inputs_are_shown_as_the_pixels_they_came_from():
     gap = 2
     for i in range(n):
         r, c = divmod(i, 2)
-        tile = grid[gap + r * (size + gap):gap + r * (size + gap) + size, gap + c * (size + gap):][:, :size]
+        tile = grid[gap + r * (size + gap) : gap + r * (size + gap) + size, gap + c * (size + gap) :][:, :size]
         assert np.abs(tile.astype(int) - images[i]).max() <= 1, i  # float round trip: within one level
     assert grid.shape == (2 * (size + gap) + gap, 2 * (size + gap) + gap, 3)
 
@@ -43,8 +43,8 @@ def test_lighting_stays_in_the_picture():
 
 def test_conv1_kernels_tower_0_above_tower_1():
     w = np.zeros((4, 3, 2, 2), np.float32)
-    w[:2, 0] = 1.0   # tower 0's kernels: red
-    w[2:, 2] = 1.0   # tower 1's kernels: blue
+    w[:2, 0] = 1.0  # tower 0's kernels: red
+    w[2:, 2] = 1.0  # tower 1's kernels: blue
     image = opened(pictures.conv1_png(w, scale=1))
     red, blue = (image == [255, 0, 0]).all(axis=-1), (image == [0, 0, 255]).all(axis=-1)
     rows_red, rows_blue = np.flatnonzero(red.any(axis=1)), np.flatnonzero(blue.any(axis=1))
@@ -60,6 +60,15 @@ def test_classes_ranked_best_and_worst_named():
 
 
 def test_curves_are_a_png():
-    history = [{"epoch": e, "train_loss": 2 - e, "val_loss": 2.1 - e, "train_top1": 30 * e, "val_top1": 25 * e,
-                "val_top5": 60 + 10 * e} for e in range(3)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2 - e,
+            "val_loss": 2.1 - e,
+            "train_top1": 30 * e,
+            "val_top1": 25 * e,
+            "val_top5": 60 + 10 * e,
+        }
+        for e in range(3)
+    ]
     assert opened(pictures.curves_png(history)).shape == (400, 1000, 3)

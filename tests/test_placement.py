@@ -169,8 +169,11 @@ def test_towers_are_separate_until_conv3():
     def record(name):
         return lambda module, inputs, output: outputs.setdefault(name, []).append(output.clone())
 
-    watched = {"conv2 tower 0": two.towers[0].conv2, "conv2 tower 1": two.towers[1].conv2,
-               "conv3 tower 0": two.towers[0].conv3}
+    watched = {
+        "conv2 tower 0": two.towers[0].conv2,
+        "conv2 tower 1": two.towers[1].conv2,
+        "conv3 tower 0": two.towers[0].conv3,
+    }
     handles = [module.register_forward_hook(record(name)) for name, module in watched.items()]
     x = images(2, 99)
     with torch.no_grad():
@@ -252,7 +255,9 @@ def test_each_exchange_queues_its_copies_before_either_tower_computes(monkeypatc
 
     for t, tower in enumerate(two.towers):
         for layer in ("conv1", "conv3", "fc6", "fc7", "fc8"):
-            getattr(tower, layer).register_forward_pre_hook(lambda module, args, name=f"{layer} {t}": events.append(name))
+            getattr(tower, layer).register_forward_pre_hook(
+                lambda module, args, name=f"{layer} {t}": events.append(name)
+            )
     monkeypatch.setattr(torch.Tensor, "to", recording_to)
     two(images(2, 99))
     monkeypatch.undo()
@@ -268,8 +273,9 @@ def test_grouped_placement_keeps_channels_last():
 
     cfg = PRESETS["sample"]
     for placement in PLACEMENTS:
-        placed = place_and_wrap(small(), dataclasses.replace(cfg, placement=placement), [torch.device("cpu")],
-                                channels_last=True)
+        placed = place_and_wrap(
+            small(), dataclasses.replace(cfg, placement=placement), [torch.device("cpu")], channels_last=True
+        )
         convs = [m for m in placed.modules() if isinstance(m, torch.nn.Conv2d)]
         assert len(convs) == (10 if placement == "grouped" else 5)
         assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs), placement

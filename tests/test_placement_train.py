@@ -11,8 +11,19 @@ from pipeline.config import PRESETS
 from pipeline.train import driver
 
 BASE = dataclasses.replace(
-    PRESETS["sample"], width=0.125, resize_size=80, crop_size=67, epochs=2, batch_size=16, workers=2,
-    dropout=0.0, deterministic=True, max_failures=0, experiment="placement", registered_model="placement")
+    PRESETS["sample"],
+    width=0.125,
+    resize_size=80,
+    crop_size=67,
+    epochs=2,
+    batch_size=16,
+    workers=2,
+    dropout=0.0,
+    deterministic=True,
+    max_failures=0,
+    experiment="placement",
+    registered_model="placement",
+)
 
 
 def test_grouped_placement_trains_the_same_function_as_data_placement(ray_session, tiny_imagenet, in_tmp_dir):
@@ -23,12 +34,14 @@ def test_grouped_placement_trains_the_same_function_as_data_placement(ray_sessio
 
     curves, summaries = {}, {}
     for placement in ("data", "grouped"):
-        cfg = dataclasses.replace(BASE, data=str(tiny_imagenet), placement=placement,
-                                  storage_path=str(in_tmp_dir / "ray_results"))
+        cfg = dataclasses.replace(
+            BASE, data=str(tiny_imagenet), placement=placement, storage_path=str(in_tmp_dir / "ray_results")
+        )
         summary = summaries[placement] = driver.run(cfg)
         client = mlflow.MlflowClient(summary["tracking_uri"])
-        curves[placement] = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "train_loss"),
-                                                     key=lambda m: m.step)]
+        curves[placement] = [
+            m.value for m in sorted(client.get_metric_history(summary["run_id"], "train_loss"), key=lambda m: m.step)
+        ]
         assert client.get_run(summary["run_id"]).data.params["placement"] == placement
     assert len(curves["grouped"]) == 2
     assert curves["grouped"] == pytest.approx(curves["data"], rel=1e-4)

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import PRESETS, Config
 from pipeline.data import sources
 from pipeline.models.alexnet import build_model
-from pipeline.train import worker
+from pipeline.train import recipe, worker
 from pipeline.train.metrics import validate
 from pipeline.transforms import stages
 from pipeline.transforms.lighting import IMAGENET
@@ -22,11 +22,11 @@ CFG = dataclasses.replace(PRESETS["sample"], batch_size=16, workers=1, lr=0.01, 
 
 def test_auto_is_fp32_on_the_cpu_and_flags_override():
     cpu = torch.device("cpu")
-    auto = worker.resolve_precision(CFG, cpu)
+    auto = recipe.resolve_precision(CFG, cpu)
     assert (auto.dtype, auto.channels_last, auto.scaler) == (None, False, None)
-    bf16 = worker.resolve_precision(dataclasses.replace(CFG, precision="bf16", channels_last="on"), cpu)
+    bf16 = recipe.resolve_precision(dataclasses.replace(CFG, precision="bf16", channels_last="on"), cpu)
     assert (bf16.dtype, bf16.channels_last) == (torch.bfloat16, True)
-    fp16 = worker.resolve_precision(dataclasses.replace(CFG, precision="fp16"), cpu)
+    fp16 = recipe.resolve_precision(dataclasses.replace(CFG, precision="fp16"), cpu)
     assert fp16.dtype == torch.float16 and fp16.scaler is not None
     with pytest.raises(ValueError, match="--decode-on gpu .* needs --use-gpu"):
         Config(decode_on="gpu")
@@ -37,8 +37,9 @@ def three_shapes(tmp_path_factory):
     """Circles, squares and triangles from the sample generator: 192 train and 24 val images."""
     from pipeline.data.sample import generate_sample_imagenet
 
-    root = generate_sample_imagenet(tmp_path_factory.mktemp("shapes"), num_classes=3, train_per_class=64,
-                                    val_per_class=8, seed=1)
+    root = generate_sample_imagenet(
+        tmp_path_factory.mktemp("shapes"), num_classes=3, train_per_class=64, val_per_class=8, seed=1
+    )
     source = sources.open_source(str(root))
     read = lambda split: sources.read_unit(source, split, 0, seed=0, epoch=0, shuffle=False)  # noqa: E731
     return read("train"), read("val")
@@ -53,8 +54,10 @@ def batches_of(rows, epoch: int, crops: str = "random") -> list[dict[str, torch.
     else:
         images = stages.center_crops({"jpeg": jpegs}, resize_size=128, crop_size=112)["image"]
     labels = rows["label"][order]
-    return [{"image": torch.from_numpy(images[i:i + 16]), "label": torch.from_numpy(labels[i:i + 16])}
-            for i in range(0, len(labels), 16)]
+    return [
+        {"image": torch.from_numpy(images[i : i + 16]), "label": torch.from_numpy(labels[i : i + 16])}
+        for i in range(0, len(labels), 16)
+    ]
 
 
 def small_model() -> torch.nn.Module:
@@ -103,9 +106,10 @@ def test_an_epoch_reads_the_device_once(three_shapes, monkeypatch):
         def counting(self, *args, _original=original, _name=name, **kwargs):
             reads.append(_name)
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, counting)
     loop = loop_for(small_model())
-    batches = batches_of(three_shapes[0], 0)                                      # 12 steps
+    batches = batches_of(three_shapes[0], 0)  # 12 steps
     stats = loop.train_one_epoch(0, batches)
     monkeypatch.undo()
     assert stats.sums.images == 192 and reads == ["tolist"], reads

@@ -132,16 +132,25 @@ def test_rerun_completes_a_half_written_output(ray_session, tmp_path, monkeypatc
     assert lost.exists() and orphan.with_suffix(".json").exists()
 
 
-@pytest.mark.parametrize("output,where", [(".", "is the input"), ("shards", "is inside the input"),
-                                          ("..", "holds the input"), ("../link/shards", "is inside the input")])
+@pytest.mark.parametrize(
+    "output,where",
+    [
+        (".", "is the input"),
+        ("shards", "is inside the input"),
+        ("..", "holds the input"),
+        ("../link/shards", "is inside the input"),
+    ],
+)
 def test_the_output_is_refused_where_it_overlaps_the_input(tmp_path, output, where):
     source = tmp_path / "imagenet"
     fx.write_extracted(source, bad=False)
     (tmp_path / "link").symlink_to(source)  # the same folder by another name
     before = sorted(tmp_path.rglob("*"))
     out = str(source / output)
-    with pytest.raises(ValueError, match=f"the output {re.escape(repr(out))} .* {where} '{source}' .*Choose an "
-                                         f"output outside the input"):
+    with pytest.raises(
+        ValueError,
+        match=f"the output {re.escape(repr(out))} .* {where} '{source}' .*Choose an output outside the input",
+    ):
         prepare_quietly(str(source), out)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
@@ -149,7 +158,9 @@ def test_the_output_is_refused_where_it_overlaps_the_input(tmp_path, output, whe
 def test_the_output_may_sit_beside_the_input_under_a_longer_name(s3_server):
     # "imagenet-shards" starts like "imagenet" but is not inside it.
     assert prepare.absolute_apart("s3://raw/imagenet", "s3://raw/imagenet-shards/") == (
-        "s3://raw/imagenet", "s3://raw/imagenet-shards")
+        "s3://raw/imagenet",
+        "s3://raw/imagenet-shards",
+    )
     with pytest.raises(ValueError, match="is inside the input"):
         prepare.absolute_apart("s3://raw/imagenet/", "s3://raw/imagenet/shards")
 
@@ -160,8 +171,10 @@ def test_files_it_did_not_write_are_reported_and_never_overwritten(tmp_path):
     out = tmp_path / "shards"
     planted = {
         "train/part-00000.json": (b'{"hello": "world"}', "not an alexnet-ray/imagenet-shards sidecar: no 'bytes'"),
-        "train/part-00001.parquet": (b"the user's own data",
-                                     "not an alexnet-ray/imagenet-shards shard, and no sidecar"),
+        "train/part-00001.parquet": (
+            b"the user's own data",
+            "not an alexnet-ray/imagenet-shards shard, and no sidecar",
+        ),
         "val/part-00000.json": (b"\x00\xff binary", "not JSON"),
         "manifest.json": (b'{"format": "someone-else"}', "not an alexnet-ray/imagenet-shards manifest"),
     }
@@ -249,11 +262,20 @@ def test_a_folder_and_its_shards_give_training_the_same_images(ray_session, tmp_
 
     # What training from the folder ignores (no class, no image name) the job skipped without reading.
     base = storage.resolve(str(folder))[1]
-    ignored = {imagenet.image_id_of(p.split("/")[0], p) for p in
-               (os.path.relpath(path, base) for path in folder_source.ignored)}
+    ignored = {
+        imagenet.image_id_of(p.split("/")[0], p)
+        for p in (os.path.relpath(path, base) for path in folder_source.ignored)
+    }
     unread = {i for i, b in report.items() if i not in from_folder[i.split("/")[0]]}
-    assert ignored == unread == ({"train/README.txt", f"train/{fx.WNIDS[0]}/.DS_Store", f"val/{fx.WNIDS[1]}/notes.txt"}
-                                 if dataset == "imagenet" else set())
+    assert (
+        ignored
+        == unread
+        == (
+            {"train/README.txt", f"train/{fx.WNIDS[0]}/.DS_Store", f"val/{fx.WNIDS[1]}/notes.txt"}
+            if dataset == "imagenet"
+            else set()
+        )
+    )
     assert all(report[i]["action"] == "skipped" for i in unread)
 
     for split in ("train", "val"):
@@ -275,6 +297,7 @@ def test_a_folder_and_its_shards_give_training_the_same_images(ray_session, tmp_
             else:  # kept byte for byte, so training decodes the same pixels
                 assert jpeg == data and np.array_equal(decode.decode_image(jpeg), pixels)
     if dataset == "image_folder":  # 0.jpg in every class: every one kept, under its path
-        assert sorted(from_shards["train"]) == [f"train/{c}/{n}" for c in ("bird", "cat", "dog")
-                                                for n in ("0.jpg", "1.jpg", "2.png")]
+        assert sorted(from_shards["train"]) == [
+            f"train/{c}/{n}" for c in ("bird", "cat", "dog") for n in ("0.jpg", "1.jpg", "2.png")
+        ]
         assert manifest["classes"] == ["bird", "cat", "dog"]

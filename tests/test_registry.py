@@ -20,25 +20,43 @@ def finished_run(server: str, experiment: str, val_top1: dict[int, float], data=
     """A run that logged one model per epoch in `val_top1` ({epoch: top-1}), as the training callback does:
     the val metrics carry the model's id."""
     client = mlflow.MlflowClient(server)
-    experiment_id = (client.get_experiment_by_name(experiment) or client.get_experiment(
-        client.create_experiment(experiment))).experiment_id
+    experiment_id = (
+        client.get_experiment_by_name(experiment) or client.get_experiment(client.create_experiment(experiment))
+    ).experiment_id
     run_id = client.create_run(experiment_id).info.run_id
     mlflow.set_tracking_uri(server)
     for epoch, top1 in val_top1.items():
-        model = mlflow.initialize_logged_model(name=f"epoch-{epoch:03d}", source_run_id=run_id,
-                                               tags={"epoch": str(epoch)}, experiment_id=experiment_id)
+        model = mlflow.initialize_logged_model(
+            name=f"epoch-{epoch:03d}", source_run_id=run_id, tags={"epoch": str(epoch)}, experiment_id=experiment_id
+        )
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, epoch, model_id=model.model_id)
-                                          for k, v in (("val_top1", top1), ("val_top5", top1 + 20))])
+        client.log_batch(
+            run_id,
+            metrics=[
+                mlflow.entities.Metric(k, v, now, epoch, model_id=model.model_id)
+                for k, v in (("val_top1", top1), ("val_top5", top1 + 20))
+            ],
+        )
         mlflow.finalize_logged_model(model.model_id, "READY")
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
 def register(server: str, name: str, run_id: str, data=DATA_A) -> registry.Registration:
-    return registry.register_best(tracking_uri=server, run_id=run_id, name=name, lineage={
-        "git_sha": "0123abc", "data_uri": data[0], "data_fingerprint": data[1], "data_kind": "shards",
-        "preset": "paper", "switches": "lrn=off", "val_images": 50000})
+    return registry.register_best(
+        tracking_uri=server,
+        run_id=run_id,
+        name=name,
+        lineage={
+            "git_sha": "0123abc",
+            "data_uri": data[0],
+            "data_fingerprint": data[1],
+            "data_kind": "shards",
+            "preset": "paper",
+            "switches": "lrn=off",
+            "val_images": 50000,
+        },
+    )
 
 
 def aliases(server: str, name: str) -> dict[str, str]:
@@ -89,9 +107,19 @@ def test_every_version_carries_its_lineage(mlflow_server, name):
     best = client.get_logged_model(mv.tags["logged_model_id"])
     assert best.tags["epoch"] == "1" and best.source_run_id == run_id
     assert {k: mv.tags[k] for k in registry.LINEAGE} == {
-        "run_id": run_id, "git_sha": "0123abc", "data_uri": DATA_A[0], "data_fingerprint": DATA_A[1],
-        "data_kind": "shards", "preset": "paper", "switches": "lrn=off", "epoch": "1", "logged_model_id": best.model_id,
-        "val_top1": "60.0000", "val_top5": "80.0000", "val_images": "50000"}
+        "run_id": run_id,
+        "git_sha": "0123abc",
+        "data_uri": DATA_A[0],
+        "data_fingerprint": DATA_A[1],
+        "data_kind": "shards",
+        "preset": "paper",
+        "switches": "lrn=off",
+        "epoch": "1",
+        "logged_model_id": best.model_id,
+        "val_top1": "60.0000",
+        "val_top5": "80.0000",
+        "val_images": "50000",
+    }
     assert mv.run_id == run_id
 
 

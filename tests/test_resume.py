@@ -21,14 +21,25 @@ from test_train_loop import RecordingLoop
 from pipeline.config import PRESETS
 from pipeline.train import driver
 
-IMAGES, STEPS = 72, 9   # tiny_imagenet's train split; 72 = 9 steps of a global batch of 8: nothing left over
+IMAGES, STEPS = 72, 9  # tiny_imagenet's train split; 72 = 9 steps of a global batch of 8: nothing left over
 
 
 def tiny(tmp: Path, **changes):
-    return dataclasses.replace(PRESETS["sample"], **{
-        "width": 0.125, "resize_size": 80, "crop_size": 67, "epochs": 3, "batch_size": 8, "workers": 2,
-        "checkpoint_every_steps": 2, "sample_log": str(tmp / "samples"), "storage_path": str(tmp / "ray_results"),
-        **changes})
+    return dataclasses.replace(
+        PRESETS["sample"],
+        **{
+            "width": 0.125,
+            "resize_size": 80,
+            "crop_size": 67,
+            "epochs": 3,
+            "batch_size": 8,
+            "workers": 2,
+            "checkpoint_every_steps": 2,
+            "sample_log": str(tmp / "samples"),
+            "storage_path": str(tmp / "ray_results"),
+            **changes,
+        },
+    )
 
 
 def steps_logged(folder: Path) -> list[dict]:
@@ -54,15 +65,19 @@ def effective_steps(folder: Path) -> dict[int, dict[int, list[list[int]]]]:
     attempt resumed (what came after was lost with the worker), then the next attempt's."""
     kept: dict[int, dict[int, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
     for rank in (0, 1):
-        attempts = [[json.loads(line) for line in p.read_text().splitlines()]
-                    for p in sorted(folder.glob(f"rank{rank}-*.jsonl"), key=lambda p: int(p.name.split("-")[1]))]
+        attempts = [
+            [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob(f"rank{rank}-*.jsonl"), key=lambda p: int(p.name.split("-")[1]))
+        ]
         for i, attempt in enumerate(attempts):
             until = tuple(attempts[i + 1][0]["start"]) if i + 1 < len(attempts) else (10**9, 0)
             for record in attempt[1:]:
                 if (record["epoch"], record["step"]) < until:
                     kept[rank][record["epoch"]].append((record["step"], record["index"]))
-    return {rank: {epoch: [ids for _, ids in sorted(steps)] for epoch, steps in epochs.items()}
-            for rank, epochs in kept.items()}
+    return {
+        rank: {epoch: [ids for _, ids in sorted(steps)] for epoch, steps in epochs.items()}
+        for rank, epochs in kept.items()
+    }
 
 
 def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
@@ -78,18 +93,25 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_wei
     from pipeline.train import worker
     from pipeline.transforms.lighting import IMAGENET
 
-    cfg = dataclasses.replace(PRESETS["sample"], batch_size=8, workers=1, dropout=0.5, lighting_std=0.1,
-                              checkpoint_every_steps=2)
+    cfg = dataclasses.replace(
+        PRESETS["sample"], batch_size=8, workers=1, dropout=0.5, lighting_std=0.1, checkpoint_every_steps=2
+    )
     rng = np.random.default_rng(0)
-    batches = [{"image": torch.from_numpy(rng.integers(0, 256, (8, 67, 67, 3), dtype=np.uint8)),
-                "label": torch.from_numpy(rng.integers(0, 3, 8)), "index": torch.arange(8 * i, 8 * i + 8)}
-               for i in range(6)]
+    batches = [
+        {
+            "image": torch.from_numpy(rng.integers(0, 256, (8, 67, 67, 3), dtype=np.uint8)),
+            "label": torch.from_numpy(rng.integers(0, 3, 8)),
+            "index": torch.arange(8 * i, 8 * i + 8),
+        }
+        for i in range(6)
+    ]
 
     def loop(directory):
         torch.manual_seed(0)
         model = build_model("alexnet", num_classes=3, width=0.125, image_size=67, dropout=0.5, init="kaiming")
-        return RecordingLoop(worker.LoopSettings(cfg, 3, IMAGENET), model, device=torch.device("cpu"),
-                             directory=directory)
+        return RecordingLoop(
+            worker.LoopSettings(cfg, 3, IMAGENET), model, device=torch.device("cpu"), directory=directory
+        )
 
     whole = loop(tmp_path / "whole")
     stats = whole.train_one_epoch(5, batches)
@@ -102,14 +124,15 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_wei
     resumed.resume(checkpoint.load(tmp_path / "whole" / "1"))
     assert (resumed.start.epoch, resumed.start.step) == (5, 4)
     rest = resumed.train_one_epoch(5, batches[4:])
-    assert rest.steps == 2 and resumed.reports == []                     # no checkpoint again at the resume step
+    assert rest.steps == 2 and resumed.reports == []  # no checkpoint again at the resume step
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     val = resumed.evaluate(batches[:1])
     metrics = resumed.epoch_metrics(5, rest, val, lr=cfg.lr)
     assert (metrics["train_images"], metrics["train_steps"]) == (48, 6)  # the steps before the restart count
-    assert metrics["train_loss"] == pytest.approx(whole.epoch_metrics(5, stats, val, lr=cfg.lr)["train_loss"],
-                                                  rel=1e-12)  # the same losses, summed in another order
+    assert metrics["train_loss"] == pytest.approx(
+        whole.epoch_metrics(5, stats, val, lr=cfg.lr)["train_loss"], rel=1e-12
+    )  # the same losses, summed in another order
 
 
 @pytest.mark.timeout(600)
@@ -124,8 +147,9 @@ def test_a_worker_killed_mid_epoch_resumes_with_exactly_the_images_left(ray_sess
     assert killed, "no train worker was killed: the test did not exercise a failure"
 
     starts = [json.loads(p.read_text().splitlines()[0])["start"] for p in samples.glob("rank0-*.jsonl")]
-    assert sorted(starts) == [[0, 0], sorted(starts)[1]] and sorted(starts)[1][0] == 1 and sorted(starts)[1][1] > 0, \
+    assert sorted(starts) == [[0, 0], sorted(starts)[1]] and sorted(starts)[1][0] == 1 and sorted(starts)[1][1] > 0, (
         f"the restart did not resume inside epoch 1: {starts}"
+    )
 
     steps = effective_steps(samples)
     for epoch in range(cfg.epochs):
@@ -138,8 +162,10 @@ def test_a_worker_killed_mid_epoch_resumes_with_exactly_the_images_left(ray_sess
     resumed_at = sorted(starts)[1][1]
     first_attempt = sorted(samples.glob("rank0-*.jsonl"), key=lambda p: int(p.name.split("-")[1]))[0]
     last = max(r["step"] for r in map(json.loads, first_attempt.read_text().splitlines()[1:]) if r["epoch"] == 1)
-    print(f"\nkilled after step {last} of epoch 1, resumed at step {resumed_at}: {last + 1 - resumed_at} steps "
-          f"taken again; job {summary['seconds']:.0f} s")
+    print(
+        f"\nkilled after step {last} of epoch 1, resumed at step {resumed_at}: {last + 1 - resumed_at} steps "
+        f"taken again; job {summary['seconds']:.0f} s"
+    )
 
     client = mlflow.MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])
@@ -150,11 +176,16 @@ def test_a_worker_killed_mid_epoch_resumes_with_exactly_the_images_left(ray_sess
 
 
 def test_a_run_out_of_restarts_fails_saying_so(ray_session, tiny_imagenet, in_tmp_dir):
-    cfg = tiny(in_tmp_dir, data=str(tiny_imagenet), epochs=1, max_failures=0, experiment="no-restarts",
-               registered_model="no-restarts")
+    cfg = tiny(
+        in_tmp_dir,
+        data=str(tiny_imagenet),
+        epochs=1,
+        max_failures=0,
+        experiment="no-restarts",
+        registered_model="no-restarts",
+    )
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_inside_epoch, args=(Path(cfg.sample_log), 0, 3, killed),
-                              daemon=True)
+    killer = threading.Thread(target=kill_a_worker_inside_epoch, args=(Path(cfg.sample_log), 0, 3, killed), daemon=True)
     killer.start()
     with pytest.raises(Exception) as info:
         driver.run(cfg)

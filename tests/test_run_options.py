@@ -23,7 +23,7 @@ from conftest import TINY_RUN, make_bucket
 from pipeline.config import PRESETS
 from pipeline.data import prepare
 from pipeline.models import checkpoint
-from pipeline.train import driver, worker
+from pipeline.train import driver, recipe
 
 GAMMA = 1e-6
 BASE = dataclasses.replace(PRESETS["sample"], **{**TINY_RUN, "experiment": "run-options"})
@@ -68,16 +68,28 @@ def shards(ray_session, tiny_imagenet, tmp_path_factory):
 def best_run(ray_session, s3_server, mlflow_server, shards):
     data, manifest = shards
     bucket = make_bucket("run-options-checkpoints")
-    cfg = dataclasses.replace(BASE, data=str(data), storage_path=f"{bucket}/runs", log_models="best",
-                              registered_model="options-best", **TINY_STEP)
+    cfg = dataclasses.replace(
+        BASE,
+        data=str(data),
+        storage_path=f"{bucket}/runs",
+        log_models="best",
+        registered_model="options-best",
+        **TINY_STEP,
+    )
     summary = train(cfg, mlflow_server)
     return cfg, summary, manifest, mlflow.MlflowClient(mlflow_server)
 
 
 @pytest.fixture(scope="module")
 def all_run(ray_session, mlflow_server, tiny_imagenet, tmp_path_factory):
-    cfg = dataclasses.replace(BASE, data=str(tiny_imagenet), log_models="all", registered_model="options-all",
-                              storage_path=str(tmp_path_factory.mktemp("ray_results")), **TINY_STEP)
+    cfg = dataclasses.replace(
+        BASE,
+        data=str(tiny_imagenet),
+        log_models="all",
+        registered_model="options-all",
+        storage_path=str(tmp_path_factory.mktemp("ray_results")),
+        **TINY_STEP,
+    )
     return cfg, train(cfg, mlflow_server), mlflow.MlflowClient(mlflow_server)
 
 
@@ -116,8 +128,14 @@ def test_log_models_all_logs_every_epoch_the_non_improving_one_too(all_run):
 
 
 def test_log_models_none_logs_and_registers_nothing_and_says_so(ray_session, mlflow_server, tiny_imagenet, tmp_path):
-    cfg = dataclasses.replace(BASE, data=str(tiny_imagenet), epochs=1, log_models="none",
-                              registered_model="options-none", storage_path=str(tmp_path / "ray_results"))
+    cfg = dataclasses.replace(
+        BASE,
+        data=str(tiny_imagenet),
+        epochs=1,
+        log_models="none",
+        registered_model="options-none",
+        storage_path=str(tmp_path / "ray_results"),
+    )
     summary = train(cfg, mlflow_server)
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(summary["run_id"])
@@ -137,7 +155,7 @@ def test_step_schedule_multiplies_the_recorded_lr_by_gamma_every_step(best_run, 
         lr = history(client, summary["run_id"], "lr")
         assert sorted(lr) == [0, 1, 2]
         for epoch, value in lr.items():
-            assert value == pytest.approx(cfg.lr * GAMMA ** epoch, rel=1e-6), (epoch, lr)
+            assert value == pytest.approx(cfg.lr * GAMMA**epoch, rel=1e-6), (epoch, lr)
 
 
 def test_training_on_shards_uses_the_manifests_own_lighting(best_run):
@@ -153,8 +171,11 @@ def test_checkpoints_land_in_the_s3_storage_path(best_run, tmp_path):
     cfg, summary, manifest, _ = best_run
     bucket, _, prefix = cfg.storage_path.removeprefix("s3://").partition("/")
     s3 = boto3.client("s3")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        for o in page.get("Contents", [])
+    ]
     run_folder = f"{prefix}/alexnet-{summary['run_id'][:12]}/"
     saved = {k for k in keys if k.startswith(run_folder) and k.endswith(f"/{checkpoint.CHECKPOINT_FILE}")}
     assert saved, keys
@@ -170,21 +191,23 @@ def test_checkpoints_land_in_the_s3_storage_path(best_run, tmp_path):
 def test_plateau_schedule_drops_the_lr_after_patience_epochs_without_a_better_val_top1():
     cfg = dataclasses.replace(PRESETS["paper"], schedule="plateau", lr=0.01, lr_gamma=0.1, plateau_patience=2)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = worker.make_scheduler(optimizer, cfg)
+    scheduler = recipe.make_scheduler(optimizer, cfg)
     lrs = []
     for val_top1 in (10.0, 20.0, 20.0, 19.0, 20.0, 30.0, 30.0, 30.0, 30.0):
         optimizer.step()  # the worker's order: the epoch's steps, then the scheduler
-        worker.step_scheduler(scheduler, val_top1)
+        recipe.step_scheduler(scheduler, val_top1)
         lrs.append(optimizer.param_groups[0]["lr"])
     # Improvements at 10 and 20; then 20, 19 are two epochs without one (patience 2): still 0.01; the third
     # (20 again: equal is not better, mode max) drops it. 30 improves; three more 30s drop it again.
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.001, 0.0001])
-    step = worker.make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01),
-                                 dataclasses.replace(cfg, schedule="step", lr_step_epochs=2, lr_gamma=0.5))
+    step = recipe.make_scheduler(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01),
+        dataclasses.replace(cfg, schedule="step", lr_step_epochs=2, lr_gamma=0.5),
+    )
     assert isinstance(step, torch.optim.lr_scheduler.StepLR)
     seen = []
     for val_top1 in (1.0, 2.0, 3.0, 4.0):  # step ignores val top-1: every 2 epochs, x 0.5
         step.optimizer.step()
-        worker.step_scheduler(step, val_top1)
+        recipe.step_scheduler(step, val_top1)
         seen.append(step.optimizer.param_groups[0]["lr"])
     assert seen == pytest.approx([0.01, 0.005, 0.005, 0.0025])

@@ -26,15 +26,29 @@ from conftest import ROOT, ray_address
 from pipeline.config import PRESETS
 from pipeline.train import driver, worker
 
-TINY_FLAGS = ["--width", "0.125", "--resize-size", "80", "--crop-size", "67", "--batch-size", "8",
-              "--max-failures", "0"]
+TINY_FLAGS = [
+    "--width",
+    "0.125",
+    "--resize-size",
+    "80",
+    "--crop-size",
+    "67",
+    "--batch-size",
+    "8",
+    "--max-failures",
+    "0",
+]
 
 
 def start_job(args: list[str], *, server: str, cwd, log) -> subprocess.Popen:
     """`python jobs/train.py args` on the session's Ray."""
-    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": server, "RAY_ADDRESS": ray_address()})
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": server, "RAY_ADDRESS": ray_address()},
+    )
 
 
 def the_run(server: str, experiment: str, timeout: float = 300):
@@ -51,13 +65,29 @@ def the_run(server: str, experiment: str, timeout: float = 300):
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_job_ends_killed_and_registers_nothing(ray_session, mlflow_server, tiny_imagenet, tmp_path,
-                                                              signum, code):
+def test_an_interrupted_job_ends_killed_and_registers_nothing(
+    ray_session, mlflow_server, tiny_imagenet, tmp_path, signum, code
+):
     name = f"interrupted-{uuid.uuid4().hex[:8]}"
     with open(tmp_path / "job.log", "w") as log:
-        job = start_job(["--data", str(tiny_imagenet), *TINY_FLAGS, "--epochs", "50", "--experiment", name,
-                         "--registered-model", name, "--storage-path", str(tmp_path / "ray_results")],
-                        server=mlflow_server, cwd=tmp_path, log=log)
+        job = start_job(
+            [
+                "--data",
+                str(tiny_imagenet),
+                *TINY_FLAGS,
+                "--epochs",
+                "50",
+                "--experiment",
+                name,
+                "--registered-model",
+                name,
+                "--storage-path",
+                str(tmp_path / "ray_results"),
+            ],
+            server=mlflow_server,
+            cwd=tmp_path,
+            log=log,
+        )
         try:
             run = the_run(mlflow_server, name)  # an epoch is in: the old callback had registered a champion by now
             job.send_signal(signum)
@@ -78,9 +108,19 @@ def test_a_crash_ends_failed_with_the_error(ray_session, mlflow_server, tiny_ima
         path.write_bytes(b"truncated")  # every val image fails to decode: validation has nothing to score
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = f"crash-{uuid.uuid4().hex[:8]}"
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(data), width=0.125, resize_size=80, crop_size=67,
-                              epochs=1, batch_size=8, max_failures=0, experiment=name, registered_model=name,
-                              storage_path=str(tmp_path / "ray_results"))
+    cfg = dataclasses.replace(
+        PRESETS["sample"],
+        data=str(data),
+        width=0.125,
+        resize_size=80,
+        crop_size=67,
+        epochs=1,
+        batch_size=8,
+        max_failures=0,
+        experiment=name,
+        registered_model=name,
+        storage_path=str(tmp_path / "ray_results"),
+    )
     with pytest.raises(Exception, match="no val images were evaluated"):
         driver.run(cfg)
     client = mlflow.MlflowClient(mlflow_server)
@@ -107,16 +147,27 @@ class DataRemover(ray.train.UserCallback):
             shutil.rmtree(self.data)
 
 
-def test_a_run_crashing_after_it_logged_a_model_registers_nothing(ray_session, mlflow_server, tiny_imagenet,
-                                                                  tmp_path, monkeypatch):
+def test_a_run_crashing_after_it_logged_a_model_registers_nothing(
+    ray_session, mlflow_server, tiny_imagenet, tmp_path, monkeypatch
+):
     data = tmp_path / "vanishing"
     shutil.copytree(tiny_imagenet, data)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = f"vanished-{uuid.uuid4().hex[:8]}"
     # 4 epochs: the workers may have read the next epoch's images before the controller takes a report.
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(data), width=0.125, resize_size=80, crop_size=67,
-                              epochs=4, batch_size=16, max_failures=0, experiment=name, registered_model=name,
-                              storage_path=str(tmp_path / "ray_results"))
+    cfg = dataclasses.replace(
+        PRESETS["sample"],
+        data=str(data),
+        width=0.125,
+        resize_size=80,
+        crop_size=67,
+        epochs=4,
+        batch_size=16,
+        max_failures=0,
+        experiment=name,
+        registered_model=name,
+        storage_path=str(tmp_path / "ray_results"),
+    )
     with pytest.raises(driver.TrainingFailed):
         driver.run(cfg, callbacks=[DataRemover(str(data))])
     assert not data.exists()
@@ -128,22 +179,39 @@ def test_a_run_crashing_after_it_logged_a_model_registers_nothing(ray_session, m
     # a model to register, and the failed run registered none.
     epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
     assert epochs and epochs[0] == 0 and epochs[-1] < 3
-    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    logged = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
     assert 0 in {int(m.tags["epoch"]) for m in logged}
     assert not client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert not client.search_model_versions(f"name = '{name}'")
     assert "registered" not in run.data.tags
 
 
-def test_a_job_off_a_terminal_writes_a_short_log_ending_with_the_model(ray_session, mlflow_server, tiny_imagenet,
-                                                                      tmp_path):
+def test_a_job_off_a_terminal_writes_a_short_log_ending_with_the_model(
+    ray_session, mlflow_server, tiny_imagenet, tmp_path
+):
     name = f"logs-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "job.log"
     with open(path, "w") as log:
-        job = start_job(["--data", str(tiny_imagenet), *TINY_FLAGS, "--epochs", "2", "--experiment", name,
-                         "--registered-model", name, "--storage-path", str(tmp_path / "ray_results")],
-                        server=mlflow_server, cwd=tmp_path, log=log)
+        job = start_job(
+            [
+                "--data",
+                str(tiny_imagenet),
+                *TINY_FLAGS,
+                "--epochs",
+                "2",
+                "--experiment",
+                name,
+                "--registered-model",
+                name,
+                "--storage-path",
+                str(tmp_path / "ray_results"),
+            ],
+            server=mlflow_server,
+            cwd=tmp_path,
+            log=log,
+        )
         assert job.wait(timeout=600) == 0, path.read_text()[-3000:]
     text = path.read_text()
     assert len(text.encode()) < 50_000
@@ -164,4 +232,4 @@ def test_progress_lines_come_every_interval(caplog):
     with caplog.at_level(logging.INFO, logger=worker.log.name):
         quiet(lambda: read.append(1) or worker.EvalSums(loss=1.0, images=1), data_seconds=0.0, seconds=1.0)
     assert len(caplog.messages) == 1  # not yet an interval since the last line...
-    assert read == []                 # ... so the sums were not even read from the device
+    assert read == []  # ... so the sums were not even read from the device

@@ -35,8 +35,9 @@ def test_layout_and_counts(small):
         assert sorted(p.name for p in (small / split).iterdir()) == list(SAMPLE_WNIDS[:3])
         for wnid in SAMPLE_WNIDS[:3]:
             assert len(list((small / split / wnid).iterdir())) == per_class
-    assert sorted(p.name for p in (small / "train" / SAMPLE_WNIDS[1]).iterdir()) == \
-        sorted(f"{SAMPLE_WNIDS[1]}_{n}.JPEG" for n in range(1, 7))
+    assert sorted(p.name for p in (small / "train" / SAMPLE_WNIDS[1]).iterdir()) == sorted(
+        f"{SAMPLE_WNIDS[1]}_{n}.JPEG" for n in range(1, 7)
+    )
     # Val names run over the whole split, as in ILSVRC2012_val_00000001 .. 00050000.
     val_names = sorted(p.name for p in (small / "val").rglob("*.JPEG"))
     assert val_names == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 10)]

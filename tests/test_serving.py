@@ -31,11 +31,18 @@ OLD = Path(__file__).parent / "fixtures" / "old_layout"
 # data-plan or experiment code.
 PACKAGED = {
     "pipeline/__init__.py",
-    "pipeline/models/__init__.py", "pipeline/models/alexnet.py", "pipeline/models/checkpoint.py",
+    "pipeline/models/__init__.py",
+    "pipeline/models/alexnet.py",
+    "pipeline/models/checkpoint.py",
     "pipeline/models/placement.py",
-    "pipeline/tracking/__init__.py", "pipeline/tracking/classifier.py", "pipeline/tracking/served_model.py",
-    "pipeline/transforms/__init__.py", "pipeline/transforms/constants.py", "pipeline/transforms/decode.py",
-    "pipeline/transforms/device_stages.py", "pipeline/transforms/stages.py",
+    "pipeline/tracking/__init__.py",
+    "pipeline/tracking/classifier.py",
+    "pipeline/tracking/served_model.py",
+    "pipeline/transforms/__init__.py",
+    "pipeline/transforms/constants.py",
+    "pipeline/transforms/decode.py",
+    "pipeline/transforms/device_stages.py",
+    "pipeline/transforms/stages.py",
 }
 
 # Run in a fresh interpreter: load the MLflow model folder argv[1] and classify the image files argv[2:], with
@@ -68,8 +75,14 @@ print("RESULT " + json.dumps({
 
 def run_isolated(model_folder: Path, images: list[Path], cwd: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
-    out = subprocess.run([sys.executable, "-c", ISOLATED, str(model_folder), *map(str, images)], cwd=cwd,
-                         env={**env, "CHECKOUT": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", ISOLATED, str(model_folder), *map(str, images)],
+        cwd=cwd,
+        env={**env, "CHECKOUT": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -95,9 +108,28 @@ def served(champion, mlflow_server, tmp_path_factory):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", champion, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            champion,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/ping", process, timeout=180)
@@ -119,8 +151,11 @@ def files(tiny_imagenet) -> list[tuple[bytes, int]]:
 def expected(champion: str, jpegs: list[bytes]) -> tuple[np.ndarray, list[str]]:
     """The checkpoint's network on the evaluation view, computed here: (probabilities, wnids)."""
     state = checkpoint.open_model(champion).state
-    crops = stages.center_crops({"jpeg": jpegs, "key": [str(i) for i in range(len(jpegs))]},
-                                resize_size=state["config"]["resize_size"], crop_size=state["config"]["crop_size"])
+    crops = stages.center_crops(
+        {"jpeg": jpegs, "key": [str(i) for i in range(len(jpegs))]},
+        resize_size=state["config"]["resize_size"],
+        crop_size=state["config"]["crop_size"],
+    )
     with torch.no_grad():
         x = device_stages.normalize(device_stages.to_float(torch.from_numpy(crops["image"])))
         return checkpoint.build_model(state)(x).softmax(1).numpy(), state["classes"]
@@ -138,8 +173,7 @@ def check_answers(rows: list[dict], probs: np.ndarray, wnids: list[str]) -> None
 def test_served_model_answers_http_requests_carrying_jpeg_files(served, champion, files, mlflow_server):
     jpegs = [data for data, _ in files]
     body = json.dumps(classifier.serving_request(jpegs + [b"this is not an image"])).encode()
-    request = urllib.request.Request(f"{served}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(f"{served}/invocations", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         rows = json.loads(response.read())["predictions"]
     assert len(rows) == len(jpegs) + 1
@@ -211,14 +245,15 @@ def test_a_checkpoint_of_the_flat_layout_is_logged_and_served(mlflow_server):
     mlflow.set_tracking_uri(mlflow_server)
     experiment = mlflow.set_experiment("old-checkpoint")
     run = mlflow.MlflowClient().create_run(experiment.experiment_id)
-    model_id = classifier.log_model(checkpoint.load(OLD), name="model", run_id=run.info.run_id, step=0,
-                                    tags={"epoch": "0"})
+    model_id = classifier.log_model(
+        checkpoint.load(OLD), name="model", run_id=run.info.run_id, step=0, tags={"epoch": "0"}
+    )
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     rows = model.predict(classifier.example_frame([p.read_bytes() for p in old_images()])).to_dict("records")
-    check_old_answers([{k: (list(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in r.items()}
-                       for r in rows])
+    check_old_answers([{k: (list(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in r.items()} for r in rows])
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_a_model_the_flat_layout_logged_still_loads_on_its_own(tmp_path):
     """A logged model of f34a58d runs its own copy of the flat pipeline/ (classifier_model.py imports
     pipeline.classifier, which no longer exists here), in a fresh interpreter without this checkout."""
@@ -229,5 +264,6 @@ def test_a_model_the_flat_layout_logged_still_loads_on_its_own(tmp_path):
     result = run_isolated(folder, old_images(), cwd=tmp_path / "cwd")
     assert Path(result["pipeline"]).resolve() == (folder / "code" / "pipeline" / "__init__.py").resolve()
     assert str((folder / "code" / "pipeline" / "classifier.py").resolve()) in map(
-        lambda m: str(Path(m).resolve()), result["modules"])
+        lambda m: str(Path(m).resolve()), result["modules"]
+    )
     check_old_answers(result["rows"])

@@ -25,25 +25,42 @@ from pipeline.config import PRESETS
 from pipeline.data import prepare, sources
 from pipeline.train import driver
 
-TINY = dataclasses.replace(PRESETS["sample"], width=0.125, resize_size=80, crop_size=67, epochs=1, batch_size=8,
-                           max_failures=0, experiment="sources", registered_model="sources")
+TINY = dataclasses.replace(
+    PRESETS["sample"],
+    width=0.125,
+    resize_size=80,
+    crop_size=67,
+    epochs=1,
+    batch_size=8,
+    max_failures=0,
+    experiment="sources",
+    registered_model="sources",
+)
 
 
 def labelled_images(root: Path) -> dict[str, list[tuple[str, bytes, int]]]:
     """split -> [(key, jpeg bytes, sorted-wnid label)] from an ImageNet-layout folder."""
     wnids = sorted(p.name for p in (root / "train").iterdir())
-    return {split: [(p.stem, p.read_bytes(), wnids.index(p.parent.name))
-                    for p in sorted((root / split).glob("*/*.JPEG"))] for split in ("train", "val")}
+    return {
+        split: [(p.stem, p.read_bytes(), wnids.index(p.parent.name)) for p in sorted((root / split).glob("*/*.JPEG"))]
+        for split in ("train", "val")
+    }
 
 
 def write_huggingface(images, out: Path, corrupt: str | None = None) -> None:
     """imagenet-1k's Parquet layout: data/{train,validation}-*.parquet with image{bytes, path}, label."""
     for split, name in (("train", "train"), ("val", "validation")):
-        rows = [{"image": {"bytes": b"not a jpeg at all" if key == corrupt else jpeg, "path": f"{key}.JPEG"},
-                 "label": label} for key, jpeg, label in images[split]]
+        rows = [
+            {
+                "image": {"bytes": b"not a jpeg at all" if key == corrupt else jpeg, "path": f"{key}.JPEG"},
+                "label": label,
+            }
+            for key, jpeg, label in images[split]
+        ]
         (out / "data").mkdir(parents=True, exist_ok=True)
-        schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                            ("label", pa.int64())])
+        schema = pa.schema(
+            [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())]
+        )
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "data" / f"{name}-00000-of-00001.parquet")
 
 
@@ -101,7 +118,7 @@ def test_huggingface_parquet_from_s3_reports_an_undecodable_image(ray_session, b
     assert client.get_metric_history(summary["run_id"], "decode_failures")[-1].value == 1
     # Nothing stood in for it: the listing has 72 train images, and the epoch trained on full global
     # batches of 8 from the 71 that decode: 64. A stand-in for the broken one would have made 72 (9 batches).
-    assert client.get_run(summary["run_id"]).data.params["train_images"] == "72"   # the listing
+    assert client.get_run(summary["run_id"]).data.params["train_images"] == "72"  # the listing
     assert [m.value for m in client.get_metric_history(summary["run_id"], "train_images")] == [64]
 
 
@@ -144,11 +161,23 @@ def test_clear_errors_for_bucket_shard_and_manifest(ray_session, bucket, tiny_im
 
 def test_missing_credentials_fail_fast_naming_the_fix(s3_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": s3_server})
+    env.update(
+        {
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL": s3_server,
+        }
+    )
     started = time.time()
-    result = subprocess.run([sys.executable, "jobs/train.py", "--data", "s3://datasets/tiny-shards"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--data", "s3://datasets/tiny-shards"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "no AWS credentials found" in result.stderr
     assert time.time() - started < 30
@@ -177,10 +206,10 @@ def test_an_epoch_reads_every_image_once_in_an_order_of_seed_and_epoch(layout, t
         return read
 
     first = epoch(seed=0, epoch=0)
-    assert sorted(key for key, _, _ in first) == sorted(expected)                  # every image, once
-    assert len({index for _, _, index in first}) == len(expected)                  # indices name one image each
-    assert epoch(seed=0, epoch=0) == first                                         # the same order again
+    assert sorted(key for key, _, _ in first) == sorted(expected)  # every image, once
+    assert len({index for _, _, index in first}) == len(expected)  # indices name one image each
+    assert epoch(seed=0, epoch=0) == first  # the same order again
     in_file_order = epoch(seed=0, epoch=0, shuffle=False)
     for other in (epoch(seed=0, epoch=1), epoch(seed=1, epoch=0), in_file_order):
-        assert sorted(other) == sorted(first)       # the same images with the same labels and indices
-        assert [key for key, _, _ in other] != [key for key, _, _ in first]       # in another order
+        assert sorted(other) == sorted(first)  # the same images with the same labels and indices
+        assert [key for key, _, _ in other] != [key for key, _, _ in first]  # in another order

@@ -33,8 +33,10 @@ def index_images(n: int, size: int) -> np.ndarray:
 def photo():
     rng = np.random.default_rng(0)
     gradient = np.linspace(0, 255, 120, dtype=np.uint8)
-    img = np.stack([np.tile(gradient, (90, 1)), np.tile(gradient[::-1], (90, 1)),
-                    rng.integers(0, 255, (90, 120), dtype=np.uint8)], axis=-1)
+    img = np.stack(
+        [np.tile(gradient, (90, 1)), np.tile(gradient[::-1], (90, 1)), rng.integers(0, 255, (90, 120), dtype=np.uint8)],
+        axis=-1,
+    )
     return img  # (90, 120, 3)
 
 
@@ -67,18 +69,21 @@ def test_libjpeg_turbo_and_pil_decode_a_jpeg_alike(photo):
 def test_min_size_decodes_smaller_but_never_below_the_target(photo):
     big = np.asarray(Image.fromarray(photo).resize((960, 720)))
     assert decode.decode_image(encoded(big)).shape == (720, 960, 3)
-    assert decode.decode_image(encoded(big), min_size=256).shape == (360, 480, 3)   # 1/2: 720/4 < 256
-    assert decode.decode_image(encoded(big), min_size=91).shape == (180, 240, 3)    # 1/4: 720/8 < 91
-    assert decode.decode_image(encoded(big), min_size=90).shape == (90, 120, 3)     # 1/8: 720/8 = 90 is enough
-    cmyk = decode.decode_image(encoded(big, "CMYK"), min_size=256)                 # PIL's draft mode, same rule
+    assert decode.decode_image(encoded(big), min_size=256).shape == (360, 480, 3)  # 1/2: 720/4 < 256
+    assert decode.decode_image(encoded(big), min_size=91).shape == (180, 240, 3)  # 1/4: 720/8 < 91
+    assert decode.decode_image(encoded(big), min_size=90).shape == (90, 120, 3)  # 1/8: 720/8 = 90 is enough
+    cmyk = decode.decode_image(encoded(big, "CMYK"), min_size=256)  # PIL's draft mode, same rule
     assert min(cmyk.shape[:2]) >= 256 and cmyk.shape[0] < 720
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "zero-byte file"),
-    (b"hello, not an image", "not an image: 19 bytes starting b'hello, not a'"),
-    (b"\xff\xd8\xff\x00garbage", "corrupt JPEG header"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "zero-byte file"),
+        (b"hello, not an image", "not an image: 19 bytes starting b'hello, not a'"),
+        (b"\xff\xd8\xff\x00garbage", "corrupt JPEG header"),
+    ],
+)
 def test_decode_failures_say_what_is_wrong_in_words(data, reason):
     with pytest.raises(decode.DecodeError, match=f"cannot decode 'train/n1/x.JPEG': {reason}"):
         decode.decode_image(data, key="train/n1/x.JPEG")
@@ -88,16 +93,16 @@ def test_decode_failures_say_what_is_wrong_in_words(data, reason):
 def test_a_truncated_file_is_refused_never_padded(photo, fmt):
     data = encoded(photo, fmt=fmt)
     with pytest.raises(decode.DecodeError, match=f"truncated or corrupt {fmt}"):
-        decode.decode_image(data[:len(data) // 2], key="t")
+        decode.decode_image(data[: len(data) // 2], key="t")
 
 
 def test_pixel_limit_bounds_what_a_decode_allocates(photo):
-    big = encoded(np.asarray(Image.fromarray(photo).resize((800, 600))))   # 480,000 pixels
+    big = encoded(np.asarray(Image.fromarray(photo).resize((800, 600))))  # 480,000 pixels
     with pytest.raises(decode.DecodeError, match="image too large: 800 x 600 = 480,000 pixels.*limit of 100,000"):
         decode.decode_image(big, key="bomb", max_pixels=100_000)
     # libjpeg decoding at 1/2 allocates 400 x 300 = 120,000; at 1/4, 200 x 150 = 30,000.
     assert decode.decode_image(big, min_size=150, max_pixels=100_000).shape == (150, 200, 3)
-    png = encoded(np.zeros((600, 800, 3), np.uint8), fmt="PNG")            # no reduced decode for PNG
+    png = encoded(np.zeros((600, 800, 3), np.uint8), fmt="PNG")  # no reduced decode for PNG
     with pytest.raises(decode.DecodeError, match="image too large"):
         decode.decode_image(png, min_size=150, max_pixels=100_000)
 
@@ -124,7 +129,7 @@ def test_random_crops_put_each_patch_where_its_params_say(monkeypatch):
     out = stages.random_crops(batch, np.random.default_rng(5), resize_size=32, crop_size=20)["image"]
     assert out.shape == (40, 20, 20, 3) and out.dtype == np.uint8
     for i, crop in enumerate(out):
-        expected = images[i, top[i]:top[i] + 20, left[i]:left[i] + 20]
+        expected = images[i, top[i] : top[i] + 20, left[i] : left[i] + 20]
         assert np.array_equal(crop, expected[:, ::-1] if flip[i] else expected)
     assert 0 < flip.sum() < 40
 
@@ -146,7 +151,7 @@ def unfused(data: bytes, top: int, left: int, flip: bool, resize_size: int, crop
     img = img.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
     w, h = img.size
     y0, x0 = (h - resize_size) // 2 + top, (w - resize_size) // 2 + left
-    crop = np.asarray(img)[y0:y0 + crop_size, x0:x0 + crop_size]
+    crop = np.asarray(img)[y0 : y0 + crop_size, x0 : x0 + crop_size]
     return crop[:, ::-1] if flip else crop
 
 
@@ -189,8 +194,9 @@ def test_collect_removes_bad_rows_everywhere_names_them_and_keeps_the_others_cro
     assert out["failed"] == {"b": "not an image: 7 bytes starting b'garbage'"}
     assert list(out["key"]) == ["a", "c"] and list(out["label"]) == [0, 2] and len(out["image"]) == 2
     # The draws come before decoding: a failure does not move the other images' crops.
-    whole = stages.random_crops({**batch, "jpeg": [good, good, good]}, np.random.default_rng(4), resize_size=80,
-                                crop_size=64)["image"]
+    whole = stages.random_crops(
+        {**batch, "jpeg": [good, good, good]}, np.random.default_rng(4), resize_size=80, crop_size=64
+    )["image"]
     assert np.array_equal(out["image"], whole[[0, 2]])
     with pytest.raises(decode.DecodeError, match="'b'"):
         stages.random_crops(batch, np.random.default_rng(4), resize_size=80, crop_size=64)
@@ -215,8 +221,8 @@ def test_ten_crop_is_corners_centre_and_their_mirrors():
     assert ten.shape == (3, 10, 6, 6, 3)
     corners = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
     for j, (t, l) in enumerate(corners):
-        assert np.array_equal(ten[:, j], images[:, t:t + 6, l:l + 6])
-        assert np.array_equal(ten[:, j + 5], images[:, t:t + 6, l:l + 6][:, :, ::-1])
+        assert np.array_equal(ten[:, j], images[:, t : t + 6, l : l + 6])
+        assert np.array_equal(ten[:, j + 5], images[:, t : t + 6, l : l + 6][:, :, ::-1])
 
 
 def test_decode_stage_collects_failures(photo):
@@ -230,5 +236,8 @@ def test_cpu_stages_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.data, pipeline.data.plan, pipeline.transforms.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, pipeline.data, pipeline.data.plan, pipeline.transforms.stages; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

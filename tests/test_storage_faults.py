@@ -50,8 +50,9 @@ def read_everything(uri: str) -> list[tuple[str, int, bytes]]:
     for split in sources.SPLITS:
         for unit in range(sources.num_units(source, split)):
             batch = sources.read_unit(source, split, unit, seed=3, epoch=1, shuffle=True)
-            rows += [(key, int(label), bytes(jpeg))
-                     for key, label, jpeg in zip(batch["key"], batch["label"], batch["jpeg"])]
+            rows += [
+                (key, int(label), bytes(jpeg)) for key, label, jpeg in zip(batch["key"], batch["label"], batch["jpeg"])
+            ]
     return rows
 
 
@@ -75,8 +76,10 @@ def test_reads_through_faults_give_the_same_rows_and_count_the_retries(uris, lay
         assert read_everything(uris[layout]) == clean
         faulty_s = (time.perf_counter() - started) / 2
     retried = retried_since(before)
-    print(f"\n[faults] {layout}: {clean_s:.2f} s clean, {faulty_s:.2f} s through faults (per pass); "
-          f"proxy {dict(proxy.faults)}; retried {dict(retried)}")
+    print(
+        f"\n[faults] {layout}: {clean_s:.2f} s clean, {faulty_s:.2f} s through faults (per pass); "
+        f"proxy {dict(proxy.faults)}; retried {dict(retried)}"
+    )
     assert proxy.faults["slow_down"] > 0 and proxy.faults["reset"] + proxy.faults["truncate"] > 0
     # Every fault on a read came back here and was retried; listings ride on the SDK's own retries, uncounted.
     assert retried["throttled"] > 0 and retried["connection"] > 0
@@ -90,8 +93,10 @@ def test_a_ray_task_retries_and_counts_with_the_filesystem_it_was_sent(uris, fau
     def read_in_a_task(source: sources.Source, split: str) -> tuple[list, dict[str, int]]:
         """What a Ray Data task does (data._read_units): read units, and take the retries they cost."""
         before = storage.retries()
-        keys = [sources.read_unit(source, split, k, seed=0, epoch=0, shuffle=False)["key"]
-                for k in range(sources.num_units(source, split))]
+        keys = [
+            sources.read_unit(source, split, k, seed=0, epoch=0, shuffle=False)["key"]
+            for k in range(sources.num_units(source, split))
+        ]
         return keys, dict(Counter(storage.retries()) - Counter(before))
 
     source = sources.open_source(uris["folder"])
@@ -103,8 +108,10 @@ def test_a_ray_task_retries_and_counts_with_the_filesystem_it_was_sent(uris, fau
 def epoch_of_batches(source: sources.Source, report=None) -> list[tuple[list, list, np.ndarray]]:
     dataset = data.train_dataset(source, CFG, report, keys=True)
     dataset.context.execution_options = data.execution_options(CFG)  # preserve_order, as --deterministic
-    return [(b["key"].tolist(), b["label"].tolist(), b["image"])
-            for b in dataset.iter_batches(batch_size=16, batch_format="numpy")]
+    return [
+        (b["key"].tolist(), b["label"].tolist(), b["image"])
+        for b in dataset.iter_batches(batch_size=16, batch_format="numpy")
+    ]
 
 
 def test_a_deterministic_training_epoch_through_faults_gives_the_same_batches(uris, s3_server, monkeypatch):
@@ -120,8 +127,10 @@ def test_a_deterministic_training_epoch_through_faults_gives_the_same_batches(ur
         started = time.perf_counter()
         through_faults = epoch_of_batches(source, report)
         faulty_s = time.perf_counter() - started
-    print(f"\n[faults] training epoch from shards: {clean_s:.2f} s clean, {faulty_s:.2f} s through faults; "
-          f"proxy {dict(proxy.faults)}")
+    print(
+        f"\n[faults] training epoch from shards: {clean_s:.2f} s clean, {faulty_s:.2f} s through faults; "
+        f"proxy {dict(proxy.faults)}"
+    )
     assert proxy.faults["requests"] > requests  # the Ray Data tasks read through the proxy
     assert len(through_faults) == len(clean) == 72 // 16 + 1
     for (keys, labels, images), (keys_f, labels_f, images_f) in zip(clean, through_faults):
@@ -135,12 +144,15 @@ def test_a_deterministic_training_epoch_through_faults_gives_the_same_batches(ur
 
 def test_the_prepare_job_reads_and_writes_the_same_shards_through_faults(uris, faulty, monkeypatch, s3_server):
     """One shard task's work (prepare.write_shard) in this process, through faults and without."""
+
     def write_all(out: str) -> list[dict]:
         units = imagenet.discover_inputs(uris["folder"])
         classes = prepare.train_classes(units)
         work = prepare.assign_shards(units, {"train": 2, "val": 1}, {"train": [0, 1], "val": [0]})
-        return [prepare.write_shard(unit, index, out=out, classes=classes, resize=None, quality=90, options={})
-                for (_, index), unit in sorted(work.items())]
+        return [
+            prepare.write_shard(unit, index, out=out, classes=classes, resize=None, quality=90, options={})
+            for (_, index), unit in sorted(work.items())
+        ]
 
     before, started = storage.retries(), time.perf_counter()
     through_faults = write_all("s3://faults/shards-faulty")
@@ -152,8 +164,10 @@ def test_the_prepare_job_reads_and_writes_the_same_shards_through_faults(uris, f
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     started = time.perf_counter()
     assert write_all("s3://faults/shards-clean") == through_faults  # rows, bytes, sha256, bad-file report
-    print(f"\n[faults] prepare, 3 shards: {time.perf_counter() - started:.2f} s clean (without the read-back), "
-          f"{faulty_s:.2f} s through faults; proxy {dict(faulty.faults)}; retried {dict(retried)}")
+    print(
+        f"\n[faults] prepare, 3 shards: {time.perf_counter() - started:.2f} s clean (without the read-back), "
+        f"{faulty_s:.2f} s through faults; proxy {dict(faulty.faults)}; retried {dict(retried)}"
+    )
     assert faults > 0 and sum(retried.values()) > 0
 
 
@@ -188,7 +202,10 @@ def test_a_store_that_never_recovers_gives_up_naming_the_object(uris, s3_server,
     with FaultProxy(s3_server, truncate=1.0) as proxy:  # every response body cut short
         source = dataclasses.replace(source, filesystem=storage.resolve(uris["folder"], endpoint=proxy.url)[0])
         started = time.perf_counter()
-        with pytest.raises(storage.StoreUnavailable, match=r"s3://faults/folder/train/.* still failing after 3 "
-                                                           r"attempts \(connection"):
+        with pytest.raises(
+            storage.StoreUnavailable,
+            match=r"s3://faults/folder/train/.* still failing after 3 "
+            r"attempts \(connection",
+        ):
             sources.read_unit(source, "train", 0, seed=0, epoch=0, shuffle=False)
         assert time.perf_counter() - started < 10

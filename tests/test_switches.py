@@ -54,8 +54,15 @@ def small(**switches) -> AlexNet:
 def test_the_defaults_build_exactly_the_papers_network():
     cfg = parse_args(["--preset", "paper"])
     assert config.switched(cfg) == {} and config.switches(cfg) == {
-        "activation": "relu", "lrn": "on", "pool": "overlapping", "dropout": 0.5, "lighting": "on", "augment": "on",
-        "init": "paper", "init_bias": 1.0}
+        "activation": "relu",
+        "lrn": "on",
+        "pool": "overlapping",
+        "dropout": 0.5,
+        "lighting": "on",
+        "augment": "on",
+        "init": "paper",
+        "init_bias": 1.0,
+    }
     torch.manual_seed(0)
     built = build_from_config(cfg.to_dict(), 1000)
     torch.manual_seed(0)
@@ -63,7 +70,9 @@ def test_the_defaults_build_exactly_the_papers_network():
     assert count_parameters(built) == PAPER_PARAMETERS and built.paper_layers
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), reference.state_dict().values()))
     names = calls(built, 227)
-    assert names.count("relu") == 7 and names.count("local_response_norm") == 4 and "tanh" not in names  # 2 LRNs x 2 towers
+    assert (
+        names.count("relu") == 7 and names.count("local_response_norm") == 4 and "tanh" not in names
+    )  # 2 LRNs x 2 towers
 
 
 def test_tanh_replaces_every_relu():
@@ -90,14 +99,17 @@ def test_lrn_off_removes_the_normalisation_and_nothing_else():
         assert torch.allclose(off.eval()(x), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("pool,size,sides,params", [
-    # At 227 both pools give the paper's maps (its "equivalent dimensions"), so the same parameters.
-    ("overlapping", 227, [55, 27, 13, 6], PAPER_PARAMETERS),
-    ("non-overlapping", 227, [55, 27, 13, 6], PAPER_PARAMETERS),
-    # At the sample's 112 px they differ, and so does fc6 (9 values per pool5 map instead of 4).
-    ("overlapping", 112, [26, 12, 5, 2], None),
-    ("non-overlapping", 112, [26, 13, 6, 3], None),
-])
+@pytest.mark.parametrize(
+    "pool,size,sides,params",
+    [
+        # At 227 both pools give the paper's maps (its "equivalent dimensions"), so the same parameters.
+        ("overlapping", 227, [55, 27, 13, 6], PAPER_PARAMETERS),
+        ("non-overlapping", 227, [55, 27, 13, 6], PAPER_PARAMETERS),
+        # At the sample's 112 px they differ, and so does fc6 (9 values per pool5 map instead of 4).
+        ("overlapping", 112, [26, 12, 5, 2], None),
+        ("non-overlapping", 112, [26, 13, 6, 3], None),
+    ],
+)
 def test_pooling_gives_the_documented_shapes(pool, size, sides, params):
     assert map_sides(size, pool) == sides
     model = AlexNet(num_classes=1000 if params else 10, width=1.0 if params else 0.25, image_size=size, pool=pool)
@@ -129,26 +141,54 @@ def test_init_variants_give_their_weight_statistics():
 
 
 def test_switches_are_flags_and_lighting_is_one_number():
-    cfg = parse_args(["--activation", "tanh", "--lrn", "off", "--pool", "non-overlapping", "--dropout", "0",
-                      "--lighting", "off", "--augment", "off", "--init", "xavier"])
+    cfg = parse_args(
+        [
+            "--activation",
+            "tanh",
+            "--lrn",
+            "off",
+            "--pool",
+            "non-overlapping",
+            "--dropout",
+            "0",
+            "--lighting",
+            "off",
+            "--augment",
+            "off",
+            "--init",
+            "xavier",
+        ]
+    )
     assert cfg.lighting_std == 0.0
-    assert config.switched(cfg) == {"activation": "tanh", "lrn": "off", "pool": "non-overlapping", "dropout": 0.0,
-                                    "lighting": "off", "augment": "off", "init": "xavier"}
+    assert config.switched(cfg) == {
+        "activation": "tanh",
+        "lrn": "off",
+        "pool": "non-overlapping",
+        "dropout": 0.0,
+        "lighting": "off",
+        "augment": "off",
+        "init": "xavier",
+    }
     assert config.describe(config.switched(cfg)).startswith("activation=tanh, lrn=off, pool=non-overlapping, dropout=0")
     # The sample preset's own choices (He init) are no switch; relative to the paper they would be.
-    assert config.switched(parse_args([])) == {} and config.switched(parse_args(["--init", "paper"])) == {"init": "paper"}
+    assert config.switched(parse_args([])) == {} and config.switched(parse_args(["--init", "paper"])) == {
+        "init": "paper"
+    }
     assert parse_args(["--lighting", "on", "--lighting-std", "0.2"]).lighting_std == 0.2
     back_on = config.with_switches(cfg, {"lighting": "on", "init": "paper", "init_bias": "0.1"})
     assert (back_on.lighting_std, back_on.init, back_on.init_bias) == (0.1, "paper", 0.1)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--lighting", "off", "--lighting-std", "0.1"], "--lighting off contradicts --lighting-std 0.1"),
-    (["--activation", "sigmoid"], "invalid choice: 'sigmoid'"),
-    (["--preset", "torchvision", "--lrn", "off"], "--lrn off switches the paper's network; --model torchvision"),
-    (["--placement", "grouped", "--activation", "tanh"], "--activation tanh needs --placement data"),
-    (["--init", "kaiming", "--init-bias", "0.1"], "--init kaiming starts every bias at 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lighting", "off", "--lighting-std", "0.1"], "--lighting off contradicts --lighting-std 0.1"),
+        (["--activation", "sigmoid"], "invalid choice: 'sigmoid'"),
+        (["--preset", "torchvision", "--lrn", "off"], "--lrn off switches the paper's network; --model torchvision"),
+        (["--placement", "grouped", "--activation", "tanh"], "--activation tanh needs --placement data"),
+        (["--init", "kaiming", "--init-bias", "0.1"], "--init kaiming starts every bias at 0"),
+    ],
+)
 def test_bad_switches_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -170,8 +210,18 @@ def test_a_checkpoint_rebuilds_the_switched_network(tmp_path):
     model = build_from_config(cfg.to_dict(), 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    checkpoint.save(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=0, config=cfg.to_dict(),
-                    num_classes=3, classes=["a", "b", "c"], words=[], metrics={})
+    checkpoint.save(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=0,
+        config=cfg.to_dict(),
+        num_classes=3,
+        classes=["a", "b", "c"],
+        words=[],
+        metrics={},
+    )
     rebuilt = checkpoint.build_model(checkpoint.load(tmp_path))
     assert isinstance(rebuilt.act, torch.nn.Tanh) and rebuilt.lrn is None and rebuilt.pool.kernel_size == 2
     x = torch.randn(2, 3, 112, 112)
@@ -187,7 +237,11 @@ def test_figure1_network_differs_only_in_its_nonlinearity():
     relu = FourLayerCNN(activation="relu")
     torch.manual_seed(0)
     tanh = FourLayerCNN(activation="tanh")
-    assert count_parameters(relu) == count_parameters(tanh) == 3 * 32 * 25 + 32 + 32 * 32 * 25 + 32 + 32 * 64 * 25 + 64 + 64 * 16 * 10 + 10
+    assert (
+        count_parameters(relu)
+        == count_parameters(tanh)
+        == 3 * 32 * 25 + 32 + 32 * 32 * 25 + 32 + 32 * 64 * 25 + 64 + 64 * 16 * 10 + 10
+    )
     assert calls(relu, 32).count("relu") == 3 and calls(tanh, 32).count("tanh") == 3
     assert "relu" not in calls(tanh, 32)
 
@@ -198,8 +252,14 @@ def test_augment_off_gives_the_same_central_crops_every_epoch(ray_session, tiny_
 
     def epochs(cfg, n=2):
         dataset = data.train_dataset(folder, cfg, keys=True)
-        return [{k: image for batch in dataset.iter_batches(batch_size=24, batch_format="numpy")
-                 for k, image in zip(batch["key"], batch["image"])} for _ in range(n)]
+        return [
+            {
+                k: image
+                for batch in dataset.iter_batches(batch_size=24, batch_format="numpy")
+                for k, image in zip(batch["key"], batch["image"])
+            }
+            for _ in range(n)
+        ]
 
     first, second = epochs(dataclasses.replace(cfg, augment="off"))
     assert sorted(first) == sorted(second) and len(first) == 72

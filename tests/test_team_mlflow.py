@@ -42,6 +42,7 @@ def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: flo
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     import pgserver  # the [test] extra installs it: a missing one fails here, it is not skipped
+
     server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
     server.psql("CREATE DATABASE mlflow;")
     yield server
@@ -55,18 +56,29 @@ def team_server(s3_server, postgres, tmp_path_factory):
     port = free_port()
     admin_password = secrets.token_urlsafe(16)
     root = tmp_path_factory.mktemp("team-mlflow")
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's `mlflow`
-           "MLFLOW_BACKEND_STORE_URI": postgres.get_uri("mlflow"),
-           "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow-artifacts",
-           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's `mlflow`
+        "MLFLOW_BACKEND_STORE_URI": postgres.get_uri("mlflow"),
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow-artifacts",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     log = root / "server.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(["sh", str(ROOT / "infra" / "mlflow" / "entrypoint.sh")], env=env, cwd=root,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            ["sh", str(ROOT / "infra" / "mlflow" / "entrypoint.sh")],
+            env=env,
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(url, process, log)
@@ -89,6 +101,7 @@ def get(url: str, user: str | None = None, password: str | None = None) -> int:
 
 def signed_in(env: dict[str, str]):
     """Set MLflow's credential variables for a block, and put back what was there."""
+
     class Block:
         def __enter__(self):
             self.saved = {k: os.environ.get(k) for k in env}
@@ -100,11 +113,11 @@ def signed_in(env: dict[str, str]):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
     return Block()
 
 
-def test_training_registers_into_the_team_server(ray_session, team_server, postgres, tiny_imagenet,
-                                                 tmp_path_factory):
+def test_training_registers_into_the_team_server(ray_session, team_server, postgres, tiny_imagenet, tmp_path_factory):
     from pipeline.config import PRESETS
     from pipeline.train import driver
 
@@ -114,11 +127,19 @@ def test_training_registers_into_the_team_server(ray_session, team_server, postg
     with signed_in({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}):
         get_app_client("basic-auth", tracking_uri=url).create_user("ray-cluster", cluster_password)
 
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet),
-                              storage_path=str(tmp_path_factory.mktemp("team_results")),
-                              **{**TINY_RUN, "epochs": 1, "experiment": "team", "registered_model": "alexnet-team"})
-    with signed_in({"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "ray-cluster",
-                    "MLFLOW_TRACKING_PASSWORD": cluster_password}):
+    cfg = dataclasses.replace(
+        PRESETS["sample"],
+        data=str(tiny_imagenet),
+        storage_path=str(tmp_path_factory.mktemp("team_results")),
+        **{**TINY_RUN, "epochs": 1, "experiment": "team", "registered_model": "alexnet-team"},
+    )
+    with signed_in(
+        {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": "ray-cluster",
+            "MLFLOW_TRACKING_PASSWORD": cluster_password,
+        }
+    ):
         summary = driver.run(cfg)
         client = mlflow.MlflowClient(url)
         version = client.get_model_version("alexnet-team", summary["registration"].version)
@@ -135,15 +156,20 @@ def test_training_registers_into_the_team_server(ray_session, team_server, postg
     # The model's files went through the server into the bucket, under the deployment's prefix.
     assert model.artifact_location.startswith("mlflow-artifacts:/"), model.artifact_location
     prefix = "mlflow-artifacts/" + model.artifact_location.removeprefix("mlflow-artifacts:/").strip("/") + "/"
-    keys = {o["Key"].removeprefix(prefix) for page in boto3.client("s3").get_paginator("list_objects_v2")
-            .paginate(Bucket=BUCKET, Prefix=prefix) for o in page.get("Contents", [])}
+    keys = {
+        o["Key"].removeprefix(prefix)
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for o in page.get("Contents", [])
+    }
     assert "MLmodel" in keys and any(k.startswith("data/") or k.endswith((".pt", ".pth")) for k in keys), keys
 
     # Authentication is on everywhere: the registry API and the proxied artifacts refuse a request without
     # credentials, and with a wrong password; the cluster's user is let in.
     api = f"{url}/api/2.0/mlflow/registered-models/get?name=alexnet-team"
-    artifact = (f"{url}/api/2.0/mlflow-artifacts/artifacts/"
-                f"{model.artifact_location.removeprefix('mlflow-artifacts:/').strip('/')}/MLmodel")
+    artifact = (
+        f"{url}/api/2.0/mlflow-artifacts/artifacts/"
+        f"{model.artifact_location.removeprefix('mlflow-artifacts:/').strip('/')}/MLmodel"
+    )
     assert get(api) == 401 and get(artifact) == 401
     assert get(api, "ray-cluster", "wrong-password") == 401
     assert get(api, "ray-cluster", cluster_password) == 200

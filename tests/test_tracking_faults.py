@@ -27,16 +27,24 @@ from pipeline.tracking import recording
 from pipeline.train import driver
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_a_tracking_server_that_is_not_there_is_named_at_once_before_ray_starts(tiny_imagenet, tmp_path):
     nowhere = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(tiny_imagenet)], cwd=tmp_path,
-        env={**os.environ, "MLFLOW_TRACKING_URI": nowhere}, capture_output=True, text=True, timeout=120)
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(tiny_imagenet)],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": nowhere},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: the MLflow tracking server {nowhere} does not answer (Connection refused): start it, "
-                      f"point MLFLOW_TRACKING_URI at one that runs, or unset MLFLOW_TRACKING_URI to record into "
-                      f"./mlflow.db"]
+    assert errors == [
+        f"error: the MLflow tracking server {nowhere} does not answer (Connection refused): start it, "
+        f"point MLFLOW_TRACKING_URI at one that runs, or unset MLFLOW_TRACKING_URI to record into "
+        f"./mlflow.db"
+    ]
     assert "Traceback" not in result.stderr
     assert "Started a local Ray" not in result.stderr and "[data]" not in result.stdout  # nothing else began
 
@@ -48,8 +56,15 @@ def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     assert recording.MAX_PENDING_MODELS == 2
     for epoch in range(3):
         metrics = {**{k: 1.0 for k in recording.CURVES}, "epoch": epoch, "val_top1": 10.0 * epoch}
-        recorder.epoch.remote(metrics, state={}, train_batch_png=None, log_model=True, improved=False,
-                              checkpoint_path=f"ckpt{epoch}", reported_ms=0)
+        recorder.epoch.remote(
+            metrics,
+            state={},
+            train_batch_png=None,
+            log_model=True,
+            improved=False,
+            checkpoint_path=f"ckpt{epoch}",
+            reported_ms=0,
+        )
     recorder.failure.remote("worker 1: ActorDiedError")
     account = ray_session.get(recorder.flush.remote(2 * recording.RETRY_S))
 
@@ -58,14 +73,20 @@ def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     assert len(models) == 2 and "logged model epoch-002 (val top-1 20.00%)" in models  # the newest waits
     dropped = [name for name in account["undelivered"] if name.startswith("logged model")]
     assert len(dropped) == 1 and "dropped while the tracking server was down" in dropped[0]
-    assert [n for n in pending if n.startswith("metrics")] == ["metrics of epoch 0", "metrics of epoch 1",
-                                                               "metrics of epoch 2"]
+    assert [n for n in pending if n.startswith("metrics")] == [
+        "metrics of epoch 0",
+        "metrics of epoch 1",
+        "metrics of epoch 2",
+    ]
     assert pending.count("pictures/curves.png") == 1  # only its newest version waits
     assert any(n.startswith("failure report") for n in pending)
     assert account["retries"] >= 2  # it kept trying
     # The end of a job whose server never came back: what waits and what was dropped, named.
-    with pytest.raises(recording.RecordsNotDelivered, match=r"did not take 8 records within 1 s of the end of "
-                                                           r"training: .* under /ckpt hold"):
+    with pytest.raises(
+        recording.RecordsNotDelivered,
+        match=r"did not take 8 records within 1 s of the end of "
+        r"training: .* under /ckpt hold",
+    ):
         recording.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
 
 
@@ -75,8 +96,15 @@ def _first_epoch_in(client, experiment: str) -> bool:
     return any(client.get_metric_history(r.info.run_id, "val_top1") for r in found_runs)
 
 
-def restart_server_mid_run(root: Path, port: int, server: list, experiment: str, storage: Path,
-                           events: dict[str, float], down_after_report_s: float = 8.0) -> None:
+def restart_server_mid_run(
+    root: Path,
+    port: int,
+    server: list,
+    experiment: str,
+    storage: Path,
+    events: dict[str, float],
+    down_after_report_s: float = 8.0,
+) -> None:
     """Stop the server once epoch 0 is in it; keep it down until epoch 1 has been reported (its checkpoint is
     on disk) and the Recorder has had time to try; then start it again on the same port and store."""
     client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
@@ -101,12 +129,23 @@ def test_training_goes_on_while_the_tracking_server_restarts(ray_session, tiny_i
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     name = f"restart-{uuid.uuid4().hex[:8]}"
     storage = tmp_path / "ray_results"
-    cfg = dataclasses.replace(PRESETS["sample"], data=str(tiny_imagenet), width=0.125, resize_size=80, crop_size=67,
-                              epochs=3, batch_size=8, max_failures=0, experiment=name, registered_model=name,
-                              storage_path=str(storage))
+    cfg = dataclasses.replace(
+        PRESETS["sample"],
+        data=str(tiny_imagenet),
+        width=0.125,
+        resize_size=80,
+        crop_size=67,
+        epochs=3,
+        batch_size=8,
+        max_failures=0,
+        experiment=name,
+        registered_model=name,
+        storage_path=str(storage),
+    )
     events: dict[str, float] = {}
-    restarter = threading.Thread(target=restart_server_mid_run, args=(root, port, server, name, storage, events),
-                                 daemon=True)
+    restarter = threading.Thread(
+        target=restart_server_mid_run, args=(root, port, server, name, storage, events), daemon=True
+    )
     restarter.start()
     try:
         summary = driver.run(cfg)
@@ -120,8 +159,10 @@ def test_training_goes_on_while_the_tracking_server_restarts(ray_session, tiny_i
         assert int(run.data.tags["tracking_retries"]) > 0  # a delivery did meet the outage
         assert "undelivered" not in run.data.tags
         assert summary["registration"].version == "1"  # the best model still reached the registry
-        print(f"\nserver down {events['back'] - events['stopped']:.1f} s (its restart included); Recorder retries "
-              f"{run.data.tags['tracking_retries']}, longest wait of a record {run.data.tags['tracking_outage_s']} s, "
-              f"job {summary['seconds']:.0f} s")
+        print(
+            f"\nserver down {events['back'] - events['stopped']:.1f} s (its restart included); Recorder retries "
+            f"{run.data.tags['tracking_retries']}, longest wait of a record {run.data.tags['tracking_outage_s']} s, "
+            f"job {summary['seconds']:.0f} s"
+        )
     finally:
         stop_mlflow_server(server[0])

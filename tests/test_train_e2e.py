@@ -86,10 +86,16 @@ def test_logged_models_carry_their_numbers_and_only_the_epochs_policy_selects(ru
     # A logged model holds model.pt and the code to run it, and no pickled Python object.
     files = {a.path for a in client.list_logged_model_artifacts(by_epoch[1].model_id)}
     assert {"MLmodel", "served_model.py", "code", "artifacts"} <= files
-    code = {a.path for folder in ("tracking", "models", "transforms")
-            for a in client.list_logged_model_artifacts(by_epoch[1].model_id, f"code/pipeline/{folder}")}
-    assert {"code/pipeline/tracking/classifier.py", "code/pipeline/models/checkpoint.py",
-            "code/pipeline/transforms/decode.py"} <= code
+    code = {
+        a.path
+        for folder in ("tracking", "models", "transforms")
+        for a in client.list_logged_model_artifacts(by_epoch[1].model_id, f"code/pipeline/{folder}")
+    }
+    assert {
+        "code/pipeline/tracking/classifier.py",
+        "code/pipeline/models/checkpoint.py",
+        "code/pipeline/transforms/decode.py",
+    } <= code
 
 
 def test_the_best_epoch_is_registered_with_its_lineage_and_is_champion(run):
@@ -132,8 +138,9 @@ def test_pictures_are_logged_as_pngs(run):
     # conv1 at width 0.125: 12 kernels of 11x11, drawn 4x, 6 per tower.
     assert sizes["conv1_filters.png"][0] == 6 * (44 + 2) + 2
 
-    table = json.load(open(mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                               artifact_path="pictures/per_class_val.json")))
+    table = json.load(
+        open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pictures/per_class_val.json"))
+    )
     top1 = history(client, run_id, "val_top1")
     best_epoch = max(top1, key=lambda e: (top1[e], -e))
     assert table["epoch"] == best_epoch
@@ -151,10 +158,12 @@ def test_checkpoints_on_disk_are_the_format_the_readers_load(run):
 
 
 def train_job(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
+@pytest.mark.slow  # a job in a subprocess
 @pytest.mark.parametrize("make", ["missing", "empty", "no_val"])
 def test_bad_data_path_fails_fast_with_a_clear_message(tmp_path, make):
     target = tmp_path / "imagenet"
@@ -168,12 +177,15 @@ def test_bad_data_path_fails_fast_with_a_clear_message(tmp_path, make):
     assert "Started a local Ray" not in result.stderr  # answered before anything started
 
 
+@pytest.mark.slow  # a job in a subprocess
 def test_data_too_small_for_one_step_is_refused_before_anything_starts(tiny_imagenet, tmp_path):
     # 72 train images; 2 workers x 40 = 80 a step. Before: three restarts and ~150 s to "no train images".
     result = train_job("--data", str(tiny_imagenet), "--batch-size", "80", cwd=tmp_path)
     assert result.returncode == 2
-    assert (f"error: {tiny_imagenet} has 72 train images, fewer than one step takes: --workers 2 x 40 images "
-            f"(--batch-size 80). Use a smaller --batch-size or more data") in result.stderr
+    assert (
+        f"error: {tiny_imagenet} has 72 train images, fewer than one step takes: --workers 2 x 40 images "
+        f"(--batch-size 80). Use a smaller --batch-size or more data"
+    ) in result.stderr
     assert "Started a local Ray" not in result.stderr
 
 

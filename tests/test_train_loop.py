@@ -16,13 +16,28 @@ from pipeline.models.alexnet import build_from_config
 from pipeline.train import worker
 from pipeline.transforms.lighting import IMAGENET
 
-CFG = dataclasses.replace(PRESETS["sample"], width=0.125, crop_size=67, resize_size=76, batch_size=8, workers=1,
-                          epochs=2)
+CFG = dataclasses.replace(
+    PRESETS["sample"], width=0.125, crop_size=67, resize_size=76, batch_size=8, workers=1, epochs=2
+)
 CPU = torch.device("cpu")
 # What every epoch reports: the tracking callback and Ray Train's checkpoint ranking read these.
-EPOCH_KEYS = {"epoch", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5", "lr",
-              "images_per_s", "data_wait_fraction", "train_images", "train_steps", "val_images", "epoch_seconds",
-              "node_id"}
+EPOCH_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "train_top5",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "images_per_s",
+    "data_wait_fraction",
+    "train_images",
+    "train_steps",
+    "val_images",
+    "epoch_seconds",
+    "node_id",
+}
 
 
 class RecordingLoop(worker.TrainLoop):
@@ -50,20 +65,24 @@ class ListShard:
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool, **_: Any):
         n = len(self.rows["label"])
         for i in range(0, n - batch_size + 1 if drop_last else n, batch_size):
-            yield {k: torch.from_numpy(v[i:i + batch_size]) for k, v in self.rows.items()}
+            yield {k: torch.from_numpy(v[i : i + batch_size]) for k, v in self.rows.items()}
 
 
 def rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (n, 67, 67, 3), dtype=np.uint8), "label": rng.integers(0, 10, n),
-            "index": np.arange(n, dtype=np.int64)}
+    return {
+        "image": rng.integers(0, 256, (n, 67, 67, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, n),
+        "index": np.arange(n, dtype=np.int64),
+    }
 
 
 def loop_for(cfg=CFG, **kwargs: Any) -> RecordingLoop:
     torch.manual_seed(0)
     model = worker.place_and_wrap(build_from_config(cfg.to_dict(), 10), cfg, [CPU])
-    return RecordingLoop(worker.LoopSettings(cfg, 10, IMAGENET, classes=tuple(f"n{i}" for i in range(10))), model,
-                         device=CPU, **kwargs)
+    return RecordingLoop(
+        worker.LoopSettings(cfg, 10, IMAGENET, classes=tuple(f"n{i}" for i in range(10))), model, device=CPU, **kwargs
+    )
 
 
 def test_a_step_changes_every_weight_and_an_epoch_counts_its_images():
@@ -88,7 +107,7 @@ def test_the_same_step_draws_the_same_noise_whatever_came_before():
     batch = {"image": torch.from_numpy(rows(8)["image"]), "label": torch.zeros(8, dtype=torch.long)}
     loop.reseed(1, 3)
     first, _ = loop.model_input(batch)
-    torch.rand(5)                    # anything drawn in between
+    torch.rand(5)  # anything drawn in between
     loop.generator.manual_seed(99)
     loop.reseed(1, 3)
     again, _ = loop.model_input(batch)

@@ -7,11 +7,13 @@
     ReadReport                   the run's actor naming undecodable images and retried reads
 
     storage      local paths and s3://: one filesystem, retries counted by cause
-    imagenet     the ILSVRC-2012 layouts (archives, folders, devkit) and the one way to list them
+    imagenet     the ILSVRC-2012 layouts (archives, folders) and the one way to list them
+    devkit       the ILSVRC devkit and val label files
+    clean        what prepare does to each image: a plain RGB JPEG, or a named reason
     shards       Parquet shards and their manifest
     prepare      ImageNet (any layout) -> shards, on Ray
     sample       the generated sample data set, in ImageNet layout
-    sources      the read units of an epoch, per format
+    sources      the read units of an epoch; readers/ holds one reader per format
     plan         the Ray Data plans
 
 The plans import Ray; open_source and everything else do not (a GPU check machine has no Ray), so the
@@ -20,8 +22,18 @@ plan's names are loaded when first asked for.
 
 from pipeline.data.sources import SPLITS, Source, open_source, scan_image_folder
 
-__all__ = ["SPLITS", "Source", "open_source", "scan_image_folder", "train_dataset", "val_dataset", "ReadReport",
-           "ResumePoint", "TrainValDataConfig", "execution_options"]
+__all__ = [
+    "SPLITS",
+    "Source",
+    "open_source",
+    "scan_image_folder",
+    "train_dataset",
+    "val_dataset",
+    "ReadReport",
+    "ResumePoint",
+    "TrainValDataConfig",
+    "execution_options",
+]
 _PLAN = ("train_dataset", "val_dataset", "ReadReport", "ResumePoint", "TrainValDataConfig", "execution_options")
 
 

@@ -32,6 +32,7 @@ DEVKIT_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 
 WNID = re.compile(r"n\d{8}")  # a WordNet id, ImageNet's name of a class
 
+
 def read_loc_val_solution(text: str) -> dict[str, str]:
     """Kaggle's LOC_val_solution.csv -> {"ILSVRC2012_val_00008726": "n02119789", ...}.
 
@@ -107,8 +108,9 @@ def read_val_ground_truth(text: str) -> list[int]:
         try:
             ids.append(int(line))
         except ValueError:  # a blank line in the middle would shift every label after it
-            raise ValueError(f"validation ground truth line {number}: expected an ILSVRC2012_ID, "
-                             f"got {line!r}") from None
+            raise ValueError(
+                f"validation ground truth line {number}: expected an ILSVRC2012_ID, got {line!r}"
+            ) from None
     return ids
 
 
@@ -120,16 +122,19 @@ def val_wnids_from_ground_truth(ground_truth: str, meta: bytes) -> dict[str, str
         if class_id not in id_to_wnid:
             raise ValueError(
                 f"validation ground truth line {index} (ILSVRC2012_val_{index:08d}) has ILSVRC2012_ID {class_id}, "
-                f"which meta.mat has no class for (its classes are IDs {min(id_to_wnid)}..{max(id_to_wnid)})")
+                f"which meta.mat has no class for (its classes are IDs {min(id_to_wnid)}..{max(id_to_wnid)})"
+            )
         labels[f"ILSVRC2012_val_{index:08d}"] = id_to_wnid[class_id]
     return labels
+
 
 # ---------------------------------------------------------------------------------------------
 # Finding the val labels of a root
 
 
-def find_val_labels(root_uri: str, val_labels: str | None = None,
-                    devkit: str | None = None) -> tuple[dict[str, str], str]:
+def find_val_labels(
+    root_uri: str, val_labels: str | None = None, devkit: str | None = None
+) -> tuple[dict[str, str], str]:
     """{val stem: wnid} and where it came from (for messages): explicit URIs first, then root."""
     ground_truth = None  # (text, uri)
     if val_labels is not None:
@@ -144,18 +149,24 @@ def find_val_labels(root_uri: str, val_labels: str | None = None,
     kit = devkit if devkit is not None else next((k for k in in_root if _exists(k)), None)
     if kit is None:
         if ground_truth:
-            raise ValueError(f"{val_labels} numbers classes by ILSVRC2012_ID; mapping them to wnids needs the "
-                             f"devkit's {DEVKIT_META}: pass devkit= (the {DEVKIT_DIR} folder, its .tar.gz or "
-                             f"meta.mat)")
-        raise ValueError(f"val images under {root_uri} have no labels: looked for "
-                         f"{join(root_uri, LOC_VAL_SOLUTION)}, {join(in_root[0], DEVKIT_GROUND_TRUTH)}, "
-                         f"{in_root[1]}. Pass val_labels= ({LOC_VAL_SOLUTION} or "
-                         f"ILSVRC2012_validation_ground_truth.txt) and/or devkit=")
+            raise ValueError(
+                f"{val_labels} numbers classes by ILSVRC2012_ID; mapping them to wnids needs the "
+                f"devkit's {DEVKIT_META}: pass devkit= (the {DEVKIT_DIR} folder, its .tar.gz or "
+                f"meta.mat)"
+            )
+        raise ValueError(
+            f"val images under {root_uri} have no labels: looked for "
+            f"{join(root_uri, LOC_VAL_SOLUTION)}, {join(in_root[0], DEVKIT_GROUND_TRUTH)}, "
+            f"{in_root[1]}. Pass val_labels= ({LOC_VAL_SOLUTION} or "
+            f"ILSVRC2012_validation_ground_truth.txt) and/or devkit="
+        )
     found = _read_devkit(kit)
     ground_truth = ground_truth or found.get("ground_truth")
     if ground_truth is None:
-        raise ValueError(f"devkit {kit} has no {DEVKIT_GROUND_TRUTH}: pass val_labels= "
-                         f"(ILSVRC2012_validation_ground_truth.txt or {LOC_VAL_SOLUTION})")
+        raise ValueError(
+            f"devkit {kit} has no {DEVKIT_GROUND_TRUTH}: pass val_labels= "
+            f"(ILSVRC2012_validation_ground_truth.txt or {LOC_VAL_SOLUTION})"
+        )
     (text, text_uri), (meta, meta_uri) = ground_truth, found["meta"]
     return val_wnids_from_ground_truth(text, meta), f"{text_uri} (classes from {meta_uri})"
 

@@ -32,20 +32,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cache, partial
 
-import cv2
-import numpy as np
 import pyarrow.fs as pafs
-import simplejpeg
-from PIL import Image, ImageFile
 
 from pipeline.data.devkit import WNID, find_val_labels
 from pipeline.data.storage import join, read_bytes, resolve
-from pipeline.transforms import decode
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 LAYOUTS = (
-    "train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG", "val/ILSVRC2012_val_*.JPEG (+ labels)", TRAIN_TAR,
+    "train/<wnid>/*.JPEG",
+    "val/<wnid>/*.JPEG",
+    "val/ILSVRC2012_val_*.JPEG (+ labels)",
+    TRAIN_TAR,
     f"{VAL_TAR} (+ labels)",
 )
 
@@ -54,111 +52,6 @@ ValLabels = Callable[[], tuple[dict[str, str], str]]
 
 VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-# The one PNG and the 22 CMYK JPEGs of the train set, all named .JPEG. Source: tensorflow/models,
-# research/inception/inception/data/build_imagenet_data.py (_is_png, _is_cmyk), which credits
-# github.com/cytsai/ilsvrc-cmyk-image-list. clean_image finds these by content, not by name;
-# the lists are for reports and tests.
-KNOWN_PNG: tuple[str, ...] = ("n02105855_2933.JPEG",)
-KNOWN_CMYK: tuple[str, ...] = (
-    "n01739381_1309.JPEG", "n02077923_14822.JPEG", "n02447366_23489.JPEG", "n02492035_15739.JPEG",
-    "n02747177_10752.JPEG", "n03018349_4028.JPEG", "n03062245_4620.JPEG", "n03347037_9675.JPEG",
-    "n03467068_12171.JPEG", "n03529860_11437.JPEG", "n03544143_17228.JPEG", "n03633091_5218.JPEG",
-    "n03710637_5125.JPEG", "n03961711_5286.JPEG", "n04033995_2932.JPEG", "n04258138_17003.JPEG",
-    "n04264628_27969.JPEG", "n04336792_7448.JPEG", "n04371774_5854.JPEG", "n04596742_4225.JPEG",
-    "n07583066_647.JPEG", "n13037406_4650.JPEG",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# One image
-
-
-@dataclass(frozen=True)
-class CleanImage:
-    jpeg: bytes   # an RGB JPEG
-    width: int    # of the original image, in pixels (before any resize)
-    height: int
-    note: str     # "" when kept or only resized; else what it was converted from, for the report
-
-
-class BadImage(ValueError):
-    """A file that is not a usable image; names it so the prepare job can report it (never replace it)."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"bad image {key!r}: {reason}")
-        self.key = key
-        self.reason = reason
-
-
-# PIL names a JPEG carrying a multi-picture (camera) extension "MPO"; its first frame is a plain JPEG.
-_JPEG_FORMATS = ("JPEG", "MPO")
-_MODE_NAMES = {"L": "grayscale (L)", "LA": "grayscale with alpha (LA)", "P": "palette (P)",
-               "PA": "palette with alpha (PA)", "1": "black and white (1)", "I;16": "16-bit grayscale (I;16)"}
-
-
-def clean_image(data: bytes, *, key: str, resize_shorter: int | None = None, quality: int = 90) -> CleanImage:
-    """Any image file's bytes -> an RGB JPEG, or BadImage naming `key` and why.
-
-    The pixels come from decode.decode_image, the decoder training uses, so a shard holds what
-    training would have seen in the file, and a bad file is refused for the same reason, in words
-    ("zero-byte file", "truncated or corrupt JPEG (...)"). An RGB JPEG that needs no resize comes
-    back byte for byte (no second lossy pass); it is still decoded to the last byte, so a truncated
-    file fails now and not in training. PNG, CMYK, grayscale, palette and alpha images are converted
-    (alpha over white: decode.to_rgb) and encoded at `quality`; `note` says from what.
-
-    resize_shorter: scale so the shorter side is that many pixels, never up. libjpeg decodes at 1/2,
-    1/4 or 1/8 while the shorter side stays >= resize_shorter, and an area-averaging resize
-    (cv2.INTER_AREA) makes the exact size from there. width/height are the original's.
-    """
-    if resize_shorter is not None and resize_shorter < 1:
-        raise ValueError(f"resize_shorter must be a positive number of pixels or None, got {resize_shorter}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be 1..100, got {quality}")
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # With it on, PIL pads a cut-off file with grey and calls it good; a bad file would slip through.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; clean_image needs it "
-                           "off to tell truncated files from good ones")
-    try:
-        # min_size never decodes below the size asked for: an image that needs no resize comes at full size.
-        pixels = decode.decode_image(data, key=key, min_size=resize_shorter)
-    except decode.DecodeError as e:
-        raise BadImage(key, e.reason) from None
-    try:
-        header = Image.open(io.BytesIO(data))  # the header only: the original's size, format and mode
-    except Exception as e:  # decode_image read it, so this is unexpected; still a named file, not a crash
-        raise BadImage(key, f"unreadable header ({type(e).__name__}: {e})") from None
-
-    width, height = header.size
-    converted = header.format not in _JPEG_FORMATS or header.mode != "RGB"
-    new_size = _shorter_side_to(header.size, resize_shorter)
-    if not converted and new_size is None:
-        return CleanImage(data, width, height, "")
-
-    note = ""
-    if converted:
-        sources = [header.format or "an unknown format"] if header.format not in _JPEG_FORMATS else []
-        if header.mode != "RGB":
-            sources.append(_MODE_NAMES.get(header.mode, header.mode))
-        note = "converted from " + ", ".join(sources)
-    if new_size is not None and pixels.shape[1::-1] != new_size:
-        # Area averaging from the DCT-reduced image: every source pixel counts once, no aliasing.
-        pixels = cv2.resize(pixels, new_size, interpolation=cv2.INTER_AREA)
-    # Baseline with 4:2:0 chroma, as PIL writes by default: what every JPEG decoder reads.
-    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
-    return CleanImage(jpeg, width, height, note)
-
-
-def _shorter_side_to(size: tuple[int, int], shorter: int | None) -> tuple[int, int] | None:
-    """(width, height) with the shorter side `shorter` and the aspect kept; None to keep the size."""
-    width, height = size
-    if shorter is None or min(width, height) <= shorter:
-        return None  # never upscale: it adds bytes, not information
-    scale = shorter / min(width, height)
-    if width <= height:
-        return shorter, max(1, round(height * scale))
-    return max(1, round(width * scale)), shorter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,11 +71,11 @@ IMAGENET_NAME = re.compile(r"n\d{8}_\d+|ILSVRC2012_val_\d{8}")
 
 @dataclass(frozen=True)
 class Record:
-    split: str     # "train" | "val"
+    split: str  # "train" | "val"
     image_id: str  # image_id_of(split, member name): unique within the data set and stable across runs
-    key: str       # the original file name, e.g. "n01440764_10026.JPEG"
-    wnid: str      # its class; "" for a stray file found where no image belongs (see skip_reason)
-    data: bytes    # the file's bytes, untouched
+    key: str  # the original file name, e.g. "n01440764_10026.JPEG"
+    wnid: str  # its class; "" for a stray file found where no image belongs (see skip_reason)
+    data: bytes  # the file's bytes, untouched
 
 
 @dataclass(frozen=True, slots=True)  # ImageNet has 1.33 million: no per-object __dict__
@@ -193,8 +86,9 @@ class Member:
     member's name ("ILSVRC2012_val_00000001.JPEG"; "n01440764.tar/n01440764_10026.JPEG" inside an
     inner tar).
     """
+
     name: str
-    wnid: str        # its class; "" when no folder, inner tar or val label gives it one
+    wnid: str  # its class; "" when no folder, inner tar or val label gives it one
     size: int
     offset: int = 0  # archives: where the member's data starts in the archive file
 
@@ -210,10 +104,11 @@ class InputUnit:
     kind "inner_tar":   one member, a <wnid>.tar inside the train archive at uri, whose own files are
                         known once index_inner_tar has read its headers (count None until then)
     """
+
     split: str
     kind: str
     uri: str
-    nbytes: int        # bytes of its members: sizes the shards
+    nbytes: int  # bytes of its members: sizes the shards
     count: int | None  # files it holds, when known
     members: tuple[Member, ...] = ()
 
@@ -241,8 +136,9 @@ def discover_inputs(root: str, *, val_labels: str | None = None, devkit: str | N
         has_folder = entries.get(split) == pafs.FileType.Directory
         has_archive = entries.get(archive) == pafs.FileType.File
         if has_folder and has_archive:
-            raise ValueError(f"{root!r} holds both {split}/ and {archive}: move one away so each {split} image "
-                             f"is read once")
+            raise ValueError(
+                f"{root!r} holds both {split}/ and {archive}: move one away so each {split} image is read once"
+            )
         if has_folder:
             units += _units(split, "files", root_uri, folder_members(fs, base, split, labels))
         elif has_archive:
@@ -269,8 +165,10 @@ def index_inner_tar(unit: InputUnit) -> InputUnit:
             with tarfile.open(fileobj=view, mode="r:") as tar:
                 infos = tar.getmembers()
         except tarfile.TarError as e:
-            raise ValueError(f"{unit.uri}: {inner.name} (bytes {inner.offset}..{inner.offset + inner.size}) is "
-                             f"not a readable tar ({e}); is the archive complete?") from None
+            raise ValueError(
+                f"{unit.uri}: {inner.name} (bytes {inner.offset}..{inner.offset + inner.size}) is "
+                f"not a readable tar ({e}); is the archive complete?"
+            ) from None
     members = []
     for info in infos:
         if info.isdir():
@@ -279,8 +177,14 @@ def index_inner_tar(unit: InputUnit) -> InputUnit:
             raise ValueError(f"{unit.uri}: {info.name!r} in {inner.name} is neither a file nor a folder")
         members.append(Member(f"{inner.name}/{info.name}", inner.wnid, info.size, inner.offset + info.offset_data))
     check_unique_ids(unit.split, members)
-    return InputUnit(unit.split, "tar_members", unit.uri, nbytes=sum(m.size for m in members),
-                     count=len(members), members=tuple(members))
+    return InputUnit(
+        unit.split,
+        "tar_members",
+        unit.uri,
+        nbytes=sum(m.size for m in members),
+        count=len(members),
+        members=tuple(members),
+    )
 
 
 def iter_records(unit: InputUnit, threads: int = FETCH_THREADS) -> Iterator[Record]:
@@ -301,8 +205,9 @@ def iter_records(unit: InputUnit, threads: int = FETCH_THREADS) -> Iterator[Reco
         else:
             raise ValueError(f"unknown InputUnit kind {unit.kind!r}")
         for member, data in _fetch_ahead(fetch, unit.members, threads):
-            yield Record(unit.split, image_id_of(unit.split, member.name), posixpath.basename(member.name),
-                         member.wnid, data)
+            yield Record(
+                unit.split, image_id_of(unit.split, member.name), posixpath.basename(member.name), member.wnid, data
+            )
 
 
 def skip_reason(member: Member) -> str:
@@ -338,9 +243,11 @@ def check_unique_ids(split: str, members: list[Member]) -> None:
     repeated = [image_id for image_id, n in ids.items() if n > 1]
     if repeated:
         where = [m.name for m in members if image_id_of(split, m.name) == repeated[0]]
-        raise ValueError(f"{len(repeated)} {split} image_ids belong to more than one file, e.g. {repeated[0]!r} "
-                         f"to {where[:3]}: an ImageNet name (<wnid>_<n>, ILSVRC2012_val_<8 digits>) is the id "
-                         f"whatever its folder or extension. Remove or rename the copies")
+        raise ValueError(
+            f"{len(repeated)} {split} image_ids belong to more than one file, e.g. {repeated[0]!r} "
+            f"to {where[:3]}: an ImageNet name (<wnid>_<n>, ILSVRC2012_val_<8 digits>) is the id "
+            f"whatever its folder or extension. Remove or rename the copies"
+        )
 
 
 def _stem(key: str) -> str:
@@ -357,8 +264,9 @@ def _units(split: str, kind: str, uri: str, members: list[Member]) -> list[Input
     if not members:
         return []
     check_unique_ids(split, members)
-    return [InputUnit(split, kind, uri, nbytes=sum(m.size for m in members), count=len(members),
-                      members=tuple(members))]
+    return [
+        InputUnit(split, kind, uri, nbytes=sum(m.size for m in members), count=len(members), members=tuple(members))
+    ]
 
 
 def _read_member_with(handles: queue.SimpleQueue, uri: str, member: Member) -> bytes:
@@ -372,8 +280,10 @@ def _read_member_with(handles: queue.SimpleQueue, uri: str, member: Member) -> b
 def _read_member(archive, uri: str, member: Member) -> bytes:
     data = archive.read_at(member.size, member.offset)
     if len(data) != member.size:
-        raise OSError(f"{uri}: member {member.name!r} ends after {len(data)} of {member.size} bytes; did the "
-                      f"archive change since discover_inputs?")
+        raise OSError(
+            f"{uri}: member {member.name!r} ends after {len(data)} of {member.size} bytes; did the "
+            f"archive change since discover_inputs?"
+        )
     return data
 
 
@@ -405,12 +315,14 @@ def folder_members(fs: pafs.FileSystem, base: str, split: str, labels: ValLabels
     relative = [posixpath.relpath(i.path, split_dir).split("/") for i in files]
     if all(len(parts) == 1 for parts in relative):  # no class folders
         if files and split == "train":
-            raise ValueError(f"{split_dir} holds files but no class folders <wnid>/: train labels come from "
-                             f"those folders")
+            raise ValueError(
+                f"{split_dir} holds files but no class folders <wnid>/: train labels come from those folders"
+            )
         return _label_val([Member(join(split, i.base_name), "", i.size) for i in files], labels)
     # Class folders: the first folder is the class; a file beside them belongs to none (wnid "").
-    return [Member(join(split, *parts), parts[0] if len(parts) > 1 else "", i.size)
-            for i, parts in zip(files, relative)]
+    return [
+        Member(join(split, *parts), parts[0] if len(parts) > 1 else "", i.size) for i, parts in zip(files, relative)
+    ]
 
 
 def is_image_name(name: str) -> bool:
@@ -435,8 +347,10 @@ def _label_val(members: list[Member], labels: ValLabels) -> list[Member]:
             unlabelled.append(m.name)
         out.append(Member(m.name, stem_to_wnid.get(stem, ""), m.size, m.offset))
     if unlabelled:
-        raise ValueError(f"{len(unlabelled)} val images have no label in {source}: {', '.join(unlabelled[:5])}"
-                         f"{' ...' if len(unlabelled) > 5 else ''}")
+        raise ValueError(
+            f"{len(unlabelled)} val images have no label in {source}: {', '.join(unlabelled[:5])}"
+            f"{' ...' if len(unlabelled) > 5 else ''}"
+        )
     return out
 
 
@@ -457,14 +371,19 @@ def _archive_units(fs: pafs.FileSystem, path: str, uri: str, split: str, labels:
 
     if split == "val":
         return _units(split, "tar_members", uri, _label_val(files, labels))
+
     # Train: an inner_tar unit per <wnid>.tar; anything else in the outer tar is a stray file (wnid "").
     def class_of(m: Member) -> str:
         stem = _stem(posixpath.basename(m.name))
         return stem if m.name.endswith(".tar") and WNID.fullmatch(stem) else ""
 
-    inner = [InputUnit(split, "inner_tar", uri, nbytes=m.size, count=None,
-                       members=(Member(m.name, class_of(m), m.size, m.offset),))
-             for m in files if class_of(m)]
+    inner = [
+        InputUnit(
+            split, "inner_tar", uri, nbytes=m.size, count=None, members=(Member(m.name, class_of(m), m.size, m.offset),)
+        )
+        for m in files
+        if class_of(m)
+    ]
     return inner + _units(split, "tar_members", uri, [m for m in files if not class_of(m)])
 
 
@@ -493,6 +412,6 @@ class _ByteRange(io.RawIOBase):
         if n <= 0:
             return 0
         data = self._f.read_at(n, self._start + self._pos)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)

@@ -24,8 +24,9 @@ ReadReport report; it is never replaced by another image.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -85,8 +86,8 @@ class ResumePoint:
 
 
 # Set in a dataset's DataContext, which Ray Data hands to every task of the dataset.
-EPOCH_BASE = "alexnet.epoch_base"   # the epoch = this + the dataset's execution index
-SKIP = "alexnet.skip"               # (epoch, ObjectRef of the sorted indices to leave out of it)
+EPOCH_BASE = "alexnet.epoch_base"  # the epoch = this + the dataset's execution index
+SKIP = "alexnet.skip"  # (epoch, ObjectRef of the sorted indices to leave out of it)
 
 
 def start_at(dataset: ray.data.Dataset, epoch: int, consumed: np.ndarray | None = None) -> ray.data.Dataset:
@@ -117,13 +118,25 @@ def _skipped(epoch: int) -> np.ndarray | None:
 def _check_labels(labels: np.ndarray, keys, num_classes: int) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
-        raise ValueError(f"image {keys[bad[0]]!r} has label {labels[bad[0]]}, outside the {num_classes} classes "
-                         f"(--num-classes)")
+        raise ValueError(
+            f"image {keys[bad[0]]!r} has label {labels[bad[0]]}, outside the {num_classes} classes (--num-classes)"
+        )
 
 
-def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, seed: int, resize_size: int,
-                crop_size: int, flip_p: float, report, keys: bool, decode: bool = True,
-                augment: bool = True) -> Iterator[dict[str, Any]]:
+def _read_units(
+    batch: dict[str, np.ndarray],
+    *,
+    source: Source,
+    split: str,
+    seed: int,
+    resize_size: int,
+    crop_size: int,
+    flip_p: float,
+    report,
+    keys: bool,
+    decode: bool = True,
+    augment: bool = True,
+) -> Iterator[dict[str, Any]]:
     """One Ray Data task: the read units named by batch["id"], each read, decoded, cropped and handed
     on as its own block (with decode=False, for --decode-on gpu, the bytes are handed on instead).
     Training crops are random crops and flips (§4.1), or with augment=False (--augment off) the
@@ -139,13 +152,18 @@ def _read_units(batch: dict[str, np.ndarray], *, source: Source, split: str, see
         keep = None if skipped is None else ~np.isin(rows["index"], skipped)
         if not decode:
             rows = _kept(rows, keep)
-            yield {"jpeg": np.array(rows["jpeg"], dtype=object), "key": np.array(rows["key"], dtype=object),
-                   "label": rows["label"], "index": rows["index"]}
+            yield {
+                "jpeg": np.array(rows["jpeg"], dtype=object),
+                "key": np.array(rows["key"], dtype=object),
+                "label": rows["label"],
+                "index": rows["index"],
+            }
             continue
         if train and augment:
             rng = np.random.default_rng([seed, epoch, int(unit), 1])
-            out = stages.random_crops(rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p,
-                                      errors=errors, keep=keep)
+            out = stages.random_crops(
+                rows, rng, resize_size=resize_size, crop_size=crop_size, flip_p=flip_p, errors=errors, keep=keep
+            )
         else:
             out = stages.center_crops(_kept(rows, keep), resize_size=resize_size, crop_size=crop_size, errors=errors)
         if out.get("failed"):
@@ -190,13 +208,23 @@ def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Datas
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     tasks = num_tasks(units, cpus)
     decode = cfg.decode_on == "cpu"
-    fn = partial(_read_units, source=source, split=split, seed=cfg.seed, resize_size=cfg.resize_size,
-                 crop_size=cfg.crop_size, flip_p=cfg.flip_p, report=report, keys=keys, decode=decode,
-                 augment=cfg.augment == "on")
+    fn = partial(
+        _read_units,
+        source=source,
+        split=split,
+        seed=cfg.seed,
+        resize_size=cfg.resize_size,
+        crop_size=cfg.crop_size,
+        flip_p=cfg.flip_p,
+        report=report,
+        keys=keys,
+        decode=decode,
+        augment=cfg.augment == "on",
+    )
     # One row per read unit, a few rows per Ray task; Ray fuses the range and the map.
-    dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(fn, batch_size=None,
-                                                                           batch_format="numpy",
-                                                                           **placement_args(cfg))
+    dataset = ray.data.range(units, override_num_blocks=tasks).map_batches(
+        fn, batch_size=None, batch_format="numpy", **placement_args(cfg)
+    )
     # A block closes when it outgrows this: just under one unit's crops, so every unit leaves its
     # task as soon as it is decoded and the first batch waits for one unit, not for a whole task.
     # Undecoded (--decode-on gpu), a unit is its JPEG bytes: 40 KB an image at the least (256-px shards).

@@ -6,7 +6,7 @@
     assign        shard = shards.shard_of(image_id), on the driver, before anything is read: every shard
                   mixes all classes, and a re-run knows which files its missing shards need
     write_shard   one task per missing shard, in parallel: reads exactly its files (16 reads in flight),
-                  cleans each (imagenet.clean_image: RGB JPEG, optionally resized to 256, or a reason),
+                  cleans each (clean.clean_image: RGB JPEG, optionally resized to 256, or a reason),
                   writes the Parquet file, then its sidecar
     manifest      assembled from the sidecars, written last
 
@@ -39,6 +39,7 @@ from typing import Any
 
 from pipeline import cluster
 from pipeline.data import imagenet, shards, storage
+from pipeline.data.clean import BadImage, clean_image
 from pipeline.transforms import lighting
 
 # Bytes per image after resizing to shorter side 256 at quality 90, as a fraction of the original:
@@ -65,8 +66,9 @@ def train_classes(units: list[imagenet.InputUnit]) -> list[str]:
     return sorted(wnids)
 
 
-def assign_shards(units: list[imagenet.InputUnit], num_shards: dict[str, int],
-                  todo: dict[str, list[int]]) -> dict[tuple[str, int], imagenet.InputUnit]:
+def assign_shards(
+    units: list[imagenet.InputUnit], num_shards: dict[str, int], todo: dict[str, list[int]]
+) -> dict[tuple[str, int], imagenet.InputUnit]:
     """(split, shard) -> a unit of exactly the files of that shard, in image_id order (the order of
     the rows in the shard), for every shard in todo; a shard no file hashed to gets an empty unit
     (it is written empty, still part of the set)."""
@@ -77,10 +79,13 @@ def assign_shards(units: list[imagenet.InputUnit], num_shards: dict[str, int],
         # A split has one layout, so one way to read it: a folder, or an archive (inner tars and strays alike).
         first = sources.setdefault(unit.split, unit)
         if (first.kind, first.uri) != (unit.kind, unit.uri):
-            raise ValueError(f"{unit.split} files come from both {first.uri} ({first.kind}) and {unit.uri} "
-                             f"({unit.kind}); expected one layout per split")
+            raise ValueError(
+                f"{unit.split} files come from both {first.uri} ({first.kind}) and {unit.uri} "
+                f"({unit.kind}); expected one layout per split"
+            )
     parts: dict[tuple[str, int], list[tuple[str, imagenet.Member]]] = {
-        (split, index): [] for split, indices in todo.items() for index in indices}
+        (split, index): [] for split, indices in todo.items() for index in indices
+    }
     for unit in units:
         for m in unit.members:
             image_id = imagenet.image_id_of(unit.split, m.name)
@@ -91,13 +96,24 @@ def assign_shards(units: list[imagenet.InputUnit], num_shards: dict[str, int],
     for (split, index), members in parts.items():
         members.sort(key=lambda pair: pair[0])
         work[split, index] = dataclasses.replace(
-            sources[split], members=tuple(m for _, m in members), nbytes=sum(m.size for _, m in members),
-            count=len(members))
+            sources[split],
+            members=tuple(m for _, m in members),
+            nbytes=sum(m.size for _, m in members),
+            count=len(members),
+        )
     return work
 
 
-def write_shard(unit: imagenet.InputUnit, index: int, *, out: str, classes: list[str], resize: int | None,
-                quality: int, options: dict[str, Any]) -> dict[str, Any]:
+def write_shard(
+    unit: imagenet.InputUnit,
+    index: int,
+    *,
+    out: str,
+    classes: list[str],
+    resize: int | None,
+    quality: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
     """Shard `index` of unit.split from exactly the files of `unit` (in image_id order): each read,
     cleaned and added to the shard, which is written with its sidecar; returns the sidecar.
 
@@ -108,28 +124,52 @@ def write_shard(unit: imagenet.InputUnit, index: int, *, out: str, classes: list
     for m in unit.members:
         reason = imagenet.skip_reason(m) or (f"class {m.wnid} has no train images" if m.wnid not in label else "")
         if reason:  # never read: training from the folder would not read it either
-            bad.append({"image_id": imagenet.image_id_of(unit.split, m.name), "key": posixpath.basename(m.name),
-                        "reason": reason, "action": "skipped"})
+            bad.append(
+                {
+                    "image_id": imagenet.image_id_of(unit.split, m.name),
+                    "key": posixpath.basename(m.name),
+                    "reason": reason,
+                    "action": "skipped",
+                }
+            )
         else:
             to_read.append(m)
 
     writer = shards.ShardWriter(unit.split, index)
     for record in imagenet.iter_records(dataclasses.replace(unit, members=tuple(to_read))):
         try:
-            clean = imagenet.clean_image(record.data, key=record.key, resize_shorter=resize, quality=quality)
-        except imagenet.BadImage as e:
+            clean = clean_image(record.data, key=record.key, resize_shorter=resize, quality=quality)
+        except BadImage as e:
             bad.append({"image_id": record.image_id, "key": record.key, "reason": e.reason, "action": "skipped"})
             continue
         if clean.note:
             bad.append({"image_id": record.image_id, "key": record.key, "reason": clean.note, "action": "converted"})
-        writer.add({"image_id": record.image_id, "key": record.key, "label": label[record.wnid], "wnid": record.wnid,
-                    "jpeg": clean.jpeg, "width": clean.width, "height": clean.height})
+        writer.add(
+            {
+                "image_id": record.image_id,
+                "key": record.key,
+                "label": label[record.wnid],
+                "wnid": record.wnid,
+                "jpeg": clean.jpeg,
+                "width": clean.width,
+                "height": clean.height,
+            }
+        )
     return writer.finish(*storage.resolve(out), bad, options)
 
 
-def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90, target_mb: float = 128,
-            val_labels: str | None = None, devkit: str | None = None, lighting_sample: int | None = None,
-            log=print) -> dict[str, Any]:
+def prepare(
+    root: str,
+    out: str,
+    *,
+    resize: int | None = None,
+    quality: int = 90,
+    target_mb: float = 128,
+    val_labels: str | None = None,
+    devkit: str | None = None,
+    lighting_sample: int | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Convert ImageNet under `root` into shards under `out` (local or s3://); returns the manifest."""
     import ray
 
@@ -140,33 +180,41 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
     classes = train_classes(units)
     num_shards = plan_shards(units, target_bytes=int(target_mb * 2**20), resize=resize)
     classes_sha = hashlib.sha256("\n".join(classes).encode()).hexdigest()
-    options = {split: {"resize_shorter": resize, "quality": quality, "num_shards": n, "classes_sha256": classes_sha}
-               for split, n in num_shards.items()}
+    options = {
+        split: {"resize_shorter": resize, "quality": quality, "num_shards": n, "classes_sha256": classes_sha}
+        for split, n in num_shards.items()
+    }
 
     out_fs, out_root = storage.resolve(out)
-    found = {split: shards.complete_shards(out_fs, out_root, split, options[split], n)
-             for split, n in num_shards.items()}
+    found = {
+        split: shards.complete_shards(out_fs, out_root, split, options[split], n) for split, n in num_shards.items()
+    }
     not_a_manifest = shards.foreign_manifest(out_fs, out_root)
     foreign = [name for _, names in found.values() for name in names] + ([not_a_manifest] if not_a_manifest else [])
     if foreign:
         raise FileExistsError(
             f"{out} already holds {len(foreign)} files that this job did not write, at names it would write: "
             f"{'; '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}. It never overwrites them: move them "
-            f"away, or choose another output")
+            f"away, or choose another output"
+        )
     done = {split: cars for split, (cars, _) in found.items()}
     todo = {split: sorted(set(range(n)) - set(done[split])) for split, n in num_shards.items()}
     inner_tars = sum(u.kind == "inner_tar" for u in units)
-    log(f"[prepare] {sum(u.count or 0 for u in units):,} files"
-        + (f" and {inner_tars} inner tars to index" if inner_tars else "") + f", {len(classes)} classes; shards "
-        + ", ".join(f"{s}: {len(done[s])}/{n} already complete" for s, n in num_shards.items()))
+    log(
+        f"[prepare] {sum(u.count or 0 for u in units):,} files"
+        + (f" and {inner_tars} inner tars to index" if inner_tars else "")
+        + f", {len(classes)} classes; shards "
+        + ", ".join(f"{s}: {len(done[s])}/{n} already complete" for s, n in num_shards.items())
+    )
 
     units = _index_inner_tars(units, todo, log)
     work = assign_shards(units, num_shards, todo)
     written: dict[str, list[dict]] = {split: list(cars.values()) for split, cars in done.items()}
     task = ray.remote(_write_shard_counting_retries)
-    pending = [task.remote(unit, index, out=out, classes=classes, resize=resize, quality=quality,
-                           options=options[split])
-               for (split, index), unit in work.items()]
+    pending = [
+        task.remote(unit, index, out=out, classes=classes, resize=resize, quality=quality, options=options[split])
+        for (split, index), unit in work.items()
+    ]
     images, writing, retried = 0, time.time(), Counter[str]()
     while pending:  # sidecars as shards finish, for progress; a failed task raises here
         [ready], pending = ray.wait(pending, num_returns=1)
@@ -174,20 +222,27 @@ def prepare(root: str, out: str, *, resize: int | None = None, quality: int = 90
         retried.update(task_retried)
         written[car["split"]].append(car)
         images += car["rows"] + sum(b["action"] == "skipped" for b in car["bad_files"])
-        log(f"[prepare] {car['path']}: {car['rows']} images; {len(work) - len(pending)}/{len(work)} shards, "
-            f"{images / (time.time() - writing):.0f} inputs/s")
+        log(
+            f"[prepare] {car['path']}: {car['rows']} images; {len(work) - len(pending)}/{len(work)} shards, "
+            f"{images / (time.time() - writing):.0f} inputs/s"
+        )
 
-    manifest = shards.build_manifest(source=source, classes=classes, sidecars=written, options=options,
-                                     val_labels=val_labels or devkit or "auto")
+    manifest = shards.build_manifest(
+        source=source, classes=classes, sidecars=written, options=options, val_labels=val_labels or devkit or "auto"
+    )
     if lighting_sample is not None:
         manifest["lighting"] = _lighting(out, manifest, lighting_sample)
     storage.write_bytes(out_fs, storage.join(out_root, shards.MANIFEST), shards.manifest_bytes(manifest))
     for split, info in manifest["splits"].items():
-        log(f"[prepare] {split}: {info['inputs']} inputs = {info['images']} written + {info['skipped']} skipped "
-            f"({info['converted']} converted) in {len(info['shards'])} shards")
+        log(
+            f"[prepare] {split}: {info['inputs']} inputs = {info['images']} written + {info['skipped']} skipped "
+            f"({info['converted']} converted) in {len(info['shards'])} shards"
+        )
     if retried:  # not in the manifest: the same data gives the same manifest, whatever the store did
-        log("[prepare] reads retried after transient storage errors: "
-            + ", ".join(f"{cause} {n}" for cause, n in sorted(retried.items())))
+        log(
+            "[prepare] reads retried after transient storage errors: "
+            + ", ".join(f"{cause} {n}" for cause, n in sorted(retried.items()))
+        )
     log(f"[prepare] manifest at {storage.join(out, shards.MANIFEST)} in {time.time() - started:.0f} s")
     return manifest
 
@@ -206,15 +261,23 @@ def absolute_apart(root: str, out: str) -> tuple[str, str]:
     (_, in_path), (_, out_path) = storage.resolve(root), storage.resolve(out)
     source, output = imagenet.as_uri(root, in_path), imagenet.as_uri(out, out_path)
     if source.startswith("s3://") == output.startswith("s3://"):
+
         def within(path: str, folder: str) -> bool:
             return path == folder or path.startswith(folder.rstrip("/") + "/")
 
         if within(output, source) or within(source, output):
-            where = ("is the input" if output == source else "is inside the input" if within(output, source)
-                     else "holds the input")
-            raise ValueError(f"the output {out!r} ({output}) {where} {root!r} ({source}): the shards would be "
-                             f"written among the images they are made from. Choose an output outside the input "
-                             f"and the input outside the output")
+            where = (
+                "is the input"
+                if output == source
+                else "is inside the input"
+                if within(output, source)
+                else "holds the input"
+            )
+            raise ValueError(
+                f"the output {out!r} ({output}) {where} {root!r} ({source}): the shards would be "
+                f"written among the images they are made from. Choose an output outside the input "
+                f"and the input outside the output"
+            )
     return source, output
 
 
@@ -240,7 +303,6 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
     """§4.1's PCA over the written train shards (sample 0 = every image)."""
     import ray.data
 
-
     fs, root = storage.resolve(out)
     paths = [storage.join(root, s["path"]) for s in manifest["splits"]["train"]["shards"] if s["rows"]]
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["jpeg"])
@@ -251,22 +313,35 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """jobs/prepare_imagenet.py's flags, checked; exits 2 with a usage message naming a bad one."""
-    parser = argparse.ArgumentParser(description="ImageNet (as downloaded or extracted) -> Parquet shards + "
-                                                 "manifest.json, locally or on s3://.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description="ImageNet (as downloaded or extracted) -> Parquet shards + manifest.json, locally or on s3://.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("source", help="ImageNet root: a local folder or s3://bucket/prefix")
     parser.add_argument("output", help="where the shards go: a local folder or s3://bucket/prefix")
-    parser.add_argument("--resize", type=int, default=None,
-                        help="store images with the shorter side resized to this (the paper's 256), re-encoded")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="store images with the shorter side resized to this (the paper's 256), re-encoded",
+    )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     parser.add_argument("--shard-mb", type=float, default=128, help="target shard size in MB")
-    parser.add_argument("--val-labels", default=None,
-                        help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt "
-                             "(default: found in source)")
-    parser.add_argument("--devkit", default=None,
-                        help="ILSVRC2012_devkit_t12 folder, .tar.gz or meta.mat (default: found in source)")
-    parser.add_argument("--lighting-sample", type=int, default=None,
-                        help="compute §4.1's PCA lighting from this many train images (0 = all) into the manifest")
+    parser.add_argument(
+        "--val-labels",
+        default=None,
+        help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt (default: found in source)",
+    )
+    parser.add_argument(
+        "--devkit", default=None, help="ILSVRC2012_devkit_t12 folder, .tar.gz or meta.mat (default: found in source)"
+    )
+    parser.add_argument(
+        "--lighting-sample",
+        type=int,
+        default=None,
+        help="compute §4.1's PCA lighting from this many train images (0 = all) into the manifest",
+    )
     args = parser.parse_args(argv)
     if args.resize is not None and args.resize < 1:
         parser.error(f"--resize must be at least 1, got {args.resize}")

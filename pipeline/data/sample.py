@@ -39,11 +39,18 @@ from PIL import Image, ImageDraw
 # Real ILSVRC-2012 wnids (tench, goldfish, great white shark, tiger shark, hammerhead, electric
 # ray, stingray, cock, hen, ostrich), sorted, as the class index order of the real set is.
 SAMPLE_WNIDS: tuple[str, ...] = (
-    "n01440764", "n01443537", "n01484850", "n01491361", "n01494475",
-    "n01496331", "n01498041", "n01514668", "n01514859", "n01518878",
+    "n01440764",
+    "n01443537",
+    "n01484850",
+    "n01491361",
+    "n01494475",
+    "n01496331",
+    "n01498041",
+    "n01514668",
+    "n01514859",
+    "n01518878",
 )
-PATTERNS = ("circle", "square", "triangle", "hstripes", "vstripes",
-            "dstripes", "checker", "ring", "plus", "dots")
+PATTERNS = ("circle", "square", "triangle", "hstripes", "vstripes", "dstripes", "checker", "ring", "plus", "dots")
 # Bumped when the drawing changes, so a cached sample drawn by older code is regenerated.
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
@@ -52,8 +59,14 @@ ODD_MODE_FRACTION = 0.01
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
-def generate_sample_imagenet(root: str | os.PathLike, *, num_classes: int = 10, train_per_class: int = 260,
-                             val_per_class: int = 50, seed: int = 0) -> Path:
+def generate_sample_imagenet(
+    root: str | os.PathLike,
+    *,
+    num_classes: int = 10,
+    train_per_class: int = 260,
+    val_per_class: int = 50,
+    seed: int = 0,
+) -> Path:
     """Write the sample into `root` (created if needed) and return it as a Path.
 
     Deterministic: the same arguments give byte-identical files. Each image draws from its own
@@ -65,8 +78,9 @@ def generate_sample_imagenet(root: str | os.PathLike, *, num_classes: int = 10, 
     for name, per_class in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         # Two images per split at least: one grayscale and one CMYK are always written.
         if per_class < 1 or num_classes * per_class < 2:
-            raise ValueError(f"{name} must be >= 1 and give a split of >= 2 images, got {per_class} "
-                             f"with num_classes={num_classes}")
+            raise ValueError(
+                f"{name} must be >= 1 and give a split of >= 2 images, got {per_class} with num_classes={num_classes}"
+            )
 
     root = Path(root)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -120,8 +134,9 @@ def draw_image(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _pattern_mask(pattern: str, dy: np.ndarray, dx: np.ndarray, r: float, short: int,
-                  rng: np.random.Generator) -> np.ndarray:
+def _pattern_mask(
+    pattern: str, dy: np.ndarray, dx: np.ndarray, r: float, short: int, rng: np.random.Generator
+) -> np.ndarray:
     """Boolean (H, W) foreground of a pattern; dy, dx are (H, 1), (1, W) offsets from the centre.
 
     Shapes use the centre and radius r; textures fill the whole image (any crop keeps them) with a
@@ -143,7 +158,7 @@ def _pattern_mask(pattern: str, dy: np.ndarray, dx: np.ndarray, r: float, short:
         return (d2 < r**2) & (d2 > inner**2)
     if pattern == "plus":
         arm = r * rng.uniform(0.18, 0.28)  # thin enough to tell from a square at 64 px
-        return (((np.abs(dx) < arm) & (np.abs(dy) < r)) | ((np.abs(dy) < arm) & (np.abs(dx) < r)))
+        return ((np.abs(dx) < arm) & (np.abs(dy) < r)) | ((np.abs(dy) < arm) & (np.abs(dx) < r))
     if pattern == "hstripes":
         return (dy + phase) % period < period / 2  # (H, 1): the caller broadcasts
     if pattern == "vstripes":
@@ -218,8 +233,9 @@ def _discard_stale(root: Path) -> None:
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return
     if _complete_params(root) is None:
-        raise FileExistsError(f"{str(root)!r} exists and is not a generated sample (no .complete); "
-                              "choose another folder or remove it")
+        raise FileExistsError(
+            f"{str(root)!r} exists and is not a generated sample (no .complete); choose another folder or remove it"
+        )
     # Renamed aside first, so no reader finds a half-deleted dataset under the real name.
     trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
     try:
@@ -236,6 +252,7 @@ def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) ->
     """An (H, W, 3) uint8 image with the statistics that make photos cost what they cost to decode:
     a 1/f luminance field (natural images' power spectrum), smoother colour, hard-edged shapes in
     front, and grain."""
+
     def noise(beta: float) -> np.ndarray:  # unit-variance noise with a 1/f^beta amplitude spectrum
         fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
         f = np.hypot(fx, fy)
@@ -259,9 +276,17 @@ def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) ->
     return out.clip(0, 255).astype(np.uint8)
 
 
-def generate_photo_imagenet(root: str | os.PathLike, *, images: int = 1500, num_classes: int = 10,
-                            val_fraction: float = 0.1, size: tuple[int, int] = (500, 375), quality: int = 90,
-                            seed: int = 0, processes: int | None = None) -> Path:
+def generate_photo_imagenet(
+    root: str | os.PathLike,
+    *,
+    images: int = 1500,
+    num_classes: int = 10,
+    val_fraction: float = 0.1,
+    size: tuple[int, int] = (500, 375),
+    quality: int = 90,
+    seed: int = 0,
+    processes: int | None = None,
+) -> Path:
     """`images` photo-like JPEGs of `size` (width, height) in ImageNet layout under root, split
     train / val by val_fraction across num_classes; deterministic, and skips files already there
     (so a large set can be generated in several goes). Uses `processes` CPU cores (default all)."""

@@ -34,15 +34,18 @@ VERSION = 1
 MANIFEST = "manifest.json"
 # Images per Parquet row group: the unit a training task reads (sources.py), ~10-30 MB of JPEG.
 ROW_GROUP_SIZE = 256
-SCHEMA = pa.schema([
-    ("image_id", pa.string()),   # imagenet.image_id_of: "train/n01440764_10026", unique, stable
-    ("key", pa.string()),        # the original file name
-    ("label", pa.int32()),       # position of the wnid in sorted order, the standard ImageNet index
-    ("wnid", pa.string()),
-    ("jpeg", pa.binary()),       # an RGB JPEG: as it came, or converted / resized by the prepare job
-    ("width", pa.int32()),       # of the original image
-    ("height", pa.int32()),
-], metadata={"format": FORMAT})
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),  # imagenet.image_id_of: "train/n01440764_10026", unique, stable
+        ("key", pa.string()),  # the original file name
+        ("label", pa.int32()),  # position of the wnid in sorted order, the standard ImageNet index
+        ("wnid", pa.string()),
+        ("jpeg", pa.binary()),  # an RGB JPEG: as it came, or converted / resized by the prepare job
+        ("width", pa.int32()),  # of the original image
+        ("height", pa.int32()),
+    ],
+    metadata={"format": FORMAT},
+)
 
 
 def shard_of(image_id: str, num_shards: int) -> int:
@@ -70,8 +73,9 @@ class ShardWriter:
 
     def add(self, row: dict[str, Any]) -> None:
         if self._last_id is not None and row["image_id"] <= self._last_id:
-            raise ValueError(f"shard rows must come in increasing image_id order: {row['image_id']!r} "
-                             f"after {self._last_id!r}")
+            raise ValueError(
+                f"shard rows must come in increasing image_id order: {row['image_id']!r} after {self._last_id!r}"
+            )
         self._last_id = row["image_id"]
         self._group.append(row)
         self.rows += 1
@@ -85,8 +89,9 @@ class ShardWriter:
             self._writer.write_table(group, row_group_size=ROW_GROUP_SIZE)
             self._group = []
 
-    def finish(self, fs: pafs.FileSystem, root: str, bad: list[dict[str, str]],
-               options: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, fs: pafs.FileSystem, root: str, bad: list[dict[str, str]], options: dict[str, Any]
+    ) -> dict[str, Any]:
         """Write the shard, then its sidecar (last: it marks the shard complete); returns the sidecar."""
         self._flush()
         self._writer.close()
@@ -110,8 +115,9 @@ class ShardWriter:
         return sidecar
 
 
-def complete_shards(fs: pafs.FileSystem, root: str, split: str, options: dict[str, Any],
-                    num_shards: int) -> tuple[dict[int, dict[str, Any]], list[str]]:
+def complete_shards(
+    fs: pafs.FileSystem, root: str, split: str, options: dict[str, Any], num_shards: int
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """Sidecars of shards that a previous run finished with the same options, verified by sha256;
     and the files at this split's shard names that this job did not write, each with why (to be
     reported, never overwritten).
@@ -128,8 +134,11 @@ def complete_shards(fs: pafs.FileSystem, root: str, split: str, options: dict[st
             sidecar, problem = _read_sidecar(fs, sidecar_path, name)
             if problem:
                 foreign.append(f"{name}.json ({problem})")
-            elif (sidecar["options"] == options and shard_info.type == pafs.FileType.File
-                  and storage.sha256_of(fs, shard_path) == sidecar["sha256"]):
+            elif (
+                sidecar["options"] == options
+                and shard_info.type == pafs.FileType.File
+                and storage.sha256_of(fs, shard_path) == sidecar["sha256"]
+            ):
                 done[index] = sidecar
         elif shard_info.type == pafs.FileType.File and not _is_our_shard(fs, shard_path):
             # No sidecar: ours if a run stopped between the two writes, which its footer tells.
@@ -174,8 +183,14 @@ def foreign_manifest(fs: pafs.FileSystem, root: str) -> str:
     return f"{MANIFEST} ({problem})" if problem else ""
 
 
-def build_manifest(*, source: str, classes: list[str], sidecars: dict[str, list[dict[str, Any]]],
-                   options: dict[str, Any], val_labels: str | None) -> dict[str, Any]:
+def build_manifest(
+    *,
+    source: str,
+    classes: list[str],
+    sidecars: dict[str, list[dict[str, Any]]],
+    options: dict[str, Any],
+    val_labels: str | None,
+) -> dict[str, Any]:
     """The manifest from every shard's sidecar. Counts add up: inputs = images written + skipped."""
     splits = {}
     bad_files = []

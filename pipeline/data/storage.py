@@ -61,8 +61,10 @@ def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     if uri.startswith("s3://"):
         bucket_and_key = uri.removeprefix("s3://").rstrip("/")
         if "@" in bucket_and_key.split("/", 1)[0]:
-            raise ValueError("credentials do not belong in an s3:// URI (they would end up in logs); "
-                             "use the AWS environment variables, a profile or an instance role")
+            raise ValueError(
+                "credentials do not belong in an s3:// URI (they would end up in logs); "
+                "use the AWS environment variables, a profile or an instance role"
+            )
         if not bucket_and_key:
             raise ValueError(f"expected s3://bucket/prefix, got {uri!r}")
         return s3_filesystem(endpoint), bucket_and_key
@@ -82,7 +84,8 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.FileSystem:
     if session.get_credentials() is None:
         raise PermissionError(
             "no AWS credentials found for s3://: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or run where an instance role provides them")
+            "AWS_PROFILE, or run where an instance role provides them"
+        )
     endpoint = s3_endpoint(endpoint)
     kwargs: dict = {"region": session.region_name or "us-east-1"}
     if endpoint:
@@ -162,9 +165,11 @@ def retrying(what: str, request):
             if cause is None:
                 raise
             if attempt == attempts - 1:
-                raise StoreUnavailable(f"{what}: still failing after {attempts} attempts ({cause}; last error: "
-                                       f"{e}). The store is throttling or unreachable: retry later, or spread "
-                                       f"the load") from e
+                raise StoreUnavailable(
+                    f"{what}: still failing after {attempts} attempts ({cause}; last error: "
+                    f"{e}). The store is throttling or unreachable: retry later, or spread "
+                    f"the load"
+                ) from e
             with _retries_lock:
                 _retries[cause] += 1
             time.sleep(random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt)))

@@ -27,9 +27,10 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pipeline import cluster, config
 from pipeline.config import SWITCHES, Config
@@ -55,19 +56,21 @@ TRAIN_ERROR_THRESHOLD = 25.0  # %, Figure 1's
 
 @dataclass(frozen=True)
 class Ablation:
-    label: str                 # "baseline", or the switches as "activation=tanh, lrn=off"
-    choices: dict[str, Any]    # the switches set otherwise than the baseline
+    label: str  # "baseline", or the switches as "activation=tanh, lrn=off"
+    choices: dict[str, Any]  # the switches set otherwise than the baseline
     cfg: Config
 
 
 def parse_grid_entry(text: str) -> dict[str, str]:
-    """"activation=tanh,lrn=off" -> {"activation": "tanh", "lrn": "off"}: one run with both switched."""
+    """ "activation=tanh,lrn=off" -> {"activation": "tanh", "lrn": "off"}: one run with both switched."""
     choices = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep or not name or not value:
-            raise ValueError(f"--ablate {text!r}: expected switch=value[,switch=value...], e.g. activation=tanh; "
-                             f"the switches are {', '.join(SWITCHES)}")
+            raise ValueError(
+                f"--ablate {text!r}: expected switch=value[,switch=value...], e.g. activation=tanh; "
+                f"the switches are {', '.join(SWITCHES)}"
+            )
         choices[name.strip().replace("-", "_")] = value.strip()
     if not choices:
         raise ValueError(f"--ablate {text!r} names no switch")
@@ -103,8 +106,9 @@ def plan(cfg: Config, grid: Sequence[dict[str, str]]) -> list[Ablation]:
             raise ValueError(f"--ablate {config.describe(choices)}: {e}") from None
         changed = {k: v for k, v in config.switches(switched).items() if v != base[k]}
         if not changed:
-            raise ValueError(f"--ablate {config.describe(choices)} is the baseline's own choice: it would train the "
-                             f"baseline again")
+            raise ValueError(
+                f"--ablate {config.describe(choices)} is the baseline's own choice: it would train the baseline again"
+            )
         label = config.describe(changed)
         if label in {r.label for r in ablations}:
             raise ValueError(f"--ablate {label} is given twice")
@@ -117,8 +121,14 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_")
 
 
-def summarise(label: str, history: dict[str, dict[int, float]], *, threshold: float,
-              seconds: float | None, baseline_top1: float | None = None) -> dict[str, Any]:
+def summarise(
+    label: str,
+    history: dict[str, dict[int, float]],
+    *,
+    threshold: float,
+    seconds: float | None,
+    baseline_top1: float | None = None,
+) -> dict[str, Any]:
     """One row of the table from a run's per-epoch metrics ({metric: {epoch: value}})."""
     epochs = sorted(history["val_top1"])
     last = epochs[-1]
@@ -131,8 +141,9 @@ def summarise(label: str, history: dict[str, dict[int, float]], *, threshold: fl
         "train_top1": history["train_top1"][last],
         "gap": history["train_top1"][last] - history["val_top1"][last],
         "epochs_to_threshold": None if reached is None else reached + 1,
-        "train_seconds_to_threshold": None if reached is None else sum(
-            history["epoch_seconds"][e] for e in epochs if e <= reached),
+        "train_seconds_to_threshold": None
+        if reached is None
+        else sum(history["epoch_seconds"][e] for e in epochs if e <= reached),
         "run_seconds": seconds,
     }
     row["delta_top1"] = None if baseline_top1 is None else row["val_top1"] - baseline_top1
@@ -141,20 +152,25 @@ def summarise(label: str, history: dict[str, dict[int, float]], *, threshold: fl
 
 def table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
     """The comparison as a Markdown table (it reads as plain text too)."""
+
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    head = (f"| run | val top-1 % | vs baseline | val top-5 % | train top-1 % | train-val gap | "
-            f"epochs to {threshold:g}% train error | train s to it | run s |")
+    head = (
+        f"| run | val top-1 % | vs baseline | val top-5 % | train top-1 % | train-val gap | "
+        f"epochs to {threshold:g}% train error | train s to it | run s |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['run']} | failed: {r['error']} |" + " |" * 7)
             continue
         reached = num(r["epochs_to_threshold"], "d") if r["epochs_to_threshold"] else f"not in {r['epochs']}"
-        lines.append(f"| {r['run']} | {r['val_top1']:.1f} | {num(r['delta_top1'], '+.1f')} | {r['val_top5']:.1f} | "
-                     f"{r['train_top1']:.1f} | {r['gap']:+.1f} | {reached} | "
-                     f"{num(r['train_seconds_to_threshold'], '.0f')} | {num(r['run_seconds'], '.0f')} |")
+        lines.append(
+            f"| {r['run']} | {r['val_top1']:.1f} | {num(r['delta_top1'], '+.1f')} | {r['val_top5']:.1f} | "
+            f"{r['train_top1']:.1f} | {r['gap']:+.1f} | {reached} | "
+            f"{num(r['train_seconds_to_threshold'], '.0f')} | {num(r['run_seconds'], '.0f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -170,13 +186,19 @@ class Result:
     parent_run_id: str
     rows: list[dict[str, Any]]
     table: str
-    runs: dict[str, str] = field(default_factory=dict)   # label -> MLflow run id
+    runs: dict[str, str] = field(default_factory=dict)  # label -> MLflow run id
     seconds: float = 0.0
 
 
-def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: int = 1,
-        threshold: float = TRAIN_ERROR_THRESHOLD, train: Callable[..., dict[str, Any]] | None = None,
-        log: Callable[[str], None] = print) -> Result:
+def run(
+    cfg: Config,
+    grid: Sequence[dict[str, str]] | None = None,
+    *,
+    parallel: int = 1,
+    threshold: float = TRAIN_ERROR_THRESHOLD,
+    train: Callable[..., dict[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
+) -> Result:
     """Train the baseline and every ablation of `grid` (default_grid when None), `parallel` at a time;
     returns the table and where it was logged. A run that fails is a row saying so; the others go on."""
     import mlflow
@@ -192,20 +214,41 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
     started = time.time()
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
-    parent = client.create_run(experiment_id, tags={
-        "mlflow.runName": f"ablation of {len(ablations) - 1} switches", "ablation": "parent", "preset": cfg.preset,
-        "git_sha": tracking.git_sha()}).info.run_id
-    client.log_batch(parent, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
-        **cfg.to_dict(), "ablations": json.dumps([r.label for r in ablations[1:]]), "parallel": parallel,
-        "train_error_threshold": threshold}.items()])
-    log(f"[ablate] {len(ablations)} runs ({', '.join(r.label for r in ablations)}), {parallel} at a time; "
-        f"MLflow parent run {parent}")
+    parent = client.create_run(
+        experiment_id,
+        tags={
+            "mlflow.runName": f"ablation of {len(ablations) - 1} switches",
+            "ablation": "parent",
+            "preset": cfg.preset,
+            "git_sha": tracking.git_sha(),
+        },
+    ).info.run_id
+    client.log_batch(
+        parent,
+        params=[
+            mlflow.entities.Param(k, str(v)[:6000])
+            for k, v in {
+                **cfg.to_dict(),
+                "ablations": json.dumps([r.label for r in ablations[1:]]),
+                "parallel": parallel,
+                "train_error_threshold": threshold,
+            }.items()
+        ],
+    )
+    log(
+        f"[ablate] {len(ablations)} runs ({', '.join(r.label for r in ablations)}), {parallel} at a time; "
+        f"MLflow parent run {parent}"
+    )
     # Before the first run: a private local Ray gets a logical CPU for every train worker of `parallel` runs.
     cluster.connect_ray(train_workers=parallel * cfg.workers, address=cfg.address)
 
     def one(ablation: Ablation) -> dict[str, Any]:
-        tags = {"mlflow.parentRunId": parent, "mlflow.runName": ablation.label, "ablation": ablation.label,
-                **{f"ablation.{k}": str(v) for k, v in ablation.choices.items()}}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "mlflow.runName": ablation.label,
+            "ablation": ablation.label,
+            **{f"ablation.{k}": str(v) for k, v in ablation.choices.items()},
+        }
         try:
             summary = train(ablation.cfg, tags=tags, register=False)
         except driver.RunInterrupted:
@@ -234,27 +277,47 @@ def run(cfg: Config, grid: Sequence[dict[str, str]] | None = None, *, parallel: 
                 rows.append(outcome)
                 continue
             ids[ablation.label] = outcome["run_id"]
-            row = summarise(ablation.label, history_of(client, outcome["run_id"]), threshold=threshold,
-                            seconds=outcome["seconds"], baseline_top1=baseline_top1)
+            row = summarise(
+                ablation.label,
+                history_of(client, outcome["run_id"]),
+                threshold=threshold,
+                seconds=outcome["seconds"],
+                baseline_top1=baseline_top1,
+            )
             if ablation.label == BASELINE:
                 baseline_top1 = row["val_top1"]
                 row["delta_top1"] = 0.0
             rows.append(row)
         text = table(rows, threshold)
-        claims = "\n".join(f"- {name}: {CLAIMS[name]}" for name in SWITCHES
-                           if any(name in r.choices for r in ablations[1:]))
-        report = (f"Ablation of the {cfg.preset} preset on {cfg.data or 'the generated sample'}: seed {cfg.seed}, "
-                  f"{cfg.epochs} epochs each; run ids in ablation.json.\n\n{text}\n\nThe paper's claims:\n{claims}\n")
+        claims = "\n".join(
+            f"- {name}: {CLAIMS[name]}" for name in SWITCHES if any(name in r.choices for r in ablations[1:])
+        )
+        report = (
+            f"Ablation of the {cfg.preset} preset on {cfg.data or 'the generated sample'}: seed {cfg.seed}, "
+            f"{cfg.epochs} epochs each; run ids in ablation.json.\n\n{text}\n\nThe paper's claims:\n{claims}\n"
+        )
         client.log_text(parent, report, "ablation.md")
-        client.log_text(parent, json.dumps({"rows": rows, "runs": ids, "threshold": threshold}, indent=2),
-                        "ablation.json")
+        client.log_text(
+            parent, json.dumps({"rows": rows, "runs": ids, "threshold": threshold}, indent=2), "ablation.json"
+        )
         now = int(time.time() * 1000)
-        metrics = [mlflow.entities.Metric(f"{slug(r['run'])}.{key}", float(r[key]), now, 0) for r in rows
-                   if "error" not in r for key in ("val_top1", "val_top5", "train_top1", "gap", "delta_top1",
-                                                    "epochs_to_threshold", "train_seconds_to_threshold")
-                   if r[key] is not None]
+        metrics = [
+            mlflow.entities.Metric(f"{slug(r['run'])}.{key}", float(r[key]), now, 0)
+            for r in rows
+            if "error" not in r
+            for key in (
+                "val_top1",
+                "val_top5",
+                "train_top1",
+                "gap",
+                "delta_top1",
+                "epochs_to_threshold",
+                "train_seconds_to_threshold",
+            )
+            if r[key] is not None
+        ]
         for start in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
-            client.log_batch(parent, metrics=metrics[start:start + 900])
+            client.log_batch(parent, metrics=metrics[start : start + 900])
         failed = [r["run"] for r in rows if "error" in r]
         status = "FAILED" if failed else "FINISHED"
         if failed:
@@ -274,29 +337,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     config already built, so that a bad --ablate is refused before anything starts. Exits 2 naming bad input."""
     parser = config.build_parser(
         description="Trains a baseline (the training flags as given) and one run per --ablate (default: every "
-                    "switch flipped once), on the same data, seed and budget, as child MLflow runs of one parent; "
-                    "nothing is registered. Ends with a table of final top-1 / top-5, the gap between train and val "
-                    "top-1, and the epochs and training seconds until the training error fell to --train-error. "
-                    "--figure1 reproduces the paper's Figure 1 (ReLU against tanh, four-layer CNN) on the sample.",
+        "switch flipped once), on the same data, seed and budget, as child MLflow runs of one parent; "
+        "nothing is registered. Ends with a table of final top-1 / top-5, the gap between train and val "
+        "top-1, and the epochs and training seconds until the training error fell to --train-error. "
+        "--figure1 reproduces the paper's Figure 1 (ReLU against tanh, four-layer CNN) on the sample.",
         usage="%(prog)s [--ablate SWITCH=VALUE[,SWITCH=VALUE...]]... [--parallel N] [--train-error PERCENT] "
-              "[training flags...]\n       %(prog)s --figure1 [--figure1-epochs N]")
+        "[training flags...]\n       %(prog)s --figure1 [--figure1-epochs N]",
+    )
     switches = ", ".join(f"{k}={'|'.join(v) if isinstance(v, tuple) else 'NUMBER'}" for k, v in SWITCHES.items())
     group = parser.add_argument_group("ablation", f"switches: {switches}")
-    group.add_argument("--ablate", action="append", default=None, metavar="SWITCH=VALUE[,SWITCH=VALUE...]",
-                       help="one run with these switches set (repeat for more runs); default: every switch "
-                            "flipped once")
+    group.add_argument(
+        "--ablate",
+        action="append",
+        default=None,
+        metavar="SWITCH=VALUE[,SWITCH=VALUE...]",
+        help="one run with these switches set (repeat for more runs); default: every switch flipped once",
+    )
     group.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once on the cluster")
-    group.add_argument("--train-error", type=float, default=TRAIN_ERROR_THRESHOLD, metavar="PERCENT",
-                       help="the training error whose epochs and seconds to reach the table compares")
-    group.add_argument("--figure1", action="store_true", help="Figure 1 on the sample instead; takes no training "
-                                                               "flags")
+    group.add_argument(
+        "--train-error",
+        type=float,
+        default=TRAIN_ERROR_THRESHOLD,
+        metavar="PERCENT",
+        help="the training error whose epochs and seconds to reach the table compares",
+    )
+    group.add_argument("--figure1", action="store_true", help="Figure 1 on the sample instead; takes no training flags")
     group.add_argument("--figure1-epochs", type=int, default=None, metavar="N", help="epochs of each --figure1 run")
     args = parser.parse_args(argv)
-    training = [f"--{name.replace('_', '-')}" for name in vars(args)
-                if name in {f.name for f in dataclasses.fields(Config)} | {config.LIGHTING_FLAG}]
+    training = [
+        f"--{name.replace('_', '-')}"
+        for name in vars(args)
+        if name in {f.name for f in dataclasses.fields(Config)} | {config.LIGHTING_FLAG}
+    ]
     if args.figure1 and (training or args.ablate):
-        parser.error(f"--figure1 takes no training flags (only --figure1-epochs); got "
-                     f"{' '.join(training + ['--ablate'] * bool(args.ablate))}")
+        parser.error(
+            f"--figure1 takes no training flags (only --figure1-epochs); got "
+            f"{' '.join(training + ['--ablate'] * bool(args.ablate))}"
+        )
     try:
         args.cfg = config.from_namespace(args)
         args.grid = None if args.ablate is None else [parse_grid_entry(text) for text in args.ablate]

@@ -37,19 +37,19 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data.sample import generate_photo_imagenet
-from pipeline.transforms import constants, device_stages, stages
-from pipeline.transforms.decode import decode_image
 from pipeline import data
 from pipeline.config import PRESETS
 from pipeline.data import prepare
+from pipeline.data.sample import generate_photo_imagenet
+from pipeline.transforms import constants, device_stages, stages
+from pipeline.transforms.decode import decode_image
 
 BATCH = 64
 RESIZE, CROP = 256, 224
@@ -113,7 +113,7 @@ def stages_one_core(files: list[Path], seed: int = 0) -> Result:
     for _ in range(3):
         start = time.perf_counter()
         for i in range(0, len(data), BATCH):
-            batch = stages.random_crops({"jpeg": data[i:i + BATCH]}, rng, resize_size=RESIZE, crop_size=CROP)
+            batch = stages.random_crops({"jpeg": data[i : i + BATCH]}, rng, resize_size=RESIZE, crop_size=CROP)
             device_stages.to_model_input(torch.from_numpy(batch["image"]), generator)
         passes.append(time.perf_counter() - start)
     return Result("stages, one core, no Ray", len(data), min(passes))
@@ -138,27 +138,35 @@ def reference(train_dir: Path, cores: int, epochs: int) -> Result:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    transform = T.Compose([
-        T.Resize(RESIZE), T.CenterCrop(RESIZE), T.RandomCrop(CROP), T.RandomHorizontalFlip(), T.ToTensor(),
-        Lighting(0.1), T.Normalize(constants.IMAGENET_MEAN, constants.IMAGENET_STD),
-    ])
+    transform = T.Compose(
+        [
+            T.Resize(RESIZE),
+            T.CenterCrop(RESIZE),
+            T.RandomCrop(CROP),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            Lighting(0.1),
+            T.Normalize(constants.IMAGENET_MEAN, constants.IMAGENET_STD),
+        ]
+    )
     loader = DataLoader(ImageFolder(str(train_dir), transform), batch_size=BATCH, shuffle=True, num_workers=cores)
     n, seconds, first, steady = time_batches(lambda: (images for images, _ in loader), epochs)
     return Result(f"reference: torchvision DataLoader({cores} workers)", n, seconds, first, steady)
 
 
-def ray_plan(name: str, uri: str, cores: int, epochs: int, env: dict[str, str] | None = None,
-             float_math: bool = True) -> Result:
+def ray_plan(
+    name: str, uri: str, cores: int, epochs: int, env: dict[str, str] | None = None, float_math: bool = True
+) -> Result:
     """data.train_dataset over `uri`, iterated as the train loop does, in a fresh local Ray; with
     float_math=False the batches stay uint8, as a GPU trainer receives them."""
     import ray
     from ray.data import DataContext
 
-
     cfg = dataclasses.replace(PRESETS["paper"], resize_size=RESIZE, crop_size=CROP, seed=0)
     os.environ.update(env or {})
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)  # its own Ray, never one found on the machine
+    ray.init(
+        address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )  # its own Ray, never one found on the machine
     try:
         DataContext.get_current().enable_progress_bars = False
         opened = time.perf_counter()
@@ -192,9 +200,9 @@ def prepared(folder: Path, out: Path, resize: int | None, cores: int) -> float:
     """Shards of `folder` under `out` (prepare_imagenet.py, resumed if already there); seconds taken."""
     import ray
 
-
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)  # its own Ray, never one found on the machine
+    ray.init(
+        address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )  # its own Ray, never one found on the machine
     try:
         from ray.data import DataContext
 
@@ -220,8 +228,12 @@ def s3_copy(folder: Path) -> tuple[str, dict[str, str], Callable[[], None]]:
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "benchmark",
-           "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "benchmark",
+        "AWS_SECRET_ACCESS_KEY": "benchmark",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     os.environ.update(env)
     client = boto3.client("s3")
     client.create_bucket(Bucket="benchmark")
@@ -233,8 +245,16 @@ def s3_copy(folder: Path) -> tuple[str, dict[str, str], Callable[[], None]]:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def run_data(*, data_dir: str | None, images: int, epochs: int, cores: int, work: Path,
-             paths: tuple[str, ...], log: Callable[[str], None] = print) -> dict:
+def run_data(
+    *,
+    data_dir: str | None,
+    images: int,
+    epochs: int,
+    cores: int,
+    work: Path,
+    paths: tuple[str, ...],
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every path on the same files and cores; the results and the machine, as a dict."""
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # see the module docstring
@@ -243,8 +263,10 @@ def run_data(*, data_dir: str | None, images: int, epochs: int, cores: int, work
     if not train_files:
         raise FileNotFoundError(f"no train/<class>/*.JPEG files under {folder}")
     sizes = [f.stat().st_size for f in train_files[:500]]
-    log(f"[benchmark] {len(train_files)} train JPEGs in {folder} (mean {statistics.mean(sizes) / 1e3:.0f} KB), "
-        f"{cores} cores, {epochs} epochs per path")
+    log(
+        f"[benchmark] {len(train_files)} train JPEGs in {folder} (mean {statistics.mean(sizes) / 1e3:.0f} KB), "
+        f"{cores} cores, {epochs} epochs per path"
+    )
 
     results: list[Result] = []
 
@@ -282,19 +304,29 @@ def run_data(*, data_dir: str | None, images: int, epochs: int, cores: int, work
     rows = []
     for r in results:
         rate = r.steady_img_s or r.img_s
-        rows.append({**dataclasses.asdict(r), "img_s": r.img_s,
-                     "vs_reference": rate / (ref.steady_img_s or ref.img_s) if ref else None,
-                     "vs_pil_decode_x_cores": rate / (pil.img_s * cores) if pil else None})
+        rows.append(
+            {
+                **dataclasses.asdict(r),
+                "img_s": r.img_s,
+                "vs_reference": rate / (ref.steady_img_s or ref.img_s) if ref else None,
+                "vs_pil_decode_x_cores": rate / (pil.img_s * cores) if pil else None,
+            }
+        )
     return {
-        "command": "python jobs/benchmark.py data", "date": time.strftime("%Y-%m-%d"), "machine": _machine(cores),
+        "command": "python jobs/benchmark.py data",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _machine(cores),
         "files": {"folder": str(folder), "train_images": len(train_files), "mean_kb": statistics.mean(sizes) / 1e3},
-        "epochs": epochs, "prepare_seconds": prepare_seconds, "results": rows,
+        "epochs": epochs,
+        "prepare_seconds": prepare_seconds,
+        "results": rows,
     }
 
 
 def table(report: dict) -> str:
-    lines = [f"{'path':44s} {'img/s':>7s} {'steady':>7s} {'first batch':>12s} {'vs reference':>13s} "
-             f"{'vs PIL x cores':>15s}"]
+    lines = [
+        f"{'path':44s} {'img/s':>7s} {'steady':>7s} {'first batch':>12s} {'vs reference':>13s} {'vs PIL x cores':>15s}"
+    ]
     for r in report["results"]:
         first = f"{r['first_batch_s']:.2f} s" if r["first_batch_s"] is not None else "-"
         steady = f"{r['steady_img_s']:.0f}" if r["steady_img_s"] is not None else "-"
@@ -317,6 +349,10 @@ def _machine(cores: int) -> dict:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model or platform.processor(), "cores_used": cores, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
+    return {
+        "cpu": model or platform.processor(),
+        "cores_used": cores,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }

@@ -1,27 +1,26 @@
 """The evaluation job: a saved model over a whole split on Ray, centre crop and §4.1's ten crops.
 
-    evaluate_split   a checkpoint's model over a split: read tasks decode (CPUs), actors score (GPUs with
-                     --use-gpu), the driver adds up exact counts (train/metrics.py)
-    check_classes    the model and the data must number the same classes the same way
-    evaluate_model   jobs/evaluate.py: open the model and the data, evaluate, record in MLflow
+evaluate_split   a checkpoint's model over a split: read tasks decode (CPUs), actors score (GPUs with
+                 --use-gpu), the driver adds up exact counts (train/metrics.py)
+check_classes    the model and the data must number the same classes the same way
+evaluate_model   jobs/evaluate.py: open the model and the data, evaluate, record in MLflow
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.data import sources
+from pipeline import cluster, data
+from pipeline.data import sample, sources
+from pipeline.models import checkpoint
 from pipeline.train.metrics import score_batch
 from pipeline.transforms import stages
-from pipeline import cluster, data
-from pipeline.data import sample
-from pipeline.models import checkpoint
 
 # Images per block handed from the read tasks to the scoring actors: 64 centre crops and 64 resized
 # squares are ~22 MB at 227 / 256 px, well under Ray Data's block size.
@@ -42,20 +41,31 @@ def eval_views(batch: dict[str, Any], *, resize_size: int, crop_size: int) -> di
     whole = stages.decode(batch, min_size=resize_size, errors="collect")
     if centre["failed"].keys() != whole["failed"].keys():  # one decoder: a file fails in both or neither
         raise AssertionError(f"the views decoded different images: {centre['failed']} vs {whole['failed']}")
-    square = (stages.resize_center(whole, size=resize_size)["image"] if whole["image"]
-              else np.empty((0, resize_size, resize_size, 3), np.uint8))
-    return {"image": centre["image"], "square": square, "label": np.asarray(centre["label"], np.int64),
-            "failed": centre["failed"]}
+    square = (
+        stages.resize_center(whole, size=resize_size)["image"]
+        if whole["image"]
+        else np.empty((0, resize_size, resize_size, 3), np.uint8)
+    )
+    return {
+        "image": centre["image"],
+        "square": square,
+        "label": np.asarray(centre["label"], np.int64),
+        "failed": centre["failed"],
+    }
 
 
-def _read_eval_units(batch: dict[str, np.ndarray], *, source, split: str, resize_size: int, crop_size: int,
-                     report) -> Iterator[dict[str, Any]]:
+def _read_eval_units(
+    batch: dict[str, np.ndarray], *, source, split: str, resize_size: int, crop_size: int, report
+) -> Iterator[dict[str, Any]]:
     """One Ray Data task: read units of the split, in file order, as blocks of EVAL_CHUNK images' views."""
     for unit in batch["id"]:
         rows = sources.read_unit(source, split, int(unit), seed=0, epoch=0, shuffle=False)
         for start in range(0, len(rows["label"]), EVAL_CHUNK):
-            views = eval_views({k: v[start:start + EVAL_CHUNK] for k, v in rows.items()},
-                               resize_size=resize_size, crop_size=crop_size)
+            views = eval_views(
+                {k: v[start : start + EVAL_CHUNK] for k, v in rows.items()},
+                resize_size=resize_size,
+                crop_size=crop_size,
+            )
             failed = views.pop("failed")
             if failed:
                 report.add.remote(failed)
@@ -68,7 +78,6 @@ class _Scorer:
 
     def __init__(self, state_ref: list, crop_size: int, use_gpu: bool):
         import ray
-
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = checkpoint.build_model(ray.get(state_ref[0])).to(self.device)
@@ -83,13 +92,26 @@ class _Scorer:
         ten = score_batch(self.model, torch.from_numpy(crops).to(self.device), labels)
         row: dict[str, list] = {}
         for suffix, sums in (("", centre), (TEN_CROP, ten)):
-            row.update({f"loss{suffix}": [sums.loss], f"correct1{suffix}": [sums.correct1],
-                        f"correct5{suffix}": [sums.correct5], f"images{suffix}": [sums.images]})
+            row.update(
+                {
+                    f"loss{suffix}": [sums.loss],
+                    f"correct1{suffix}": [sums.correct1],
+                    f"correct5{suffix}": [sums.correct5],
+                    f"images{suffix}": [sums.images],
+                }
+            )
         return row
 
 
-def evaluate_split(state: dict[str, Any], source, *, split: str = "val", use_gpu: bool = False, actors: int = 0,
-                   batch_size: int = EVAL_CHUNK) -> dict[str, Any]:
+def evaluate_split(
+    state: dict[str, Any],
+    source,
+    *,
+    split: str = "val",
+    use_gpu: bool = False,
+    actors: int = 0,
+    batch_size: int = EVAL_CHUNK,
+) -> dict[str, Any]:
     """A checkpoint's model over a whole split, on Ray: read tasks decode (CPU), actors score (GPU with
     use_gpu), and the driver adds up the counts, so the accuracies are exact over every image.
 
@@ -99,7 +121,6 @@ def evaluate_split(state: dict[str, Any], source, *, split: str = "val", use_gpu
     """
     import ray
     import ray.data
-
 
     cfg = state["config"]
     resize_size, crop_size = cfg["resize_size"], cfg["crop_size"]
@@ -112,44 +133,67 @@ def evaluate_split(state: dict[str, Any], source, *, split: str = "val", use_gpu
     # scores whole read units, so the actors are the parallelism (one per unit at most), and one CPU is
     # left for everything else. With GPUs the read runs as CPU tasks and the actors only score.
     actors = actors or (gpus if use_gpu else max(1, min(units, int(ray.cluster_resources().get("CPU", 1)) - 1)))
-    read = partial(_read_eval_units, source=source, split=split, resize_size=resize_size, crop_size=crop_size,
-                   report=report)
-    rows = (ray.data.range(units, override_num_blocks=units)
-            .map_batches(read, batch_size=1, batch_format="numpy")
-            # The weights go through the object store once (a list, so that Ray hands the actors the
-            # reference and they fetch it themselves).
-            .map_batches(_Scorer, fn_constructor_kwargs={"state_ref": [ray.put(state)], "crop_size": crop_size,
-                                                         "use_gpu": use_gpu},
-                         batch_size=batch_size, batch_format="numpy", concurrency=actors,
-                         num_gpus=1 if use_gpu else 0)
-            .take_all())
-    totals = {k: sum(int(r[k]) if k.startswith(("correct", "images")) else float(r[k]) for r in rows)
-              for k in (rows[0] if rows else ())}
+    read = partial(
+        _read_eval_units, source=source, split=split, resize_size=resize_size, crop_size=crop_size, report=report
+    )
+    rows = (
+        ray.data.range(units, override_num_blocks=units)
+        .map_batches(read, batch_size=1, batch_format="numpy")
+        # The weights go through the object store once (a list, so that Ray hands the actors the
+        # reference and they fetch it themselves).
+        .map_batches(
+            _Scorer,
+            fn_constructor_kwargs={"state_ref": [ray.put(state)], "crop_size": crop_size, "use_gpu": use_gpu},
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=actors,
+            num_gpus=1 if use_gpu else 0,
+        )
+        .take_all()
+    )
+    totals = {
+        k: sum(int(r[k]) if k.startswith(("correct", "images")) else float(r[k]) for r in rows)
+        for k in (rows[0] if rows else ())
+    }
     failed = ray.get(report.get.remote())
     if not totals.get("images"):
         raise ValueError(f"no {split} images of {source.uri} could be evaluated ({len(failed)} failed to decode)")
     metrics = {}
     for suffix in ("", TEN_CROP):
-        metrics.update({f"val_top1{suffix}": 100.0 * totals[f"correct1{suffix}"] / totals[f"images{suffix}"],
-                        f"val_top5{suffix}": 100.0 * totals[f"correct5{suffix}"] / totals[f"images{suffix}"],
-                        f"val_loss{suffix}": totals[f"loss{suffix}"] / totals[f"images{suffix}"]})
-    return {"metrics": metrics, "images": totals["images"], "correct1": totals["correct1"],
-            "correct1_10crop": totals["correct1" + TEN_CROP], "failed": failed}
+        metrics.update(
+            {
+                f"val_top1{suffix}": 100.0 * totals[f"correct1{suffix}"] / totals[f"images{suffix}"],
+                f"val_top5{suffix}": 100.0 * totals[f"correct5{suffix}"] / totals[f"images{suffix}"],
+                f"val_loss{suffix}": totals[f"loss{suffix}"] / totals[f"images{suffix}"],
+            }
+        )
+    return {
+        "metrics": metrics,
+        "images": totals["images"],
+        "correct1": totals["correct1"],
+        "correct1_10crop": totals["correct1" + TEN_CROP],
+        "failed": failed,
+    }
 
 
 def check_classes(state: dict[str, Any], source) -> None:
     """The model and the data must number the same classes the same way, or every count is wrong."""
     if state["num_classes"] != source.num_classes:
-        raise ValueError(f"the model has {state['num_classes']} classes but {source.uri} has {source.num_classes}: "
-                         f"evaluate it on the data it was trained for (or data with the same classes)")
+        raise ValueError(
+            f"the model has {state['num_classes']} classes but {source.uri} has {source.num_classes}: "
+            f"evaluate it on the data it was trained for (or data with the same classes)"
+        )
     if state["classes"] and source.wnids and list(state["classes"]) != list(source.wnids):
         first = next(i for i, (a, b) in enumerate(zip(state["classes"], source.wnids)) if a != b)
-        raise ValueError(f"class {first} is {state['classes'][first]} for the model but {source.wnids[first]} in "
-                         f"{source.uri}: the label numbering differs, so the accuracies would be meaningless")
+        raise ValueError(
+            f"class {first} is {state['classes'][first]} for the model but {source.wnids[first]} in "
+            f"{source.uri}: the label numbering differs, so the accuracies would be meaningless"
+        )
 
 
-def evaluate_model(reference: str, data_uri: str = "", *, use_gpu: bool = False, actors: int = 0,
-                   record: bool = True) -> dict[str, Any]:
+def evaluate_model(
+    reference: str, data_uri: str = "", *, use_gpu: bool = False, actors: int = 0, record: bool = True
+) -> dict[str, Any]:
     """jobs/evaluate.py: the model `reference` names (checkpoint.open_model) on the val split of the data at
     `data_uri` (the generated sample when empty, as for training), recorded on its registered version and
     logged model unless record=False."""
@@ -162,32 +206,54 @@ def evaluate_model(reference: str, data_uri: str = "", *, use_gpu: bool = False,
     if in_mlflow:
         mlflow.set_tracking_uri(tracking_uri)
     opened = checkpoint.open_model(reference)
-    source = sources.open_source(data_uri or str(sample.ensure_sample_imagenet()),
-                                 num_classes=opened.state["num_classes"])
+    source = sources.open_source(
+        data_uri or str(sample.ensure_sample_imagenet()), num_classes=opened.state["num_classes"]
+    )
     check_classes(opened.state, source)
     cluster.connect_ray()
     result = evaluate_split(opened.state, source, use_gpu=use_gpu, actors=actors)
     recorded = []
     if record and in_mlflow:
-        recorded = registry.record_evaluation(opened, result["metrics"], data_uri=source.uri,
-                                              data_fingerprint=source.fingerprint, tracking_uri=tracking_uri)
-    return {**result, "reference": reference, "data": source.uri, "data_fingerprint": source.fingerprint,
-            "epoch": opened.state["epoch"], "recorded": recorded}
+        recorded = registry.record_evaluation(
+            opened,
+            result["metrics"],
+            data_uri=source.uri,
+            data_fingerprint=source.fingerprint,
+            tracking_uri=tracking_uri,
+        )
+    return {
+        **result,
+        "reference": reference,
+        "data": source.uri,
+        "data_fingerprint": source.fingerprint,
+        "epoch": opened.state["epoch"],
+        "recorded": recorded,
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """jobs/evaluate.py's flags, checked; exits 2 with a usage message naming a bad one."""
-    parser = argparse.ArgumentParser(description="Evaluate a trained model: top-1 / top-5 from the centre crop "
-                                                 "and from the paper's ten crops (§4.1).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--model", required=True,
-                        help="models:/name@alias, models:/name/version, models:/<logged model id>, "
-                             "runs:/<run id>/<model name>, or a checkpoint directory / file")
+    parser = argparse.ArgumentParser(
+        description="Evaluate a trained model: top-1 / top-5 from the centre crop "
+        "and from the paper's ten crops (§4.1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/name@alias, models:/name/version, models:/<logged model id>, "
+        "runs:/<run id>/<model name>, or a checkpoint directory / file",
+    )
     parser.add_argument("--data", default="", help="dataset root, as for training; empty = the generated sample")
     parser.add_argument("--use-gpu", action="store_true", help="score on GPUs, one actor per GPU")
-    parser.add_argument("--actors", type=int, default=0,
-                        help="scoring actors holding the model; 0 = one per GPU with --use-gpu, else one per "
-                             "read unit (256 images) up to the cluster's CPUs less one")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=0,
+        help="scoring actors holding the model; 0 = one per GPU with --use-gpu, else one per "
+        "read unit (256 images) up to the cluster's CPUs less one",
+    )
     parser.add_argument("--no-record", action="store_true", help="print the numbers only; write nothing to MLflow")
     args = parser.parse_args(argv)
     if args.actors < 0:

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.sample import photo_like
 from pipeline.models.alexnet import AlexNet
 from pipeline.models.placement import place_model
-from pipeline.data.sample import photo_like
 
 NUM_CLASSES = 1000
 VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
@@ -64,8 +64,17 @@ def synchronize(*devices: torch.device) -> None:
             torch.cuda.synchronize(device)
 
 
-def time_step(variant: str, devices: list[torch.device], *, placement: str = "data", batch_size: int,
-              width: float = 1.0, image_size: int = 227, steps: int = 20, warmup: int = 5) -> StepTiming:
+def time_step(
+    variant: str,
+    devices: list[torch.device],
+    *,
+    placement: str = "data",
+    batch_size: int,
+    width: float = 1.0,
+    image_size: int = 227,
+    steps: int = 20,
+    warmup: int = 5,
+) -> StepTiming:
     """Median images/s of one SGD step (§5's optimiser) of `variant` (see VARIANTS); placement "grouped"
     puts the two towers on devices[0] and devices[1]."""
     if variant not in VARIANTS:
@@ -81,7 +90,7 @@ def time_step(variant: str, devices: list[torch.device], *, placement: str = "da
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
 
-    def step() -> None:
+    def step(opt=opt, forward=forward) -> None:  # bound now: all four are deleted below
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(forward(x), y)
@@ -104,7 +113,7 @@ def time_step(variant: str, devices: list[torch.device], *, placement: str = "da
         synchronize(*devices)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    del model, opt, forward
+    del step, model, opt, forward  # the model's memory back before the next variant's
     if device.type == "cuda":
         torch.cuda.empty_cache()
     seconds = statistics.median(times)
@@ -113,7 +122,6 @@ def time_step(variant: str, devices: list[torch.device], *, placement: str = "da
 
 def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
     from PIL import Image
-
 
     out = []
     for i in range(n):
@@ -133,7 +141,7 @@ def cpu_data_rate(jpegs: list[bytes], batch_size: int = 64) -> float:
         rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
         start = time.perf_counter()
         for i in range(0, len(jpegs), batch_size):
-            batch = stages.random_crops({"jpeg": jpegs[i:i + batch_size]}, rng)
+            batch = stages.random_crops({"jpeg": jpegs[i : i + batch_size]}, rng)
             device_stages.to_model_input(torch.from_numpy(batch["image"]), generator)
         return len(jpegs) / (time.perf_counter() - start)
     finally:
@@ -149,7 +157,9 @@ def device_data_rate(jpegs: list[bytes], device: torch.device, batch_size: int, 
 
     def one_pass() -> None:
         for i in range(0, len(jpegs), batch_size):
-            images, rows, _ = device_stages.decode_on_device(jpegs[i:i + batch_size], keys[i:i + batch_size], device)
+            images, rows, _ = device_stages.decode_on_device(
+                jpegs[i : i + batch_size], keys[i : i + batch_size], device
+            )
             top, left, flip = stages.crop_params(len(images), rng, resize_size=256, crop_size=224, flip_p=0.5)
             device_stages.to_model_input(device_stages.crops_on_device(images, top, left, flip), generator)
         synchronize(device)
@@ -171,9 +181,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
-def run_gpu(*, device: str = "auto", batch_sizes: tuple[int, ...] = (128, 256), variants: tuple[str, ...] = VARIANTS,
-            width: float = 1.0, image_size: int = 227, steps: int = 20, warmup: int = 5, images: int = 256,
-            log=print) -> dict:
+def run_gpu(
+    *,
+    device: str = "auto",
+    batch_sizes: tuple[int, ...] = (128, 256),
+    variants: tuple[str, ...] = VARIANTS,
+    width: float = 1.0,
+    image_size: int = 227,
+    steps: int = 20,
+    warmup: int = 5,
+    images: int = 256,
+    log=print,
+) -> dict:
     """Everything the module docstring lists, as a dict (and a line per measurement through log)."""
     dev = pick_device(device)
     log(f"[gpu] {dev} ({device_name(dev)}), torch {torch.__version__}")
@@ -181,37 +200,67 @@ def run_gpu(*, device: str = "auto", batch_sizes: tuple[int, ...] = (128, 256), 
     steps_out = []
     for batch_size in batch_sizes:
         for variant in variants:
-            t = time_step(variant, [dev], batch_size=batch_size, width=width, image_size=image_size,
-                          steps=steps, warmup=warmup)
+            t = time_step(
+                variant, [dev], batch_size=batch_size, width=width, image_size=image_size, steps=steps, warmup=warmup
+            )
             steps_out.append(t)
-            log(f"[gpu] step {variant:28s} batch {batch_size:4d}: {t.images_per_s:9.1f} img/s ({t.step_ms:.1f} ms)"
-                + (f", compiled in {t.compile_s:.1f} s" if t.compile_s is not None else ""))
-    towers = [time_step("fp32", [dev, dev], placement=p, batch_size=batch_sizes[0], width=width,
-                        image_size=image_size, steps=steps, warmup=warmup) for p in ("data", "grouped")]
-    log(f"[gpu] towers fp32 batch {batch_sizes[0]}: one device {towers[0].images_per_s:.1f} img/s, "
-        f"two towers {towers[1].images_per_s:.1f} img/s ({towers[1].images_per_s / towers[0].images_per_s:.3f}x)")
+            log(
+                f"[gpu] step {variant:28s} batch {batch_size:4d}: {t.images_per_s:9.1f} img/s ({t.step_ms:.1f} ms)"
+                + (f", compiled in {t.compile_s:.1f} s" if t.compile_s is not None else "")
+            )
+    towers = [
+        time_step(
+            "fp32",
+            [dev, dev],
+            placement=p,
+            batch_size=batch_sizes[0],
+            width=width,
+            image_size=image_size,
+            steps=steps,
+            warmup=warmup,
+        )
+        for p in ("data", "grouped")
+    ]
+    log(
+        f"[gpu] towers fp32 batch {batch_sizes[0]}: one device {towers[0].images_per_s:.1f} img/s, "
+        f"two towers {towers[1].images_per_s:.1f} img/s ({towers[1].images_per_s / towers[0].images_per_s:.3f}x)"
+    )
 
     report = {
-        "device": str(dev), "device_name": device_name(dev), "torch": torch.__version__,
-        "width": width, "image_size": image_size, "steps": steps, "warmup": warmup,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "torch": torch.__version__,
+        "width": width,
+        "image_size": image_size,
+        "steps": steps,
+        "warmup": warmup,
         "step": [t.__dict__ for t in steps_out],
         "towers": [t.__dict__ for t in towers],
     }
     try:  # the step numbers above stand even where the decoder is missing (a bare GPU machine)
         from pipeline.transforms import decode  # noqa: F401  deferred: simplejpeg, absent on a bare GPU machine
     except ImportError as e:
-        log(f"[gpu] data: skipped, the decoder's dependencies are missing ({e}); BENCHMARKS.md says which wheels "
-            f"to carry")
+        log(
+            f"[gpu] data: skipped, the decoder's dependencies are missing ({e}); BENCHMARKS.md says which wheels "
+            f"to carry"
+        )
         report["data"] = {"skipped": str(e)}
         return report
     jpegs = photo_jpegs(images)
     cpu_rate = cpu_data_rate(jpegs)
     device_rate = device_data_rate(jpegs, dev, batch_size=batch_sizes[-1])
     fastest = max(steps_out, key=lambda t: t.images_per_s)
-    log(f"[gpu] data: CPU path {cpu_rate:.0f} img/s per core; device path {device_rate:.0f} img/s; feeding "
+    log(
+        f"[gpu] data: CPU path {cpu_rate:.0f} img/s per core; device path {device_rate:.0f} img/s; feeding "
         f"the fastest step ({fastest.variant}, batch {fastest.batch_size}, {fastest.images_per_s:.0f} img/s) "
-        f"takes {fastest.images_per_s / cpu_rate:.1f} CPU cores")
-    report["data"] = {"images": images, "jpeg_size": [500, 375], "cpu_images_per_s_per_core": cpu_rate,
-                      "device_images_per_s": device_rate, "device_batch_size": batch_sizes[-1],
-                      "cpu_cores_to_feed_fastest_step": fastest.images_per_s / cpu_rate}
+        f"takes {fastest.images_per_s / cpu_rate:.1f} CPU cores"
+    )
+    report["data"] = {
+        "images": images,
+        "jpeg_size": [500, 375],
+        "cpu_images_per_s_per_core": cpu_rate,
+        "device_images_per_s": device_rate,
+        "device_batch_size": batch_sizes[-1],
+        "cpu_cores_to_feed_fastest_step": fastest.images_per_s / cpu_rate,
+    }
     return report

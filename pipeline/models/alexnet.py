@@ -84,9 +84,19 @@ def per_tower(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class AlexNet(nn.Module):
     """The paper's network (§3.5). Shape comments are at full width and 227x227 input."""
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, image_size: int = 227, dropout: float = 0.5,
-                 init: str = "paper", *, activation: str = "relu", lrn: bool = True, pool: str = "overlapping",
-                 init_bias: float = 1.0):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        image_size: int = 227,
+        dropout: float = 0.5,
+        init: str = "paper",
+        *,
+        activation: str = "relu",
+        lrn: bool = True,
+        pool: str = "overlapping",
+        init_bias: float = 1.0,
+    ):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
@@ -96,8 +106,10 @@ class AlexNet(nn.Module):
             raise ValueError(f"width must be positive, got {width!r}")
         side = pool5_size(image_size, pool)
         if image_size < MIN_IMAGE_SIZE or side < 1:
-            raise ValueError(f"image_size {image_size} is too small: AlexNet needs at least {MIN_IMAGE_SIZE} "
-                             f"(pool5 needs {POOLS[pool][0]}x{POOLS[pool][0]} maps to pool)")
+            raise ValueError(
+                f"image_size {image_size} is too small: AlexNet needs at least {MIN_IMAGE_SIZE} "
+                f"(pool5 needs {POOLS[pool][0]}x{POOLS[pool][0]} maps to pool)"
+            )
         self.init_bias = init_bias
         c1, c2, c3, c4, c5, hidden = (scaled(n, width) for n in (96, 256, 384, 384, 256, 4096))
 
@@ -159,18 +171,18 @@ class AlexNet(nn.Module):
         return isinstance(self.act, nn.ReLU) and self.lrn is not None and self.pool.kernel_size == 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv1(x))            # (B, 96, 55, 55)      act: ReLU (§3.1)
-        x = self.pool(self.normalise(x))       # (B, 96, 27, 27)      LRN (§3.3), overlapping pool (§3.4)
-        x = self.act(self.conv2(x))            # (B, 256, 27, 27)
-        x = self.pool(self.normalise(x))       # (B, 256, 13, 13)
-        x = self.act(self.conv3(x))            # (B, 384, 13, 13) reads all 256 maps, both towers
-        x = self.act(self.conv4(x))            # (B, 384, 13, 13)
-        x = self.act(self.conv5(x))            # (B, 256, 13, 13)
-        x = self.pool(x)                       # (B, 256, 6, 6)
-        x = torch.flatten(x, 1)                # (B, 9216)
+        x = self.act(self.conv1(x))  # (B, 96, 55, 55)      act: ReLU (§3.1)
+        x = self.pool(self.normalise(x))  # (B, 96, 27, 27)      LRN (§3.3), overlapping pool (§3.4)
+        x = self.act(self.conv2(x))  # (B, 256, 27, 27)
+        x = self.pool(self.normalise(x))  # (B, 256, 13, 13)
+        x = self.act(self.conv3(x))  # (B, 384, 13, 13) reads all 256 maps, both towers
+        x = self.act(self.conv4(x))  # (B, 384, 13, 13)
+        x = self.act(self.conv5(x))  # (B, 256, 13, 13)
+        x = self.pool(x)  # (B, 256, 6, 6)
+        x = torch.flatten(x, 1)  # (B, 9216)
         x = self.dropout(self.act(self.fc6(x)))  # (B, 4096)
         x = self.dropout(self.act(self.fc7(x)))  # (B, 4096)
-        return self.fc8(x)                     # (B, 1000) logits; the softmax lives in the loss
+        return self.fc8(x)  # (B, 1000) logits; the softmax lives in the loss
 
 
 class FourLayerCNN(nn.Module):
@@ -198,7 +210,7 @@ class FourLayerCNN(nn.Module):
         x = self.pool(self.act(self.conv1(x)))  # (B, 32, 16, 16)
         x = self.pool(self.act(self.conv2(x)))  # (B, 32, 8, 8)
         x = self.pool(self.act(self.conv3(x)))  # (B, 64, 4, 4)
-        return self.fc(torch.flatten(x, 1))     # (B, 10) logits
+        return self.fc(torch.flatten(x, 1))  # (B, 10) logits
 
 
 def torchvision_alexnet(num_classes: int = 1000, dropout: float = 0.5) -> nn.Module:
@@ -207,15 +219,34 @@ def torchvision_alexnet(num_classes: int = 1000, dropout: float = 0.5) -> nn.Mod
     return torchvision.models.AlexNet(num_classes=num_classes, dropout=dropout)
 
 
-def build_model(name: str, *, num_classes: int, width: float = 1.0, image_size: int = 227,
-                dropout: float = 0.5, init: str = "paper", activation: str = "relu", lrn: bool = True,
-                pool: str = "overlapping", init_bias: float = 1.0) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    width: float = 1.0,
+    image_size: int = 227,
+    dropout: float = 0.5,
+    init: str = "paper",
+    activation: str = "relu",
+    lrn: bool = True,
+    pool: str = "overlapping",
+    init_bias: float = 1.0,
+) -> nn.Module:
     """The model a config names. The torchvision variant takes any input size from 63 up (an adaptive
     pool gives its fc6 6x6 maps), so `image_size` only shapes the paper's network; the ablation switches
     are the paper's network's alone."""
     if name == "alexnet":
-        return AlexNet(num_classes=num_classes, width=width, image_size=image_size, dropout=dropout, init=init,
-                       activation=activation, lrn=lrn, pool=pool, init_bias=init_bias)
+        return AlexNet(
+            num_classes=num_classes,
+            width=width,
+            image_size=image_size,
+            dropout=dropout,
+            init=init,
+            activation=activation,
+            lrn=lrn,
+            pool=pool,
+            init_bias=init_bias,
+        )
     if name == "torchvision":
         if width != 1.0:
             raise ValueError(f"width {width!r} is not supported by the torchvision model; it needs width 1.0")
@@ -226,10 +257,18 @@ def build_model(name: str, *, num_classes: int, width: float = 1.0, image_size: 
 def build_from_config(config: dict, num_classes: int) -> nn.Module:
     """The network a run's config (Config.to_dict(), as checkpoints store it) describes: what training builds
     and what every load path rebuilds. A config written before a switch existed gets the paper's choice."""
-    return build_model(config["model"], num_classes=num_classes, width=config["width"],
-                       image_size=config["crop_size"], dropout=config["dropout"], init=config["init"],
-                       activation=config.get("activation", "relu"), lrn=config.get("lrn", "on") == "on",
-                       pool=config.get("pool", "overlapping"), init_bias=config.get("init_bias", 1.0))
+    return build_model(
+        config["model"],
+        num_classes=num_classes,
+        width=config["width"],
+        image_size=config["crop_size"],
+        dropout=config["dropout"],
+        init=config["init"],
+        activation=config.get("activation", "relu"),
+        lrn=config.get("lrn", "on") == "on",
+        pool=config.get("pool", "overlapping"),
+        init_bias=config.get("init_bias", 1.0),
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -35,9 +35,9 @@ import torch
 from pipeline.models import placement
 from pipeline.models.alexnet import build_from_config
 
-CHECKPOINT_FILE = "checkpoint.pt"      # in a Ray Train checkpoint directory
-MODEL_FILE = "model.pt"                # in a logged model: the checkpoint without the optimiser
-TRAIN_BATCH_FILE = "train_batch.png"   # the first training batch as the model saw it (pictures.py)
+CHECKPOINT_FILE = "checkpoint.pt"  # in a Ray Train checkpoint directory
+MODEL_FILE = "model.pt"  # in a logged model: the checkpoint without the optimiser
+TRAIN_BATCH_FILE = "train_batch.png"  # the first training batch as the model saw it (pictures.py)
 FORMAT = 1
 LOG_MODELS = ("best", "all", "none")
 # Ray Train ranks checkpoints by this reported metric (higher is better).
@@ -51,16 +51,29 @@ _TRAINING_ONLY = ("optimizer", "scheduler")
 class Start:
     """Where a worker group begins: an epoch, the steps of it already taken, the indices of the images
     those steps trained on (sources.py), and their train sums (loss sum, top-1, top-5, images)."""
+
     epoch: int = 0
     step: int = 0
-    consumed: Any = None                               # int64 numpy array, or None at an epoch's start
+    consumed: Any = None  # int64 numpy array, or None at an epoch's start
     sums: tuple[float, int, int, int] | None = None
 
 
-def save(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer, scheduler, epoch: int,
-         config: dict[str, Any], num_classes: int, classes: list[str], words: list[str],
-         metrics: dict[str, Any], val_per_class: dict[str, list[int]] | None = None,
-         files: dict[str, bytes] | None = None, within_epoch: Start | None = None) -> Path:
+def save(
+    directory: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    epoch: int,
+    config: dict[str, Any],
+    num_classes: int,
+    classes: list[str],
+    words: list[str],
+    metrics: dict[str, Any],
+    val_per_class: dict[str, list[int]] | None = None,
+    files: dict[str, bytes] | None = None,
+    within_epoch: Start | None = None,
+) -> Path:
     """Write checkpoint.pt (and `files`, e.g. a picture) into `directory`; returns the .pt path.
 
     within_epoch: for a checkpoint taken mid-epoch, how far into `epoch` it is (a restart goes on from
@@ -70,23 +83,29 @@ def save(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer, sch
     within = None
     if within_epoch is not None:
         assert within_epoch.sums is not None  # a checkpoint inside an epoch always carries its sums so far
-        within = {"step": int(within_epoch.step), "sums": list(within_epoch.sums),
-                  "consumed": torch.as_tensor(within_epoch.consumed, dtype=torch.int64)}
+        within = {
+            "step": int(within_epoch.step),
+            "sums": list(within_epoch.sums),
+            "consumed": torch.as_tensor(within_epoch.consumed, dtype=torch.int64),
+        }
     path = Path(directory) / CHECKPOINT_FILE
-    torch.save({
-        "format": FORMAT,
-        "model": placement.grouped_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": int(epoch),
-        "within_epoch": within,               # None: the epoch is complete
-        "config": dict(config),
-        "num_classes": int(num_classes),
-        "classes": list(classes),            # wnids in label order; empty when the data does not name them
-        "words": list(words),                # a readable name per class, when known
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-        "val_per_class": val_per_class or {},  # {"correct": [...], "images": [...]}, top-1, one entry per class
-    }, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "model": placement.grouped_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": int(epoch),
+            "within_epoch": within,  # None: the epoch is complete
+            "config": dict(config),
+            "num_classes": int(num_classes),
+            "classes": list(classes),  # wnids in label order; empty when the data does not name them
+            "words": list(words),  # a readable name per class, when known
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+            "val_per_class": val_per_class or {},  # {"correct": [...], "images": [...]}, top-1, one entry per class
+        },
+        path,
+    )
     for name, data in (files or {}).items():
         (Path(directory) / name).write_bytes(data)
     return path
@@ -99,13 +118,17 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         candidates = [path / CHECKPOINT_FILE, path / MODEL_FILE]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: expected a Ray Train checkpoint directory holding "
-                                f"{CHECKPOINT_FILE}, or a {CHECKPOINT_FILE} / {MODEL_FILE} file")
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r}: expected a Ray Train checkpoint directory holding "
+            f"{CHECKPOINT_FILE}, or a {CHECKPOINT_FILE} / {MODEL_FILE} file"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling error names the class that weights_only refused
-        raise ValueError(f"{str(path)!r} is not a checkpoint this project wrote (torch.load with weights_only=True "
-                         f"refused it: {type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint this project wrote (torch.load with weights_only=True "
+            f"refused it: {type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{str(path)!r} lacks {missing}: it is not a checkpoint of format {FORMAT}")
@@ -147,8 +170,7 @@ def keep_policy(keep: int):
 
     if keep == 0:
         return ray.train.CheckpointConfig()
-    return ray.train.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE,
-                                      checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")
 
 
 def should_log(policy: str, *, improved: bool, last_epoch: bool) -> bool:
@@ -165,8 +187,8 @@ class OpenedModel:
 
     state: dict[str, Any]
     reference: str
-    model_id: str = ""             # the logged model
-    registered_name: str = ""      # the registered model and version, when the reference names one
+    model_id: str = ""  # the logged model
+    registered_name: str = ""  # the registered model and version, when the reference names one
     version: str = ""
 
 
@@ -187,13 +209,18 @@ def open_model(reference: str) -> OpenedModel:
     try:
         if registered and not registered["name"].startswith("m-"):
             name = registered["name"]
-            mv = (client.get_model_version_by_alias(name, registered["alias"]) if registered["alias"]
-                  else client.get_model_version(name, registered["version"]))
+            mv = (
+                client.get_model_version_by_alias(name, registered["alias"])
+                if registered["alias"]
+                else client.get_model_version(name, registered["version"])
+            )
             version = mv.version
         model_id = mlflow.models.get_model_info(reference).model_id or ""
     except mlflow.exceptions.MlflowException as e:
-        raise ValueError(f"{reference!r} is not in the MLflow store at {mlflow.get_tracking_uri()} "
-                         f"({e.message.splitlines()[0]}); set MLFLOW_TRACKING_URI to the store that holds it") from None
+        raise ValueError(
+            f"{reference!r} is not in the MLflow store at {mlflow.get_tracking_uri()} "
+            f"({e.message.splitlines()[0]}); set MLFLOW_TRACKING_URI to the store that holds it"
+        ) from None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=tmp))
         found = sorted(local.rglob(MODEL_FILE))

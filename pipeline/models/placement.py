@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -57,8 +58,11 @@ def merge_towers(per_tower: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, t
     """The inverse of split_grouped: tower tensors keyed like 'conv1.weight' (weights, or their .grad)
     -> the grouped layout, on CPU, in AlexNet's key order. Concatenating along rows in tower order is
     the whole conversion, because every layer splits along its output dimension."""
-    return {f"{layer}.{kind}": torch.cat([tower[f"{layer}.{kind}"].detach().cpu() for tower in per_tower])
-            for layer in LAYERS for kind in ("weight", "bias")}
+    return {
+        f"{layer}.{kind}": torch.cat([tower[f"{layer}.{kind}"].detach().cpu() for tower in per_tower])
+        for layer in LAYERS
+        for kind in ("weight", "bias")
+    }
 
 
 def alexnet_geometry(model: AlexNet) -> tuple[float, int]:
@@ -76,10 +80,13 @@ def alexnet_geometry(model: AlexNet) -> tuple[float, int]:
             lo = max(lo, (half - 0.5) * 2 / n)
         hi = min(hi, (half + 0.5) * 2 / n)  # half == 1 also covers round() == 0: scaled() floors at 2
     width = (lo + hi) / 2
-    if not lo < hi or any(scaled(n, width) != getattr(model, name).weight.shape[0]
-                          for name, n in _SCALED_LAYERS.items()):
-        raise ValueError(f"no AlexNet width gives these layer sizes: "
-                         f"{[getattr(model, name).weight.shape[0] for name in _SCALED_LAYERS]}")
+    if not lo < hi or any(
+        scaled(n, width) != getattr(model, name).weight.shape[0] for name, n in _SCALED_LAYERS.items()
+    ):
+        raise ValueError(
+            f"no AlexNet width gives these layer sizes: "
+            f"{[getattr(model, name).weight.shape[0] for name in _SCALED_LAYERS]}"
+        )
 
     c5 = model.conv5.out_channels
     side = math.isqrt(model.fc6.in_features // c5)
@@ -104,33 +111,34 @@ class Tower(nn.Module):
         hidden = grouped.fc6.out_features
         classes = len(_half(torch.arange(grouped.fc8.out_features), tower))  # 500 of 1000; 4 + 3 of 7
 
-        self.conv1 = nn.Conv2d(3, c1 // 2, kernel_size=11, stride=4)              # 48 kernels on the whole image
-        self.conv2 = nn.Conv2d(c1 // 2, c2 // 2, kernel_size=5, padding=2)         # 128 on this tower's 48 maps
-        self.conv3 = nn.Conv2d(c2, c3 // 2, kernel_size=3, padding=1)              # 192 on both towers' 256 maps
-        self.conv4 = nn.Conv2d(c3 // 2, c4 // 2, kernel_size=3, padding=1)         # 192 on this tower's 192
-        self.conv5 = nn.Conv2d(c4 // 2, c5 // 2, kernel_size=3, padding=1)         # 128 on this tower's 192
-        self.fc6 = nn.Linear(grouped.fc6.in_features, hidden // 2)                 # 2048 on both towers' 9216
-        self.fc7 = nn.Linear(hidden, hidden // 2)                                  # 2048 on both towers' 4096
-        self.fc8 = nn.Linear(hidden, classes)                                      # 500 classes on both's 4096
+        self.conv1 = nn.Conv2d(3, c1 // 2, kernel_size=11, stride=4)  # 48 kernels on the whole image
+        self.conv2 = nn.Conv2d(c1 // 2, c2 // 2, kernel_size=5, padding=2)  # 128 on this tower's 48 maps
+        self.conv3 = nn.Conv2d(c2, c3 // 2, kernel_size=3, padding=1)  # 192 on both towers' 256 maps
+        self.conv4 = nn.Conv2d(c3 // 2, c4 // 2, kernel_size=3, padding=1)  # 192 on this tower's 192
+        self.conv5 = nn.Conv2d(c4 // 2, c5 // 2, kernel_size=3, padding=1)  # 128 on this tower's 192
+        self.fc6 = nn.Linear(grouped.fc6.in_features, hidden // 2)  # 2048 on both towers' 9216
+        self.fc7 = nn.Linear(hidden, hidden // 2)  # 2048 on both towers' 4096
+        self.fc8 = nn.Linear(hidden, classes)  # 500 classes on both's 4096
         # The same LRN (§3.3) and overlapping pooling (§3.4) as the grouped model; dropout (§4.2) per tower.
-        self.lrn = nn.LocalResponseNorm(size=grouped.lrn.size, alpha=grouped.lrn.alpha, beta=grouped.lrn.beta,
-                                        k=grouped.lrn.k)
+        self.lrn = nn.LocalResponseNorm(
+            size=grouped.lrn.size, alpha=grouped.lrn.alpha, beta=grouped.lrn.beta, k=grouped.lrn.k
+        )
         self.pool = nn.MaxPool2d(kernel_size=grouped.pool.kernel_size, stride=grouped.pool.stride)
         self.dropout = nn.Dropout(grouped.dropout.p)
 
     def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
         """This tower's maps only: nothing crosses between towers before conv3."""
-        x = F.relu(self.conv1(image))           # (B, 48, 55, 55) on this tower
-        x = self.pool(self.lrn(x))              # (B, 48, 27, 27)
-        x = F.relu(self.conv2(x))               # (B, 128, 27, 27)
-        return self.pool(self.lrn(x))           # (B, 128, 13, 13)
+        x = F.relu(self.conv1(image))  # (B, 48, 55, 55) on this tower
+        x = self.pool(self.lrn(x))  # (B, 48, 27, 27)
+        x = F.relu(self.conv2(x))  # (B, 128, 27, 27)
+        return self.pool(self.lrn(x))  # (B, 128, 13, 13)
 
     def conv3_to_pool5(self, pool2: torch.Tensor) -> torch.Tensor:
         """`pool2` holds both towers' maps, (B, 256, 13, 13); conv4 and conv5 read this tower's own."""
-        x = F.relu(self.conv3(pool2))           # (B, 192, 13, 13)
-        x = F.relu(self.conv4(x))               # (B, 192, 13, 13)
-        x = F.relu(self.conv5(x))               # (B, 128, 13, 13)
-        return torch.flatten(self.pool(x), 1)   # (B, 128 * 6 * 6) = (B, 4608)
+        x = F.relu(self.conv3(pool2))  # (B, 192, 13, 13)
+        x = F.relu(self.conv4(x))  # (B, 192, 13, 13)
+        x = F.relu(self.conv5(x))  # (B, 128, 13, 13)
+        return torch.flatten(self.pool(x), 1)  # (B, 128 * 6 * 6) = (B, 4608)
 
     def hidden(self, fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """fc6 or fc7 on both towers' inputs: (B, 9216) or (B, 4096) -> (B, 2048)."""
@@ -167,8 +175,14 @@ class TwoTowerAlexNet(nn.Module):
     devices[0], so labels and the loss belong there.
     """
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, image_size: int = 227, dropout: float = 0.5,
-                 devices: Sequence[torch.device | str] = ("cpu", "cpu")):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        image_size: int = 227,
+        dropout: float = 0.5,
+        devices: Sequence[torch.device | str] = ("cpu", "cpu"),
+    ):
         super().__init__()
         self.width, self.image_size = width, image_size
         self._split(AlexNet(num_classes=num_classes, width=width, image_size=image_size, dropout=dropout), devices)
@@ -177,11 +191,15 @@ class TwoTowerAlexNet(nn.Module):
     def from_grouped(cls, model: nn.Module, devices: Sequence[torch.device | str] = ("cpu", "cpu")) -> TwoTowerAlexNet:
         """The two-tower form of `model`, weights copied exactly; `model` itself is left as it was."""
         if not isinstance(model, AlexNet):
-            raise TypeError(f"the grouped placement needs the paper's AlexNet (pipeline.models.alexnet.AlexNet), "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"the grouped placement needs the paper's AlexNet (pipeline.models.alexnet.AlexNet), "
+                f"got {type(model).__name__}"
+            )
         if not model.paper_layers:  # the towers compute ReLU, LRN and 3/2 pooling, whatever the model had
-            raise ValueError("the grouped placement builds the paper's towers (ReLU, LRN, overlapping pooling); "
-                             "a network with --activation, --lrn or --pool switched trains with --placement data")
+            raise ValueError(
+                "the grouped placement builds the paper's towers (ReLU, LRN, overlapping pooling); "
+                "a network with --activation, --lrn or --pool switched trains with --placement data"
+            )
         two = cls.__new__(cls)  # skip __init__: its random initialisation would be overwritten at once
         nn.Module.__init__(two)
         two.width, two.image_size = alexnet_geometry(model)
@@ -191,8 +209,10 @@ class TwoTowerAlexNet(nn.Module):
     def _split(self, grouped: AlexNet, devices: Sequence[torch.device | str]) -> None:
         devices = _two_devices(devices)
         if grouped.fc8.out_features < TOWERS:
-            raise ValueError(f"fc8 is split across {TOWERS} towers, so it needs at least {TOWERS} classes, "
-                             f"got {grouped.fc8.out_features}")
+            raise ValueError(
+                f"fc8 is split across {TOWERS} towers, so it needs at least {TOWERS} classes, "
+                f"got {grouped.fc8.out_features}"
+            )
         with torch.device("meta"):  # shapes only: the weights are copied from `grouped` below
             towers = [Tower(grouped, t) for t in range(TOWERS)]
         self.towers = nn.ModuleList(tower.to_empty(device=device) for tower, device in zip(towers, devices))
@@ -223,8 +243,12 @@ class TwoTowerAlexNet(nn.Module):
     def to_grouped(self) -> AlexNet:
         """The single-device AlexNet with these weights, on CPU, in this module's train/eval mode."""
         with torch.device("meta"):  # shapes only: skip AlexNet's random initialisation
-            grouped = AlexNet(num_classes=self.num_classes, width=self.width, image_size=self.image_size,
-                              dropout=float(self.towers[0].dropout.p))  # type: ignore[arg-type]
+            grouped = AlexNet(
+                num_classes=self.num_classes,
+                width=self.width,
+                image_size=self.image_size,
+                dropout=cast(Tower, self.towers[0]).dropout.p,
+            )
         # assign=True makes the fresh CPU tensors of grouped_state_dict() the parameters, with no second copy.
         grouped.load_state_dict(self.grouped_state_dict(), assign=True)
         return grouped.train(self.training)
@@ -233,15 +257,15 @@ class TwoTowerAlexNet(nn.Module):
         towers, devices = self.towers, self.devices
         # conv1 reads the whole image on each tower; conv2 and both LRNs stay within a tower.
         images = [x.to(d, non_blocking=True) for d in devices]
-        pool2 = [tower.conv1_to_pool2(image) for tower, image in zip(towers, images)]          # (B, 128, 13, 13) each
+        pool2 = [tower.conv1_to_pool2(image) for tower, image in zip(towers, images)]  # (B, 128, 13, 13) each
         # Exchange 1: conv3 reads both towers' pool2 maps (tower 0's channels first, as in the grouped model).
         pool5 = [tower.conv3_to_pool5(both) for tower, both in zip(towers, exchange(pool2, devices))]  # (B, 4608)
         # Exchange 2: fc6 reads the flattened pool5 of both towers; flatten(cat) == cat(flatten) per tower.
         fc6 = [tower.hidden(tower.fc6, both) for tower, both in zip(towers, exchange(pool5, devices))]  # (B, 2048)
         # Exchanges 3 and 4: fc7 and fc8 read both towers' previous layer.
-        fc7 = [tower.hidden(tower.fc7, both) for tower, both in zip(towers, exchange(fc6, devices))]    # (B, 2048)
-        logits = [tower.fc8(both) for tower, both in zip(towers, exchange(fc7, devices))]               # (B, 500)
-        return exchange(logits, devices[:1])[0]                                                 # (B, 1000) on device 0
+        fc7 = [tower.hidden(tower.fc7, both) for tower, both in zip(towers, exchange(fc6, devices))]  # (B, 2048)
+        logits = [tower.fc8(both) for tower, both in zip(towers, exchange(fc7, devices))]  # (B, 500)
+        return exchange(logits, devices[:1])[0]  # (B, 1000) on device 0
 
 
 def place_model(model: nn.Module, placement: str, devices: Sequence[torch.device | str]) -> nn.Module:

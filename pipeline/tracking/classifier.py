@@ -30,8 +30,8 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-from mlflow.pyfunc import PythonModel
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 TOP = 5
 COLUMN = "image"
@@ -48,9 +48,16 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, COLUMN)]),
-        outputs=Schema([ColSpec(Array(DataType.long), "indices"), ColSpec(Array(DataType.string), "wnids"),
-                        ColSpec(Array(DataType.string), "words"), ColSpec(Array(DataType.double), "probabilities"),
-                        ColSpec(DataType.string, "error")]))
+        outputs=Schema(
+            [
+                ColSpec(Array(DataType.long), "indices"),
+                ColSpec(Array(DataType.string), "wnids"),
+                ColSpec(Array(DataType.string), "words"),
+                ColSpec(Array(DataType.double), "probabilities"),
+                ColSpec(DataType.string, "error"),
+            ]
+        ),
+    )
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -81,12 +88,14 @@ class ImageClassifier(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if COLUMN not in getattr(model_input, "columns", ()):
-            raise ValueError(f"expected a DataFrame with a column {COLUMN!r} of image bytes, got "
-                             f"{type(model_input).__name__} with columns {list(getattr(model_input, 'columns', []))}")
+            raise ValueError(
+                f"expected a DataFrame with a column {COLUMN!r} of image bytes, got "
+                f"{type(model_input).__name__} with columns {list(getattr(model_input, 'columns', []))}"
+            )
         data = [_as_bytes(v) for v in model_input[COLUMN]]
         rows: list[dict[str, Any]] = []
         for start in range(0, len(data), CHUNK):
-            rows += self._classify(data[start:start + CHUNK], first=start)
+            rows += self._classify(data[start : start + CHUNK], first=start)
         return pd.DataFrame(rows, columns=["indices", "wnids", "words", "probabilities", "error"])
 
     def _classify(self, data: list[bytes], first: int) -> list[dict[str, Any]]:
@@ -95,8 +104,9 @@ class ImageClassifier(PythonModel):
         from pipeline.transforms import device_stages, stages  # deferred: torch and the decoders, as above
 
         keys = [f"row {first + i}" for i in range(len(data))]
-        out = stages.center_crops({"jpeg": data, "key": keys}, resize_size=self.resize_size,
-                                  crop_size=self.crop_size, errors="collect")
+        out = stages.center_crops(
+            {"jpeg": data, "key": keys}, resize_size=self.resize_size, crop_size=self.crop_size, errors="collect"
+        )
         answers: dict[str, dict[str, Any]] = {}
         if len(out["image"]):
             with torch.inference_mode():
@@ -104,8 +114,13 @@ class ImageClassifier(PythonModel):
                 probs = self.network(x).float().softmax(dim=1)
                 top = probs.topk(min(TOP, probs.shape[1]), dim=1)
             for key, p, i in zip(out["key"], top.values.cpu().tolist(), top.indices.cpu().tolist()):
-                answers[key] = {"indices": i, "wnids": [self.wnids[c] for c in i], "words": [self.words[c] for c in i],
-                                "probabilities": p, "error": ""}
+                answers[key] = {
+                    "indices": i,
+                    "wnids": [self.wnids[c] for c in i],
+                    "words": [self.words[c] for c in i],
+                    "probabilities": p,
+                    "error": "",
+                }
         for key, reason in out["failed"].items():
             answers[key] = {"indices": [], "wnids": [], "words": [], "probabilities": [], "error": reason}
         return [answers[key] for key in keys]
@@ -148,7 +163,7 @@ def _imported(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # from . import x / from ..a import b
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module or ""
@@ -200,18 +215,22 @@ def log_model(state: dict[str, Any], *, name: str, run_id: str, step: int, tags:
 
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
-    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags=tags, params=run.data.params,
-                                           experiment_id=run.info.experiment_id)
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, tags=tags, params=run.data.params, experiment_id=run.info.experiment_id
+    )
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / checkpoint.MODEL_FILE
         torch.save(checkpoint.for_serving(state), weights)
         with warnings.catch_warnings():  # the signature is stated; an input example would add nothing to it
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             mlflow.pyfunc.log_model(
-                name=name, model_id=model.model_id,
+                name=name,
+                model_id=model.model_id,
                 # Models from code: the logged model runs served_model.py; no pickled object in it.
-                python_model=str(SERVED), artifacts={"model": str(weights)},
-                code_paths=[str(_package_source(Path(tmp) / "code"))], signature=signature(),
+                python_model=str(SERVED),
+                artifacts={"model": str(weights)},
+                code_paths=[str(_package_source(Path(tmp) / "code"))],
+                signature=signature(),
                 # Stated, not inferred: inferring them loads the model in a subprocess.
                 pip_requirements=requirements(),
             )
@@ -226,6 +245,9 @@ def example_frame(images: list[bytes]) -> pd.DataFrame:
 
 def serving_request(images: list[bytes]) -> dict[str, Any]:
     """The JSON body `mlflow models serve` takes for these images (POST /invocations)."""
-    return {"dataframe_split": {"columns": [COLUMN],
-                                "data": [[base64.b64encode(image).decode("ascii")] for image in images]}}
-
+    return {
+        "dataframe_split": {
+            "columns": [COLUMN],
+            "data": [[base64.b64encode(image).decode("ascii")] for image in images],
+        }
+    }

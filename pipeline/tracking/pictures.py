@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,12 +42,13 @@ def grid(tiles: np.ndarray, *, columns: int, gap: int = 2, scale: int = 1, backg
     out = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, 3), background, np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
-        out[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = tile
+        out[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = tile
     return out
 
 
-def model_inputs_png(x: Any, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     columns: int = 8) -> bytes:
+def model_inputs_png(
+    x: Any, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, columns: int = 8
+) -> bytes:
     """(N, 3, H, W) normalised model inputs -> a grid of what they show: x * std + mean, clipped to [0, 1].
     The lighting shift stays in (it was added before the normalisation), so this is the model's view."""
     x = np.asarray(x, dtype=np.float32)
@@ -65,8 +67,10 @@ def conv1_png(weight: Any, *, towers: int = TOWERS, scale: int = 4) -> bytes:
     tiles = ((w - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
     per_tower = len(tiles) // towers
     columns = min(16, per_tower)
-    blocks = [grid(tiles[t * per_tower:(t + 1) * per_tower], columns=columns, scale=scale, background=0)
-              for t in range(towers)]
+    blocks = [
+        grid(tiles[t * per_tower : (t + 1) * per_tower], columns=columns, scale=scale, background=0)
+        for t in range(towers)
+    ]
     spacer = np.full((scale * 2, blocks[0].shape[1], 3), 255, np.uint8)  # a white band between the towers
     return png(np.concatenate([part for block in blocks for part in (block, spacer)][:-1]))
 
@@ -107,12 +111,15 @@ def curves_png(history: Sequence[dict[str, float]]) -> bytes:
     return _png_of(figure)
 
 
-def class_accuracy(correct: Sequence[int], images: Sequence[int], names: Sequence[str],
-                   named: int = 5) -> dict[str, Any]:
+def class_accuracy(
+    correct: Sequence[int], images: Sequence[int], names: Sequence[str], named: int = 5
+) -> dict[str, Any]:
     """Per-class val top-1 (percent) and the `named` best and worst classes, as a table to log beside
     the picture: {"classes": [{name, correct, images, top1}], "best": [...], "worst": [...]}."""
-    rows = [{"name": name, "correct": int(c), "images": int(n), "top1": 100.0 * c / n if n else None}
-            for name, c, n in zip(names, correct, images, strict=True)]
+    rows = [
+        {"name": name, "correct": int(c), "images": int(n), "top1": 100.0 * c / n if n else None}
+        for name, c, n in zip(names, correct, images, strict=True)
+    ]
     ranked = sorted((r for r in rows if r["images"]), key=lambda r: (-r["top1"], r["name"]))
     named = min(named, len(ranked) // 2) or min(1, len(ranked))
     return {"classes": rows, "best": ranked[:named], "worst": ranked[::-1][:named]}
@@ -124,19 +131,36 @@ def per_class_png(table: dict[str, Any], *, title: str = "") -> bytes:
     figure = _figure(10, 4.5)
     axes = figure.subplots()
     # A white edge tells a few classes apart; at ImageNet's 1000 bars it would hide them.
-    axes.bar(range(len(ranked)), [r["top1"] for r in ranked], width=1.0, color="tab:blue",
-             edgecolor="white" if len(ranked) <= 100 else "none")
-    axes.set(xlabel=f"{len(ranked)} classes, best to worst", ylabel="val top-1 %", ylim=(0, 105),
-             title=title or "validation top-1 per class")
+    axes.bar(
+        range(len(ranked)),
+        [r["top1"] for r in ranked],
+        width=1.0,
+        color="tab:blue",
+        edgecolor="white" if len(ranked) <= 100 else "none",
+    )
+    axes.set(
+        xlabel=f"{len(ranked)} classes, best to worst",
+        ylabel="val top-1 %",
+        ylim=(0, 105),
+        title=title or "validation top-1 per class",
+    )
     best = ", ".join(f"{r['name']} {r['top1']:.0f}%" for r in table["best"])
     worst = ", ".join(f"{r['name']} {r['top1']:.0f}%" for r in table["worst"])
-    axes.text(0.01, 0.02, f"best: {best}\nworst: {worst}", transform=axes.transAxes, fontsize=9,
-              verticalalignment="bottom", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+    axes.text(
+        0.01,
+        0.02,
+        f"best: {best}\nworst: {worst}",
+        transform=axes.transAxes,
+        fontsize=9,
+        verticalalignment="bottom",
+        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
+    )
     return _png_of(figure)
 
 
-def figure1_png(curves: dict[str, Sequence[tuple[float, float]]], *, threshold: float, labels: dict[str, str],
-                title: str) -> bytes:
+def figure1_png(
+    curves: dict[str, Sequence[tuple[float, float]]], *, threshold: float, labels: dict[str, str], title: str
+) -> bytes:
     """{activation: [(epochs, training error %)]} -> the paper's Figure 1: ReLU solid, tanh dashed, the
     threshold as a dotted line, and where each curve first reaches it."""
     figure = _figure(7, 4.5)
@@ -144,7 +168,7 @@ def figure1_png(curves: dict[str, Sequence[tuple[float, float]]], *, threshold: 
     for activation, curve in curves.items():
         at, error = zip(*curve)
         style = "-" if activation == "relu" else "--"
-        line, = axes.plot(at, error, style, label=labels.get(activation, activation))
+        (line,) = axes.plot(at, error, style, label=labels.get(activation, activation))
         reached = next((a for a, e in curve if e <= threshold), None)
         if reached is not None:
             axes.axvline(reached, color=line.get_color(), alpha=0.4, linewidth=1)

@@ -20,10 +20,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -34,8 +35,20 @@ from pipeline.tracking import pictures
 # fraction of the training pass spent waiting for the next batch (data_wait_fraction, the slowest
 # worker's), decode_failures (images left out so far) and storage_retries_<cause> (reads from object
 # storage retried so far).
-EPOCH_METRICS = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                 "lr", "images_per_s", "data_wait_fraction", "epoch_seconds", "train_images", "train_steps")
+EPOCH_METRICS = (
+    "train_loss",
+    "train_top1",
+    "train_top5",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "images_per_s",
+    "data_wait_fraction",
+    "epoch_seconds",
+    "train_images",
+    "train_steps",
+)
 
 
 MODEL_METRICS = ("val_loss", "val_top1", "val_top5")
@@ -101,7 +114,8 @@ class RecordsNotDelivered(RuntimeError):
         super().__init__(
             f"the MLflow tracking server {tracking_uri} did not take {len(records)} records within {waited:.0f} s "
             f"of the end of training: {shown}. Nothing was registered and the run stays RUNNING there; the "
-            f"checkpoints under {checkpoints} hold each kept epoch's metrics and weights")
+            f"checkpoints under {checkpoints} hold each kept epoch's metrics and weights"
+        )
 
 
 def check_server(tracking_uri: str) -> None:
@@ -111,7 +125,8 @@ def check_server(tracking_uri: str) -> None:
     if reason:
         raise TrackingUnavailable(
             f"the MLflow tracking server {tracking_uri} does not answer ({reason}): start it, point "
-            f"MLFLOW_TRACKING_URI at one that runs, or unset MLFLOW_TRACKING_URI to record into ./mlflow.db")
+            f"MLFLOW_TRACKING_URI at one that runs, or unset MLFLOW_TRACKING_URI to record into ./mlflow.db"
+        )
 
 
 def abandon_run() -> None:
@@ -131,11 +146,11 @@ def abandon_run() -> None:
 class Record:
     """One thing to write to MLflow: `send` writes it, and can be called again after a failure."""
 
-    name: str                     # in words, for the report of what was not delivered
+    name: str  # in words, for the report of what was not delivered
     send: Callable[[], None]
-    kind: str = "record"          # "model" records count against MAX_PENDING_MODELS
-    key: str = ""                 # a newer record with the same key replaces this one while it waits
-    attempts: int = 0             # failed tries while the server answered
+    kind: str = "record"  # "model" records count against MAX_PENDING_MODELS
+    key: str = ""  # a newer record with the same key replaces this one while it waits
+    attempts: int = 0  # failed tries while the server answered
 
 
 @ray.remote(num_cpus=0)
@@ -149,8 +164,16 @@ class Recorder:
     in `undelivered`, which the job puts on the run and in its last lines.
     """
 
-    def __init__(self, *, tracking_uri: str, run_id: str, data_uri: str, data_fingerprint: str,
-                 decode_failures=None, credentials: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        run_id: str,
+        data_uri: str,
+        data_fingerprint: str,
+        decode_failures=None,
+        credentials: dict[str, str] | None = None,
+    ):
         import mlflow
 
         # The driver's sign-in to a server with authentication (start_recorder): this actor's process is
@@ -174,16 +197,25 @@ class Recorder:
         self.pending: deque[Record] = deque()
         self.sending: Record | None = None
         self.undelivered: list[str] = []
-        self.retries = 0                     # tries that found the server down
+        self.retries = 0  # tries that found the server down
         self.down_since: float | None = None
-        self.outages: list[float] = []       # seconds from the first failed try to the next delivery
+        self.outages: list[float] = []  # seconds from the first failed try to the next delivery
         self.changed = threading.Condition()
         threading.Thread(target=self._deliver, name="mlflow-delivery", daemon=True).start()
 
     # --- what the callback hands over ----------------------------------------------------------------------
 
-    def epoch(self, m: dict[str, Any], *, state: dict[str, Any] | None, train_batch_png: bytes | None,
-              log_model: bool, improved: bool, checkpoint_path: str, reported_ms: int) -> None:
+    def epoch(
+        self,
+        m: dict[str, Any],
+        *,
+        state: dict[str, Any] | None,
+        train_batch_png: bytes | None,
+        log_model: bool,
+        improved: bool,
+        checkpoint_path: str,
+        reported_ms: int,
+    ) -> None:
         """One report: the epoch's metrics (stamped with when it was reported, however late they are
         delivered), its logged model (when log_model) and pictures."""
         epoch = int(m["epoch"])
@@ -191,8 +223,13 @@ class Recorder:
             if train_batch_png:
                 self._picture(checkpoints.TRAIN_BATCH_FILE, train_batch_png)
             if log_model and state is not None:
-                self._add(Record(f"logged model epoch-{epoch:03d} (val top-1 {m['val_top1']:.2f}%)",
-                                 partial(self._send_model, epoch, state, checkpoint_path), kind="model"))
+                self._add(
+                    Record(
+                        f"logged model epoch-{epoch:03d} (val top-1 {m['val_top1']:.2f}%)",
+                        partial(self._send_model, epoch, state, checkpoint_path),
+                        kind="model",
+                    )
+                )
             if improved and state is not None:
                 self._best_pictures(state, m)
             # The val metrics carry the logged model's id: one record, seen on the run and on the model.
@@ -202,19 +239,48 @@ class Recorder:
             self._picture("curves.png", pictures.curves_png(self.history))
             if self.decode_failures is not None:
                 failures = ray.get(self.decode_failures.get.remote())
-                self._add(Record(f"decode_failures of epoch {epoch}", partial(
-                    _client(self.tracking_uri).log_metric, self.run_id, "decode_failures", len(failures),
-                    timestamp=reported_ms, step=epoch)))
+                self._add(
+                    Record(
+                        f"decode_failures of epoch {epoch}",
+                        partial(
+                            _client(self.tracking_uri).log_metric,
+                            self.run_id,
+                            "decode_failures",
+                            len(failures),
+                            timestamp=reported_ms,
+                            step=epoch,
+                        ),
+                    )
+                )
                 if len(failures) > self.failures_logged:  # the report names each one, when it grew
-                    self._add(Record("decode_failures.json", partial(
-                        _client(self.tracking_uri).log_dict, self.run_id, dict(sorted(failures.items())),
-                        "decode_failures.json"), key="decode_failures.json"))
+                    self._add(
+                        Record(
+                            "decode_failures.json",
+                            partial(
+                                _client(self.tracking_uri).log_dict,
+                                self.run_id,
+                                dict(sorted(failures.items())),
+                                "decode_failures.json",
+                            ),
+                            key="decode_failures.json",
+                        )
+                    )
                     self.failures_logged = len(failures)
                 # Reads from object storage that had to be retried so far, per cause (storage.retries).
                 for cause, count in ray.get(self.decode_failures.retries.remote()).items():
-                    self._add(Record(f"storage retries ({cause}) of epoch {epoch}", partial(
-                        _client(self.tracking_uri).log_metric, self.run_id,
-                        f"storage_retries_{cause.replace(' ', '_')}", count, timestamp=reported_ms, step=epoch)))
+                    self._add(
+                        Record(
+                            f"storage retries ({cause}) of epoch {epoch}",
+                            partial(
+                                _client(self.tracking_uri).log_metric,
+                                self.run_id,
+                                f"storage_retries_{cause.replace(' ', '_')}",
+                                count,
+                                timestamp=reported_ms,
+                                step=epoch,
+                            ),
+                        )
+                    )
         except Exception as e:  # a bug here must not pass unseen: the callback does not wait for us
             self.undelivered.append(f"records of epoch {epoch}: {type(e).__name__}: {e}")
 
@@ -236,8 +302,12 @@ class Recorder:
         with self.changed:
             while (self.pending or self.sending) and time.time() < deadline:
                 self.changed.wait(timeout=min(1.0, max(deadline - time.time(), 0.01)))
-            return {"pending": [r.name for r in self.pending], "undelivered": list(self.undelivered),
-                    "retries": self.retries, "outage_s": round(max(self.outages, default=0.0), 1)}
+            return {
+                "pending": [r.name for r in self.pending],
+                "undelivered": list(self.undelivered),
+                "retries": self.retries,
+                "outage_s": round(max(self.outages, default=0.0), 1),
+            }
 
     # --- the buffer and the delivery thread ------------------------------------------------------------------
 
@@ -258,7 +328,7 @@ class Recorder:
         """While the server is down: keep the newest MAX_PENDING_MODELS logged models, drop the older ones."""
         models = [r for r in self.pending if r.kind == "model"]
         waiting = [r for r in models if r is not self.sending]  # the one in flight cannot be taken back
-        for old in waiting[:max(len(models) - MAX_PENDING_MODELS, 0)]:
+        for old in waiting[: max(len(models) - MAX_PENDING_MODELS, 0)]:
             self._drop(old, f"{MAX_PENDING_MODELS} newer logged models were waiting")
 
     def _drop(self, record: Record, why: str) -> None:
@@ -283,23 +353,30 @@ class Recorder:
                     self.retries += 1
                     if self.down_since is None:
                         self.down_since = time.time()
-                        print(f"[mlflow] {self.tracking_uri} does not answer ({down}); training goes on and its "
-                              f"records wait, retried every {RETRY_S:g} s", file=sys.stderr)
+                        print(
+                            f"[mlflow] {self.tracking_uri} does not answer ({down}); training goes on and its "
+                            f"records wait, retried every {RETRY_S:g} s",
+                            file=sys.stderr,
+                        )
                         self._bound_models()
                 else:
                     if self.down_since is not None:
                         self.outages.append(time.time() - self.down_since)
                         self.down_since = None
-                        print(f"[mlflow] {self.tracking_uri} answers again after {self.outages[-1]:.0f} s; "
-                              f"delivering {len(self.pending)} waiting records", file=sys.stderr)
+                        print(
+                            f"[mlflow] {self.tracking_uri} answers again after {self.outages[-1]:.0f} s; "
+                            f"delivering {len(self.pending)} waiting records",
+                            file=sys.stderr,
+                        )
                     if error is not None:
                         record.attempts += 1
                     if error is None or record.attempts >= ATTEMPTS_WHEN_UP:
                         if record in self.pending:  # a newer version may have replaced it meanwhile
                             self.pending.remove(record)
                         if error is not None:
-                            self.undelivered.append(f"{record.name}: refused ({type(error).__name__}: "
-                                                    f"{first_line(error)})")
+                            self.undelivered.append(
+                                f"{record.name}: refused ({type(error).__name__}: {first_line(error)})"
+                            )
                 self.changed.notify_all()
             if error is not None:
                 time.sleep(RETRY_S)
@@ -308,19 +385,35 @@ class Recorder:
         import mlflow
 
         model_id = self.model_ids.get(epoch)
-        on_model = {"model_id": model_id, "dataset_name": self.data_uri,
-                    "dataset_digest": self.data_fingerprint[:32]} if model_id else {}
-        _client(self.tracking_uri).log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(m[k]), timestamp, epoch, **(on_model if k in MODEL_METRICS else {}))
-            for k in EPOCH_METRICS if k in m])
+        on_model = (
+            {"model_id": model_id, "dataset_name": self.data_uri, "dataset_digest": self.data_fingerprint[:32]}
+            if model_id
+            else {}
+        )
+        _client(self.tracking_uri).log_batch(
+            self.run_id,
+            metrics=[
+                mlflow.entities.Metric(k, float(m[k]), timestamp, epoch, **(on_model if k in MODEL_METRICS else {}))
+                for k in EPOCH_METRICS
+                if k in m
+            ],
+        )
 
     def _send_model(self, epoch: int, state: dict[str, Any], checkpoint_path: str) -> None:
         from pipeline.tracking import classifier  # deferred: MLflow's pyfunc and pandas, when a model is logged
 
-        self.model_ids[epoch] = classifier.log_model(state, name=f"epoch-{epoch:03d}", run_id=self.run_id,
-                                                     step=epoch, tags={
-            "epoch": str(epoch), "ray_checkpoint": checkpoint_path, "data_uri": self.data_uri,
-            "data_fingerprint": self.data_fingerprint})
+        self.model_ids[epoch] = classifier.log_model(
+            state,
+            name=f"epoch-{epoch:03d}",
+            run_id=self.run_id,
+            step=epoch,
+            tags={
+                "epoch": str(epoch),
+                "ray_checkpoint": checkpoint_path,
+                "data_uri": self.data_uri,
+                "data_fingerprint": self.data_fingerprint,
+            },
+        )
 
     def _best_pictures(self, state: dict[str, Any], m: dict[str, Any]) -> None:
         """The best model so far: its conv1 kernels (Figure 3) and its per-class validation top-1."""
@@ -330,16 +423,32 @@ class Recorder:
         self._picture("conv1_filters.png", pictures.conv1_png(conv1.numpy(), towers=towers))
         counts = state.get("val_per_class") or {}
         if counts.get("images"):
-            names = [w or c for w, c in zip(state["words"], state["classes"])] or state["classes"] \
+            names = (
+                [w or c for w, c in zip(state["words"], state["classes"])]
+                or state["classes"]
                 or [str(i) for i in range(state["num_classes"])]
+            )
             table = pictures.class_accuracy(counts["correct"], counts["images"], names)
             client = _client(self.tracking_uri)
-            self._add(Record(f"{PICTURES}/per_class_val.json", partial(
-                client.log_dict, self.run_id, {"epoch": state["epoch"], **table}, f"{PICTURES}/per_class_val.json"),
-                key="per_class_val.json"))
-            self._picture("per_class_val.png", pictures.per_class_png(
-                table, title=f"validation top-1 per class, best epoch so far ({state['epoch'] + 1}: "
-                             f"{m['val_top1']:.1f}%)"))
+            self._add(
+                Record(
+                    f"{PICTURES}/per_class_val.json",
+                    partial(
+                        client.log_dict,
+                        self.run_id,
+                        {"epoch": state["epoch"], **table},
+                        f"{PICTURES}/per_class_val.json",
+                    ),
+                    key="per_class_val.json",
+                )
+            )
+            self._picture(
+                "per_class_val.png",
+                pictures.per_class_png(
+                    table,
+                    title=f"validation top-1 per class, best epoch so far ({state['epoch'] + 1}: {m['val_top1']:.1f}%)",
+                ),
+            )
 
     def _picture(self, name: str, data: bytes) -> None:
         def send():
@@ -395,10 +504,12 @@ def wait_for_records(recorder, tracking_uri: str, timeout: float, checkpoints: s
 
     waiting = ray.get(recorder.flush.remote(0.0))["pending"]
     if waiting:
-        print(f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records",
-              file=sys.stderr)
+        print(
+            f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records", file=sys.stderr
+        )
     delivery = ray.get(recorder.flush.remote(timeout))
     if delivery["pending"]:
-        raise RecordsNotDelivered(tracking_uri, delivery["pending"] + delivery["undelivered"],
-                                           waited=timeout, checkpoints=checkpoints)
+        raise RecordsNotDelivered(
+            tracking_uri, delivery["pending"] + delivery["undelivered"], waited=timeout, checkpoints=checkpoints
+        )
     return delivery

@@ -32,8 +32,20 @@ DEFAULT_NAME = "alexnet"
 SAMPLE_NAME = "alexnet-sample"
 # Lineage tags every registered version carries (README "Model registry").
 # switches: the ablation switches the run set otherwise than its preset ("activation=tanh, lrn=off"), or "none".
-LINEAGE = ("run_id", "git_sha", "data_uri", "data_fingerprint", "data_kind", "preset", "switches", "epoch",
-           "logged_model_id", "val_top1", "val_top5", "val_images")
+LINEAGE = (
+    "run_id",
+    "git_sha",
+    "data_uri",
+    "data_fingerprint",
+    "data_kind",
+    "preset",
+    "switches",
+    "epoch",
+    "logged_model_id",
+    "val_top1",
+    "val_top5",
+    "val_images",
+)
 
 
 def model_name(registered_model: str, *, sample: bool) -> str:
@@ -44,9 +56,9 @@ def model_name(registered_model: str, *, sample: bool) -> str:
 @dataclass(frozen=True)
 class Registration:
     name: str
-    version: str | None        # None: nothing was registered
-    champion: bool             # whether `champion` now points at this version
-    message: str               # what happened and why, for the job's last lines
+    version: str | None  # None: nothing was registered
+    champion: bool  # whether `champion` now points at this version
+    message: str  # what happened and why, for the job's last lines
 
     @property
     def uri(self) -> str:
@@ -62,8 +74,9 @@ def _metric(model, key: str, run_id: str) -> float | None:
 def best_logged_model(client: mlflow.MlflowClient, run_id: str):
     """The run's logged model with the highest val top-1 it was logged with; the earliest epoch on a tie."""
     run = client.get_run(run_id)
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}'")
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
     scored = [(m, _metric(m, "val_top1", run_id)) for m in models]
     scored = [(m, top1) for m, top1 in scored if top1 is not None]
     if not scored:
@@ -77,11 +90,20 @@ def register_best(*, tracking_uri: str, run_id: str, name: str, lineage: dict[st
     client = mlflow.MlflowClient(tracking_uri)
     best = best_logged_model(client, run_id)
     if best is None:
-        return Registration(name, None, False, f"nothing registered: run {run_id} logged no model "
-                                               f"(--log-models none, or no epoch finished)")
-    tags = {**{k: str(v) for k, v in lineage.items()}, "run_id": run_id, "logged_model_id": best.model_id,
-            "epoch": best.tags.get("epoch", ""), "val_top1": f"{_metric(best, 'val_top1', run_id):.4f}",
-            "val_top5": f"{_metric(best, 'val_top5', run_id):.4f}"}
+        return Registration(
+            name,
+            None,
+            False,
+            f"nothing registered: run {run_id} logged no model (--log-models none, or no epoch finished)",
+        )
+    tags = {
+        **{k: str(v) for k, v in lineage.items()},
+        "run_id": run_id,
+        "logged_model_id": best.model_id,
+        "epoch": best.tags.get("epoch", ""),
+        "val_top1": f"{_metric(best, 'val_top1', run_id):.4f}",
+        "val_top5": f"{_metric(best, 'val_top5', run_id):.4f}",
+    }
     mlflow.set_tracking_uri(tracking_uri)
     version = mlflow.register_model(f"models:/{best.model_id}", name, tags=tags).version
     return promote(client, name, str(version))
@@ -101,24 +123,36 @@ def promote(client: mlflow.MlflowClient, name: str, version: str) -> Registratio
         return Registration(name, version, True, f"{here} is the first {CHAMPION} of {name!r}")
     old = f"version {champion.version} (val top-1 {float(champion.tags.get('val_top1', 'nan')):.2f}%)"
     if champion.tags.get("data_fingerprint") != new.tags.get("data_fingerprint"):
-        return Registration(name, version, False, (
-            f"{here} is not {CHAMPION}: {CHAMPION} {old} was measured on other data "
-            f"({champion.tags.get('data_uri', '?')}, fingerprint {champion.tags.get('data_fingerprint', '?')[:12]}; "
-            f"this run: {new.tags.get('data_uri', '?')}, {new.tags.get('data_fingerprint', '?')[:12]}), and "
-            f"accuracies on different data do not compare. Register under another --registered-model to keep "
-            f"a champion for this data"))
+        return Registration(
+            name,
+            version,
+            False,
+            (
+                f"{here} is not {CHAMPION}: {CHAMPION} {old} was measured on other data "
+                f"({champion.tags.get('data_uri', '?')}, "
+                f"fingerprint {champion.tags.get('data_fingerprint', '?')[:12]}; "
+                f"this run: {new.tags.get('data_uri', '?')}, {new.tags.get('data_fingerprint', '?')[:12]}), and "
+                f"accuracies on different data do not compare. Register under another --registered-model to keep "
+                f"a champion for this data"
+            ),
+        )
     if top1 <= float(champion.tags["val_top1"]):
-        return Registration(name, version, False,
-                            f"{here} is not {CHAMPION}: it does not beat {CHAMPION} {old} on the same data")
+        return Registration(
+            name, version, False, f"{here} is not {CHAMPION}: it does not beat {CHAMPION} {old} on the same data"
+        )
     client.set_registered_model_alias(name, PREVIOUS, champion.version)
     client.set_registered_model_alias(name, CHAMPION, version)
-    return Registration(name, version, True,
-                        f"{here} is the new {CHAMPION}: it beats {old} on the same data, "
-                        f"which keeps the alias {PREVIOUS!r}")
+    return Registration(
+        name,
+        version,
+        True,
+        f"{here} is the new {CHAMPION}: it beats {old} on the same data, which keeps the alias {PREVIOUS!r}",
+    )
 
 
-def record_evaluation(opened, metrics: dict[str, float], *, data_uri: str, data_fingerprint: str,
-                      tracking_uri: str) -> list[str]:
+def record_evaluation(
+    opened, metrics: dict[str, float], *, data_uri: str, data_fingerprint: str, tracking_uri: str
+) -> list[str]:
     """Write the evaluation job's metrics where people look (returns what was written, in words):
 
     - on the logged model, as metrics of an evaluation run in the model's experiment, tied to the data
@@ -133,15 +167,34 @@ def record_evaluation(opened, metrics: dict[str, float], *, data_uri: str, data_
     written = []
     if opened.model_id:
         model = client.get_logged_model(opened.model_id)
-        run = client.create_run(model.experiment_id, run_name=f"evaluate {model.name}", tags={
-            "evaluates_model_id": opened.model_id, "model_reference": opened.reference})
-        client.log_batch(run.info.run_id, params=[
-            mlflow.entities.Param(k, str(v)) for k, v in {"model": opened.reference, "data": data_uri,
-                                                           "data_fingerprint": data_fingerprint}.items()])
+        run = client.create_run(
+            model.experiment_id,
+            run_name=f"evaluate {model.name}",
+            tags={"evaluates_model_id": opened.model_id, "model_reference": opened.reference},
+        )
+        client.log_batch(
+            run.info.run_id,
+            params=[
+                mlflow.entities.Param(k, str(v))
+                for k, v in {"model": opened.reference, "data": data_uri, "data_fingerprint": data_fingerprint}.items()
+            ],
+        )
         now = int(time.time() * 1000)
-        client.log_batch(run.info.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), now, 0, model_id=opened.model_id, dataset_name=data_uri,
-                                   dataset_digest=data_fingerprint[:32]) for k, v in metrics.items()])
+        client.log_batch(
+            run.info.run_id,
+            metrics=[
+                mlflow.entities.Metric(
+                    k,
+                    float(v),
+                    now,
+                    0,
+                    model_id=opened.model_id,
+                    dataset_name=data_uri,
+                    dataset_digest=data_fingerprint[:32],
+                )
+                for k, v in metrics.items()
+            ],
+        )
         client.set_terminated(run.info.run_id, "FINISHED")
         written.append(f"logged model {opened.model_id} (evaluation run {run.info.run_id})")
     if opened.version:
@@ -153,6 +206,8 @@ def record_evaluation(opened, metrics: dict[str, float], *, data_uri: str, data_
             tags[f"{prefix}data_uri"] = data_uri
         for key, value in tags.items():
             client.set_model_version_tag(opened.registered_name, opened.version, key, value)
-        written.append(f"{opened.registered_name} version {opened.version} tags "
-                       f"{'(same data as its training validation)' if same else prefix + '* (other data)'}")
+        written.append(
+            f"{opened.registered_name} version {opened.version} tags "
+            f"{'(same data as its training validation)' if same else prefix + '* (other data)'}"
+        )
     return written

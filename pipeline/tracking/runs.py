@@ -51,11 +51,13 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         sha = out.stdout.strip() if out.returncode == 0 else "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
-                               cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip()
         return f"{sha}-dirty" if dirty and sha != "unknown" else sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -86,8 +88,10 @@ def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str,
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(cfg.experiment, tracking_uri)
     run = client.create_run(experiment_id, tags={"git_sha": git_sha(), "preset": cfg.preset, **tags})
-    client.log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()])
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()],
+    )
     mlflow.start_run(run_id=run.info.run_id, log_system_metrics=True)
     return run.info
 
@@ -131,7 +135,8 @@ class MLflowCallback(ray.train.UserCallback):
         improved = m["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, m["val_top1"])
         log_model = checkpoint is not None and checkpoints.should_log(
-            self.log_models, improved=improved, last_epoch=epoch == self.epochs - 1)
+            self.log_models, improved=improved, last_epoch=epoch == self.epochs - 1
+        )
         # Read now: Ray Train may delete this checkpoint (--keep-checkpoints) before MLflow can take it.
         state = picture = None
         if checkpoint is not None and (log_model or improved):
@@ -139,9 +144,15 @@ class MLflowCallback(ray.train.UserCallback):
                 state = checkpoints.for_serving(checkpoints.load(directory))
                 batch_picture = Path(directory) / checkpoints.TRAIN_BATCH_FILE
                 picture = batch_picture.read_bytes() if batch_picture.is_file() else None
-        self.recorder.epoch.remote(m, state=state, train_batch_png=picture, log_model=log_model, improved=improved,
-                                   checkpoint_path=checkpoint.path if checkpoint is not None else "",
-                                   reported_ms=int(time.time() * 1000))
+        self.recorder.epoch.remote(
+            m,
+            state=state,
+            train_batch_png=picture,
+            log_model=log_model,
+            improved=improved,
+            checkpoint_path=checkpoint.path if checkpoint is not None else "",
+            reported_ms=int(time.time() * 1000),
+        )
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         text = "\n\n".join(f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(worker_exceptions.items()))
@@ -151,8 +162,9 @@ class MLflowCallback(ray.train.UserCallback):
 # --- closing a run from the driver: wait for its records, then its status -------------------------
 
 
-def close_unfinished_run(recorder, tracking_uri: str, run_id: str, status: str, summary: dict[str, Any],
-                         checkpoints: str) -> None:
+def close_unfinished_run(
+    recorder, tracking_uri: str, run_id: str, status: str, summary: dict[str, Any], checkpoints: str
+) -> None:
     """Close a run that did not finish: first what its epochs reported, then its status and why. With the
     server gone, say what is lost and let go of the run."""
     try:

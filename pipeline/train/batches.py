@@ -23,8 +23,15 @@ from pipeline.transforms import device_stages, stages
 PREFETCH_BATCHES = 2
 
 
-def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, report=None,
-                  crop_rngs: Callable[[int], np.random.Generator] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def input_batches(
+    shard,
+    cfg: Config,
+    device: torch.device,
+    *,
+    drop_last: bool,
+    report=None,
+    crop_rngs: Callable[[int], np.random.Generator] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches of {image (N, C, C, 3) uint8, label, index} (index stays on the CPU).
 
     --decode-on cpu: Ray Data's crops, copied from pinned memory without blocking. --decode-on gpu:
@@ -38,28 +45,45 @@ def input_batches(shard, cfg: Config, device: torch.device, *, drop_last: bool, 
         # device="cpu", not Ray's default "auto": in a Ray Train worker "auto" is the worker's GPU and
         # would move `index` there too, which the loop reads on the host. Pinned, the loop's
         # non_blocking copies of image and label overlap the step before.
-        yield from shard.iter_torch_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
-                                            prefetch_batches=PREFETCH_BATCHES, pin_memory=gpu, device="cpu")
+        yield from shard.iter_torch_batches(
+            batch_size=cfg.worker_batch_size,
+            drop_last=drop_last,
+            prefetch_batches=PREFETCH_BATCHES,
+            pin_memory=gpu,
+            device="cpu",
+        )
         return
-    for i, batch in enumerate(shard.iter_batches(batch_size=cfg.worker_batch_size, drop_last=drop_last,
-                                                 prefetch_batches=PREFETCH_BATCHES, batch_format="numpy")):
-        images, rows, failed = device_stages.decode_on_device(list(batch["jpeg"]), [str(k) for k in batch["key"]],
-                                                              device)
+    for i, batch in enumerate(
+        shard.iter_batches(
+            batch_size=cfg.worker_batch_size,
+            drop_last=drop_last,
+            prefetch_batches=PREFETCH_BATCHES,
+            batch_format="numpy",
+        )
+    ):
+        images, rows, failed = device_stages.decode_on_device(
+            list(batch["jpeg"]), [str(k) for k in batch["key"]], device
+        )
         if failed and report is not None:
             report.add.remote(failed)
         if not images:
             raise ValueError(f"no image of a batch of {len(batch['jpeg'])} decoded: {failed}")
         n = len(images)
         if crop_rngs is not None:
-            top, left, flip = stages.crop_params(n, crop_rngs(i), resize_size=cfg.resize_size, crop_size=cfg.crop_size,
-                                                 flip_p=cfg.flip_p)
+            top, left, flip = stages.crop_params(
+                n, crop_rngs(i), resize_size=cfg.resize_size, crop_size=cfg.crop_size, flip_p=cfg.flip_p
+            )
         else:
             top = left = np.full(n, (cfg.resize_size - cfg.crop_size) // 2)
             flip = np.zeros(n, bool)
-        crops = device_stages.crops_on_device(images, top, left, flip, resize_size=cfg.resize_size,
-                                              crop_size=cfg.crop_size)
-        yield {"image": crops, "label": device_stages.to_device(torch.as_tensor(batch["label"][rows]), device),
-               "index": torch.as_tensor(batch["index"][rows])}
+        crops = device_stages.crops_on_device(
+            images, top, left, flip, resize_size=cfg.resize_size, crop_size=cfg.crop_size
+        )
+        yield {
+            "image": crops,
+            "label": device_stages.to_device(torch.as_tensor(batch["label"][rows]), device),
+            "index": torch.as_tensor(batch["index"][rows]),
+        }
 
 
 def host_indices(batch: dict) -> np.ndarray:
@@ -67,6 +91,8 @@ def host_indices(batch: dict) -> np.ndarray:
     back from a GPU would make every step wait for the device, so one there is a bug upstream."""
     index = batch["index"]
     if index.device.type != "cpu":
-        raise RuntimeError(f"the batch's index column is on {index.device}, expected the CPU: the loop reads it on "
-                           f"the host every step (input_batches asks Ray Data for CPU batches)")
+        raise RuntimeError(
+            f"the batch's index column is on {index.device}, expected the CPU: the loop reads it on "
+            f"the host every step (input_batches asks Ray Data for CPU batches)"
+        )
     return index.numpy()

@@ -28,26 +28,29 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from pipeline import cluster, config, data
 from pipeline.config import Config
 from pipeline.data import sample
 from pipeline.models import checkpoint
 from pipeline.tracking import recording, registry, runs
+from pipeline.train.worker import LoopSettings, train_loop_per_worker
 from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
 from pipeline.transforms.lighting import Lighting
-from pipeline.train.worker import LoopSettings, train_loop_per_worker
 
 
 def resolve_data(cfg: Config) -> data.Source:
     """The dataset the run trains on; the generated sample when --data is empty with --preset sample."""
     if not cfg.data and cfg.preset != "sample":
         # An unset $DATA would otherwise train the paper's network for 90 epochs on ten drawn patterns.
-        raise ValueError(f"--data is empty: --preset {cfg.preset} needs a dataset (a folder in ImageNet layout, "
-                         f"prepared shards, s3://...); the generated sample is the default of --preset sample only")
+        raise ValueError(
+            f"--data is empty: --preset {cfg.preset} needs a dataset (a folder in ImageNet layout, "
+            f"prepared shards, s3://...); the generated sample is the default of --preset sample only"
+        )
     uri = cfg.data or str(sample.ensure_sample_imagenet())
     source = data.open_source(uri, num_classes=cfg.num_classes, manifest_sha256=cfg.manifest_sha256)
     for path in source.ignored:
@@ -63,7 +66,8 @@ def check_enough_data(cfg: Config, source: data.Source) -> None:
     if train is not None and train < cfg.batch_size:
         raise ValueError(
             f"{source.uri} has {train} train images, fewer than one step takes: --workers {cfg.workers} x "
-            f"{cfg.worker_batch_size} images (--batch-size {cfg.batch_size}). Use a smaller --batch-size or more data")
+            f"{cfg.worker_batch_size} images (--batch-size {cfg.batch_size}). Use a smaller --batch-size or more data"
+        )
     if val == 0:
         raise ValueError(f"{source.uri} has no val images: validation, the schedule and the registry need some")
 
@@ -114,8 +118,10 @@ def sigterm_as_interrupt() -> Iterator[list[str]]:
             raise KeyboardInterrupt
 
     # fit() installs Ray Train's SIGINT handler and leaves it there: both go back as they were.
-    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    previous = {
+        signal.SIGINT: signal.getsignal(signal.SIGINT),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+    }
     try:
         yield caught
     finally:
@@ -127,12 +133,13 @@ def class_words(cfg: Config, source: data.Source) -> list[str]:
     """A readable name per class: the sample's drawn patterns; none for other data (ImageNet's words are
     in the devkit's meta.mat, which the shards' manifest does not carry yet)."""
     if not cfg.data:
-        return list(sample.PATTERNS[:source.num_classes])
+        return list(sample.PATTERNS[: source.num_classes])
     return []
 
 
-def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | None = None,
-        register: bool = True) -> dict[str, Any]:
+def run(
+    cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | None = None, register: bool = True
+) -> dict[str, Any]:
     """Train as `cfg` says; returns the final metrics, where they were recorded and where the model went.
 
     callbacks: extra ray.train.UserCallback instances, beside the MLflow one.
@@ -143,7 +150,6 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
-
 
     started = time.time()
     tracking_uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for its children
@@ -163,25 +169,32 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
     if not interactive:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
     cluster.connect_ray(train_workers=cfg.workers, address=cfg.address)
-    resources = cluster.worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU"))
+    resources = cluster.worker_resources(
+        cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU")
+    )
     cluster.check_placeable(cfg, resources)  # else a request no node can hold waits in fit() forever
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which
     # execute them in other processes, run with that copy: setting it here reaches them.
     DataContext.get_current().enable_progress_bars = interactive
 
     data_fingerprint = source.fingerprint
-    run_info = runs.start_run(cfg, tracking_uri=tracking_uri, params={
-        "data_resolved": source.uri,
-        "data_kind": source.kind,
-        "num_classes": source.num_classes,
-        "train_images": source.images.get("train"),
-        "val_images": source.images.get("val"),
-        "data_fingerprint": data_fingerprint,
-        "lighting_source": lighting.source,
-        "worker_batch_size": cfg.worker_batch_size,
-        "resources_per_worker": resources,
-        "registered_model_resolved": model_name,
-    }, tags={"data_fingerprint": data_fingerprint, **(tags or {})})
+    run_info = runs.start_run(
+        cfg,
+        tracking_uri=tracking_uri,
+        params={
+            "data_resolved": source.uri,
+            "data_kind": source.kind,
+            "num_classes": source.num_classes,
+            "train_images": source.images.get("train"),
+            "val_images": source.images.get("val"),
+            "data_fingerprint": data_fingerprint,
+            "lighting_source": lighting.source,
+            "worker_batch_size": cfg.worker_batch_size,
+            "resources_per_worker": resources,
+            "registered_model_resolved": model_name,
+        },
+        tags={"data_fingerprint": data_fingerprint, **(tags or {})},
+    )
     run_id = run_info.run_id
     print(f"[mlflow] run {run_id} in experiment {cfg.experiment!r} at {tracking_uri}")
 
@@ -191,25 +204,42 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
         try:
             report = data.ReadReport.remote()
             resume_point = data.ResumePoint.remote()
-            recorder = recording.start_recorder(tracking_uri=tracking_uri, run_id=run_id, data_uri=source.uri,
-                                               data_fingerprint=data_fingerprint, decode_failures=report)
+            recorder = recording.start_recorder(
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                data_uri=source.uri,
+                data_fingerprint=data_fingerprint,
+                decode_failures=report,
+            )
             callback = runs.MLflowCallback(recorder, epochs=cfg.epochs, log_models=cfg.log_models)
-            settings = LoopSettings(config=cfg, num_classes=source.num_classes, lighting=lighting,
-                                    classes=tuple(source.wnids), words=tuple(class_words(cfg, source)),
-                                    train_images=source.images.get("train"),
-                                    progress_interval_s=0.0 if interactive else PROGRESS_INTERVAL_S,
-                                    read_report=report, resume_point=resume_point)
+            settings = LoopSettings(
+                config=cfg,
+                num_classes=source.num_classes,
+                lighting=lighting,
+                classes=tuple(source.wnids),
+                words=tuple(class_words(cfg, source)),
+                train_images=source.images.get("train"),
+                progress_interval_s=0.0 if interactive else PROGRESS_INTERVAL_S,
+                read_report=report,
+                resume_point=resume_point,
+            )
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 # A dict: Ray Train's run state checks for one (and shows its values, as text, on the dashboard).
                 train_loop_config={"settings": settings},
                 scaling_config=ray.train.ScalingConfig(
-                    num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
-                    placement_strategy=cfg.worker_strategy),
-                datasets={"train": data.train_dataset(source, cfg, report),
-                          "val": data.val_dataset(source, cfg, report)},
-                dataset_config=data.TrainValDataConfig(execution_options=data.execution_options(cfg),
-                                                       resume_point=resume_point),
+                    num_workers=cfg.workers,
+                    use_gpu=cfg.use_gpu,
+                    resources_per_worker=resources,
+                    placement_strategy=cfg.worker_strategy,
+                ),
+                datasets={
+                    "train": data.train_dataset(source, cfg, report),
+                    "val": data.val_dataset(source, cfg, report),
+                },
+                dataset_config=data.TrainValDataConfig(
+                    execution_options=data.execution_options(cfg), resume_point=resume_point
+                ),
                 run_config=ray.train.RunConfig(
                     name=f"alexnet-{run_id[:12]}",
                     storage_path=storage,
@@ -222,24 +252,45 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                 result = trainer.fit()
             except ray.train.TrainingFailedError as e:
                 restarts = "no restarts" if cfg.max_failures == 0 else f"all {cfg.max_failures} restarts used"
-                raise TrainingFailed(f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last "
-                                     f"attempt ended with: {e}") from e
-            delivery = recording.wait_for_records(recorder, tracking_uri, recording.TRACKING_WAIT_S, checkpoints=result.path)
+                raise TrainingFailed(
+                    f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last attempt ended with: {e}"
+                ) from e
+            delivery = recording.wait_for_records(
+                recorder, tracking_uri, recording.TRACKING_WAIT_S, checkpoints=result.path
+            )
             if register:
                 registration = registry.register_best(
-                    tracking_uri=tracking_uri, run_id=run_id, name=model_name, lineage={
-                        "git_sha": runs.git_sha(), "data_uri": source.uri, "data_fingerprint": data_fingerprint,
-                        "data_kind": source.kind, "preset": cfg.preset, "val_images": source.images.get("val"),
-                        "switches": config.describe(config.switched(cfg)) or "none"})
+                    tracking_uri=tracking_uri,
+                    run_id=run_id,
+                    name=model_name,
+                    lineage={
+                        "git_sha": runs.git_sha(),
+                        "data_uri": source.uri,
+                        "data_fingerprint": data_fingerprint,
+                        "data_kind": source.kind,
+                        "preset": cfg.preset,
+                        "val_images": source.images.get("val"),
+                        "switches": config.describe(config.switched(cfg)) or "none",
+                    },
+                )
             else:
-                registration = registry.Registration(model_name, None, False, "nothing registered: not asked to "
-                                                                              "(an ablation run)")
+                registration = registry.Registration(
+                    model_name, None, False, "nothing registered: not asked to (an ablation run)"
+                )
             assert result.metrics is not None  # fit() returned: the last epoch reported
             final = {k: result.metrics[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")}
-            runs.finish_run(tracking_uri, run_id, "FINISHED", {
-                "final_val_top1": final["val_top1"], "final_val_top5": final["val_top5"],
-                "registered": registration.uri or "nothing", "registration": registration.message,
-                **runs.delivery_tags(delivery)})
+            runs.finish_run(
+                tracking_uri,
+                run_id,
+                "FINISHED",
+                {
+                    "final_val_top1": final["val_top1"],
+                    "final_val_top5": final["val_top5"],
+                    "registered": registration.uri or "nothing",
+                    "registration": registration.message,
+                    **runs.delivery_tags(delivery),
+                },
+            )
         except recording.RecordsNotDelivered:
             recording.abandon_run()
             raise
@@ -250,8 +301,9 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | No
                 name = caught[0] if caught else "SIGINT"
                 runs.close_unfinished_run(recorder, tracking_uri, run_id, "KILLED", {"stopped_by": name}, storage)
                 raise RunInterrupted(name, run_id) from None
-            runs.close_unfinished_run(recorder, tracking_uri, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"},
-                                 storage)
+            runs.close_unfinished_run(
+                recorder, tracking_uri, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"}, storage
+            )
             raise
 
     return {
@@ -280,8 +332,10 @@ def where_it_went(summary: dict[str, Any]) -> str:
     ]
     delivery = summary.get("tracking") or {}
     if delivery.get("retries"):
-        lines.append(f"tracking: {summary['tracking_uri']} was down (longest {delivery['outage_s']:.0f} s); "
-                     f"training went on and the records were delivered when it answered again")
+        lines.append(
+            f"tracking: {summary['tracking_uri']} was down (longest {delivery['outage_s']:.0f} s); "
+            f"training went on and the records were delivered when it answered again"
+        )
     if delivery.get("undelivered"):
         lines.append(f"tracking: NOT delivered (tag 'undelivered' on the run): {'; '.join(delivery['undelivered'])}")
     lines += [

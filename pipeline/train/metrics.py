@@ -13,8 +13,8 @@ The evaluation job (a saved model over a whole split, ten crops) is experiments/
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -33,12 +33,17 @@ class EvalSums:
     class_images: tuple[int, ...] = ()
     class_correct1: tuple[int, ...] = ()
 
-    def add(self, other: "EvalSums") -> "EvalSums":
-        return EvalSums(self.loss + other.loss, self.correct1 + other.correct1,
-                        self.correct5 + other.correct5, self.images + other.images,
-                        _add(self.class_images, other.class_images), _add(self.class_correct1, other.class_correct1))
+    def add(self, other: EvalSums) -> EvalSums:
+        return EvalSums(
+            self.loss + other.loss,
+            self.correct1 + other.correct1,
+            self.correct5 + other.correct5,
+            self.images + other.images,
+            _add(self.class_images, other.class_images),
+            _add(self.class_correct1, other.class_correct1),
+        )
 
-    def all_reduce(self, classes: int = 0, device: torch.device | str = "cpu") -> "EvalSums":
+    def all_reduce(self, classes: int = 0, device: torch.device | str = "cpu") -> EvalSums:
         """The sums over every worker of the process group (a no-op without one).
 
         classes: the per-class counts to keep (0 drops them). Every worker must send a tensor of the
@@ -50,22 +55,24 @@ class EvalSums:
             return self
         if classes and len(self.class_images) not in (0, classes):
             raise ValueError(f"per-class counts for {len(self.class_images)} classes, reduced as {classes}")
-        images, correct = ((list(v) or [0] * classes) if classes else [] for v in
-                           (self.class_images, self.class_correct1))
+        images, correct = (
+            (list(v) or [0] * classes) if classes else [] for v in (self.class_images, self.class_correct1)
+        )
         t = torch.tensor([self.loss, self.correct1, self.correct5, self.images, *images, *correct], dtype=torch.float64)
         t = device_stages.to_device(t, device)
         dist.all_reduce(t)  # float64 counts are exact far beyond ImageNet's 50,000 images
         loss, *rest = t.tolist()
         counts = [int(v) for v in rest]
-        return EvalSums(loss, counts[0], counts[1], counts[2], tuple(counts[3:3 + classes]),
-                        tuple(counts[3 + classes:]))
+        return EvalSums(
+            loss, counts[0], counts[1], counts[2], tuple(counts[3 : 3 + classes]), tuple(counts[3 + classes :])
+        )
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
         if self.images == 0:
             raise ValueError(f"no {prefix} images were evaluated")
         return {
             f"{prefix}_loss": self.loss / self.images,
-            f"{prefix}_top1": 100.0 * self.correct1 / self.images,   # percent, like torchvision's acc@1
+            f"{prefix}_top1": 100.0 * self.correct1 / self.images,  # percent, like torchvision's acc@1
             f"{prefix}_top5": 100.0 * self.correct5 / self.images,
         }
 
@@ -87,8 +94,9 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     return (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
 
 
-def batch_counts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def batch_counts(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """One batch's sums as one float64 tensor on the device, so that a pass adds them up without
     waiting for the device: [loss, correct@1, correct@5, images, per-class images..., per-class top-1...].
 
@@ -104,8 +112,9 @@ def batch_counts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     classes = probs.shape[1]
     hits = probs.topk(1, dim=1).indices[:, 0] == labels  # the rule topk_hits counts by, ties included
     ones = torch.ones(len(labels), dtype=torch.float64, device=labels.device)
-    head = torch.stack([loss.double(), topk_hits(probs, labels, 1).double(), topk_hits(probs, labels, 5).double(),
-                        ones.sum()])
+    head = torch.stack(
+        [loss.double(), topk_hits(probs, labels, 1).double(), topk_hits(probs, labels, 5).double(), ones.sum()]
+    )
     return torch.cat([head, _by_class(labels, ones, classes), _by_class(labels, hits.double(), classes)])
 
 
@@ -124,7 +133,7 @@ def sums_of(counts: torch.Tensor) -> EvalSums:
     values = counts.tolist()
     classes = (len(values) - 4) // 2
     ints = [int(v) for v in values[1:]]
-    return EvalSums(values[0], ints[0], ints[1], ints[2], tuple(ints[3:3 + classes]), tuple(ints[3 + classes:]))
+    return EvalSums(values[0], ints[0], ints[1], ints[2], tuple(ints[3 : 3 + classes]), tuple(ints[3 + classes :]))
 
 
 def score_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalSums:
@@ -133,8 +142,12 @@ def score_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu",
-             autocast_dtype: torch.dtype | None = None) -> EvalSums:
+def validate(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalSums:
     """This worker's sums over `batches` of {"image", "label"}; call .all_reduce() for the total.
 
     The counts add up on the device and are read once, at the end: no step waits for the device.
@@ -143,8 +156,12 @@ def validate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
     model.eval()
     total = None
     for batch in batches:
-        counts = batch_counts(model, batch["image"].to(device, non_blocking=True),
-                              batch["label"].to(device, non_blocking=True), autocast_dtype)
+        counts = batch_counts(
+            model,
+            batch["image"].to(device, non_blocking=True),
+            batch["label"].to(device, non_blocking=True),
+            autocast_dtype,
+        )
         total = counts if total is None else total + counts
     model.train(was_training)
     return sums_of(total) if total is not None else EvalSums()

@@ -15,7 +15,7 @@ count. Workers compute and report; they never talk to MLflow (tracking does, on 
         evaluate(batches)         val top-1/top-5, summed over the workers
         epoch_metrics(...)        the dict every epoch reports
         report(metrics, ...)      ray.train.report, with rank 0's checkpoint
-    make_optimizer, make_scheduler, resolve_precision, prepare_device, place_and_wrap, step_seed
+    prepare_device, place_and_wrap (and recipe.py: make_optimizer, resolve_precision, step_seed, ...)
                                   the pieces it is built from, for tests and the device check
 
 Everything here but train_loop_per_worker, TrainLoop.in_this_worker and TrainLoop.report runs without
@@ -46,6 +46,14 @@ from pipeline.models.placement import place_model
 from pipeline.tracking import pictures
 from pipeline.train.batches import PREFETCH_BATCHES, host_indices, input_batches  # noqa: F401 (the loop's input)
 from pipeline.train.metrics import EvalSums, topk_hits, validate
+from pipeline.train.recipe import (
+    Precision,
+    make_optimizer,
+    make_scheduler,
+    resolve_precision,
+    step_scheduler,
+    step_seed,
+)
 from pipeline.transforms import device_stages
 from pipeline.transforms.lighting import Lighting
 
@@ -57,67 +65,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoopSettings:
     """What the driver hands every worker; Ray pickles it to them (the two actor handles included)."""
+
     config: Config
     num_classes: int
-    lighting: Lighting                         # §4.1's PCA of the training set's pixels
-    classes: tuple[str, ...] = ()              # wnids in label order, into every checkpoint
-    words: tuple[str, ...] = ()                # a readable name per class, when known
-    train_images: int | None = None            # for progress lines' "n/total"; None when unknown
-    progress_interval_s: float = 0.0           # 0: no progress lines (a terminal has Ray Data's bars)
-    read_report: Any = None                    # data.ReadReport actor: files --decode-on gpu could not decode
-    resume_point: Any = None                   # data.ResumePoint actor: where Ray Data's splits begin
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    # §5: SGD, momentum 0.9, weight decay 5e-4 on every weight (the paper's update rule has no
-    # exceptions for biases).
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
-    if cfg.schedule == "plateau":
-        # §5: "divide the learning rate by 10 when the validation error rate stopped improving".
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=cfg.lr_gamma, patience=cfg.plateau_patience)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
-
-
-def step_scheduler(scheduler, val_top1: float) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_top1)
-    else:
-        scheduler.step()
-
-
-def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
-    """Dropout and lighting noise per (run, worker, epoch, step): an epoch resumed mid-way redraws what
-    the uninterrupted run drew."""
-    return int(np.random.SeedSequence([seed, rank, epoch, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a step computes: the autocast dtype (None: fp32), channels-last memory, fp16's gradient scaler."""
-    dtype: torch.dtype | None
-    channels_last: bool
-    scaler: torch.amp.GradScaler | None = None
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> Precision:
-    """--precision and --channels-last for this worker's device; auto is bf16 + channels-last on GPUs
-    that support bf16 (Ampere and later), fp32 on the CPU and on older GPUs."""
-    cuda = device.type == "cuda"
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    if cfg.precision == "bf16" and cuda and not bf16_ok:
-        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
-    dtype = {"auto": torch.bfloat16 if bf16_ok else None, "fp32": None, "bf16": torch.bfloat16,
-             "fp16": torch.float16}[cfg.precision]
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return Precision(dtype, channels_last, scaler)
+    lighting: Lighting  # §4.1's PCA of the training set's pixels
+    classes: tuple[str, ...] = ()  # wnids in label order, into every checkpoint
+    words: tuple[str, ...] = ()  # a readable name per class, when known
+    train_images: int | None = None  # for progress lines' "n/total"; None when unknown
+    progress_interval_s: float = 0.0  # 0: no progress lines (a terminal has Ray Data's bars)
+    read_report: Any = None  # data.ReadReport actor: files --decode-on gpu could not decode
+    resume_point: Any = None  # data.ResumePoint actor: where Ray Data's splits begin
 
 
 def prepare_device(device: torch.device) -> None:
@@ -133,8 +90,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.device], *,
-                   channels_last: bool = False) -> torch.nn.Module:
+def place_and_wrap(
+    model: torch.nn.Module, cfg: Config, devices: list[torch.device], *, channels_last: bool = False
+) -> torch.nn.Module:
     """Place the model (one device, or the paper's two towers on two), in channels_last memory if asked,
     and wrap it in DDP.
 
@@ -154,12 +112,12 @@ def place_and_wrap(model: torch.nn.Module, cfg: Config, devices: list[torch.devi
 
 @dataclass
 class EpochStats:
-    sums: EvalSums                        # this worker's loss and top-1/top-5 counts
-    seconds: float                        # wall time of the training pass
-    data_seconds: float                   # of which blocked waiting for the next batch
-    first_step_seconds: float             # the first step alone when timed (--compile: compiling), else 0
-    first_inputs: torch.Tensor | None     # the first images exactly as the model received them, if kept
-    steps: int = 0                        # steps taken
+    sums: EvalSums  # this worker's loss and top-1/top-5 counts
+    seconds: float  # wall time of the training pass
+    data_seconds: float  # of which blocked waiting for the next batch
+    first_step_seconds: float  # the first step alone when timed (--compile: compiling), else 0
+    first_inputs: torch.Tensor | None  # the first images exactly as the model received them, if kept
+    steps: int = 0  # steps taken
 
 
 class RunningSums:
@@ -167,13 +125,18 @@ class RunningSums:
     read() is the one read of the device (at the end, and when a progress line or a checkpoint is due)."""
 
     def __init__(self, device: torch.device):
-        self.totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct@1, correct@5
-        self.images = 0                                                     # on the host: batch sizes are known
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5
+        self.images = 0  # on the host: batch sizes are known
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.no_grad():
-            self.totals += torch.stack([loss.detach().double() * len(labels), topk_hits(logits, labels, 1).double(),
-                                        topk_hits(logits, labels, 5).double()])
+            self.totals += torch.stack(
+                [
+                    loss.detach().double() * len(labels),
+                    topk_hits(logits, labels, 1).double(),
+                    topk_hits(logits, labels, 5).double(),
+                ]
+            )
         self.images += len(labels)
 
     def read(self) -> EvalSums:
@@ -191,19 +154,28 @@ class TrainLoop:
     epoch, step) (step_seed, crop_rng): a step taken again after a restart draws what it drew before.
     """
 
-    def __init__(self, settings: LoopSettings, model: torch.nn.Module, *, device: torch.device,
-                 precision: Precision | None = None, rank: int = 0, workers: int = 1, node_id: str = ""):
+    def __init__(
+        self,
+        settings: LoopSettings,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        precision: Precision | None = None,
+        rank: int = 0,
+        workers: int = 1,
+        node_id: str = "",
+    ):
         self.settings, self.cfg = settings, settings.config
         self.model = model
         self.forward = torch.compile(model) if self.cfg.compile else model
         self.optimizer = make_optimizer(model, self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg)
-        self.device = device                      # where batches go in and logits come out, for either placement
+        self.device = device  # where batches go in and logits come out, for either placement
         self.precision = precision or resolve_precision(self.cfg, device)
         self.rank, self.workers, self.node_id = rank, workers, node_id
         self.start = checkpoint.Start()
-        self.generator = torch.Generator()        # lighting noise, reseeded every step
-        self.samples: SampleLog | None = None     # --sample-log, opened by run()
+        self.generator = torch.Generator()  # lighting noise, reseeded every step
+        self.samples: SampleLog | None = None  # --sample-log, opened by run()
 
     @classmethod
     def in_this_worker(cls, settings: LoopSettings) -> TrainLoop:
@@ -221,8 +193,15 @@ class TrainLoop:
         precision = resolve_precision(cfg, devices[0])
         model = build_from_config(cfg.to_dict(), settings.num_classes)  # its ablation switches, as checkpoints do
         model = place_and_wrap(model, cfg, devices, channels_last=precision.channels_last)
-        loop = cls(settings, model, device=devices[0], precision=precision, rank=context.get_world_rank(),
-                   workers=context.get_world_size(), node_id=ray.get_runtime_context().get_node_id())
+        loop = cls(
+            settings,
+            model,
+            device=devices[0],
+            precision=precision,
+            rank=context.get_world_rank(),
+            workers=context.get_world_size(),
+            node_id=ray.get_runtime_context().get_node_id(),
+        )
         restored = ray.train.get_checkpoint()
         if restored:  # a restart after a failure: go on from the last checkpoint, at an epoch's end or inside one
             with restored.as_directory() as directory:
@@ -249,11 +228,13 @@ class TrainLoop:
             self.samples = SampleLog(self.cfg.sample_log, self.rank, self.start)
         for epoch in range(self.start.epoch, self.cfg.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
-            first = self.rank == 0 and epoch == 0 and self.start.step == 0   # the run's first epoch, not restarted
-            stats = self.train_one_epoch(epoch, self.train_batches(train_shard, epoch),
-                                         keep_inputs=PICTURE_IMAGES if first else 0)
-            val_sums = self.evaluate(input_batches(val_shard, self.cfg, self.device, drop_last=False,
-                                                   report=self.settings.read_report))
+            first = self.rank == 0 and epoch == 0 and self.start.step == 0  # the run's first epoch, not restarted
+            stats = self.train_one_epoch(
+                epoch, self.train_batches(train_shard, epoch), keep_inputs=PICTURE_IMAGES if first else 0
+            )
+            val_sums = self.evaluate(
+                input_batches(val_shard, self.cfg, self.device, drop_last=False, report=self.settings.read_report)
+            )
             metrics = self.epoch_metrics(epoch, stats, val_sums, lr=lr)
             step_scheduler(self.scheduler, metrics["val_top1"])
             if self.rank == 0:
@@ -268,14 +249,16 @@ class TrainLoop:
         crop_rng(epoch, its step)."""
         first = self.start_of(epoch).step
         crop_rngs = (lambda i: self.crop_rng(epoch, first + i)) if self.cfg.augment == "on" else None
-        return input_batches(shard, self.cfg, self.device, drop_last=True, report=self.settings.read_report,
-                             crop_rngs=crop_rngs)
+        return input_batches(
+            shard, self.cfg, self.device, drop_last=True, report=self.settings.read_report, crop_rngs=crop_rngs
+        )
 
     def crop_rng(self, epoch: int, step: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, epoch, self.rank, step, 2])
 
-    def train_one_epoch(self, epoch: int, batches: Iterable[dict], *, keep_inputs: int = 0,
-                        time_first_step: bool | None = None) -> EpochStats:
+    def train_one_epoch(
+        self, epoch: int, batches: Iterable[dict], *, keep_inputs: int = 0, time_first_step: bool | None = None
+    ) -> EpochStats:
         """One pass over this worker's shard, from the resume point when it lies inside `epoch`.
 
         No step waits for the device: the sums add up there and are read at the end (and when a progress
@@ -291,11 +274,16 @@ class TrainLoop:
         every = self.cfg.checkpoint_every_steps
         progress = None
         if self.rank == 0 and self.settings.progress_interval_s:
-            progress = ProgressLines(interval=self.settings.progress_interval_s, epoch=epoch, epochs=self.cfg.epochs,
-                                     workers=self.workers, total_images=self.settings.train_images)
+            progress = ProgressLines(
+                interval=self.settings.progress_interval_s,
+                epoch=epoch,
+                epochs=self.cfg.epochs,
+                workers=self.workers,
+                total_images=self.settings.train_images,
+            )
         self.model.train()  # the compiled forward shares the module, and its mode
         running = RunningSums(self.device)
-        consumed: list[np.ndarray] = []          # the indices of the images trained on, for checkpoints
+        consumed: list[np.ndarray] = []  # the indices of the images trained on, for checkpoints
         kept = None
         start = time.perf_counter()
         data_seconds = first_step_seconds = 0.0
@@ -326,8 +314,9 @@ class TrainLoop:
                 first_step_seconds = time.perf_counter() - step_start
             if progress is not None:
                 progress(running.read, data_seconds, time.perf_counter() - start)
-        return EpochStats(running.read(), time.perf_counter() - start, data_seconds, first_step_seconds, kept,
-                          steps=step - first_step)
+        return EpochStats(
+            running.read(), time.perf_counter() - start, data_seconds, first_step_seconds, kept, steps=step - first_step
+        )
 
     def reseed(self, epoch: int, step: int) -> None:
         """Dropout (torch's global RNG) and lighting (self.generator) for this step alone."""
@@ -340,8 +329,9 @@ class TrainLoop:
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         lighting = self.settings.lighting
-        x = device_stages.to_model_input(images, self.generator, lighting_std=self.cfg.lighting_std,
-                                         eigval=lighting.eigval, eigvec=lighting.eigvec)
+        x = device_stages.to_model_input(
+            images, self.generator, lighting_std=self.cfg.lighting_std, eigval=lighting.eigval, eigvec=lighting.eigvec
+        )
         memory_format = torch.channels_last if self.precision.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=memory_format), labels
 
@@ -368,18 +358,23 @@ class TrainLoop:
         everyone = _all_gather(np.concatenate(consumed) if consumed else np.empty(0, np.int64))
         if resumed.consumed is not None:
             everyone.append(resumed.consumed)
-        within = checkpoint.Start(epoch, step, np.concatenate(everyone),
-                                  (sums.loss, sums.correct1, sums.correct5, sums.images))
+        within = checkpoint.Start(
+            epoch, step, np.concatenate(everyone), (sums.loss, sums.correct1, sums.correct5, sums.images)
+        )
         if self.rank == 0:
             log.info(f"epoch {epoch + 1}/{self.cfg.epochs}  checkpoint at step {step}  {sums.images:,} images")
         # Ranked below every epoch's checkpoint by --keep-checkpoints; Ray Train keeps the latest anyway.
-        self.report({"epoch": epoch, "step": step, "train_images": sums.images, checkpoint.SCORE: float("-inf")},
-                    epoch=epoch, within_epoch=within)
+        self.report(
+            {"epoch": epoch, "step": step, "train_images": sums.images, checkpoint.SCORE: float("-inf")},
+            epoch=epoch,
+            within_epoch=within,
+        )
 
     def evaluate(self, batches: Iterable[dict]) -> EvalSums:
         """Val loss and top-1/top-5 (and per class) over every worker's shard: summed counts, exact."""
         return validate(unwrap(self.model), batches, self.device, self.precision.dtype).all_reduce(
-            classes=self.settings.num_classes, device=self.device)
+            classes=self.settings.num_classes, device=self.device
+        )
 
     def epoch_metrics(self, epoch: int, stats: EpochStats, val_sums: EvalSums, *, lr: float) -> dict[str, Any]:
         """What every worker reports at an epoch's end (the same on each: the sums are all-reduced)."""
@@ -388,8 +383,7 @@ class TrainLoop:
         train_sums = this_attempt.add(sums_before(resumed))
         # The slowest worker sets the pace of a synchronous step: report the largest wait.
         # On the worker's device: NCCL, the process group of GPU workers, reduces CUDA tensors only.
-        waits = torch.full((1,), stats.data_seconds / max(stats.seconds, 1e-9), dtype=torch.float64,
-                           device=self.device)
+        waits = torch.full((1,), stats.data_seconds / max(stats.seconds, 1e-9), dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(waits, op=torch.distributed.ReduceOp.MAX)
         metrics = {
@@ -422,10 +416,18 @@ class TrainLoop:
             ray.train.report(metrics, checkpoint=reported)
 
     def save(self, directory: str, metrics: dict[str, Any], **saved) -> None:
-        checkpoint.save(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        config=self.cfg.to_dict(), num_classes=self.settings.num_classes,
-                        classes=list(self.settings.classes), words=list(self.settings.words), metrics=metrics,
-                        **saved)
+        checkpoint.save(
+            directory,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config=self.cfg.to_dict(),
+            num_classes=self.settings.num_classes,
+            classes=list(self.settings.classes),
+            words=list(self.settings.words),
+            metrics=metrics,
+            **saved,
+        )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -443,10 +445,12 @@ def sums_before(start: checkpoint.Start) -> EvalSums:
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     compiled = f"  (compiled in {metrics['compile_seconds']:.0f} s)" if "compile_seconds" in metrics else ""
-    return (f"epoch {metrics['epoch'] + 1}/{epochs}  loss {metrics['train_loss']:.3f}  "
-            f"val top-1 {metrics['val_top1']:.1f}%  top-5 {metrics['val_top5']:.1f}%  "
-            f"lr {metrics['lr']:g}  {metrics['images_per_s']:.0f} img/s  "
-            f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%" + compiled)
+    return (
+        f"epoch {metrics['epoch'] + 1}/{epochs}  loss {metrics['train_loss']:.3f}  "
+        f"val top-1 {metrics['val_top1']:.1f}%  top-5 {metrics['val_top5']:.1f}%  "
+        f"lr {metrics['lr']:g}  {metrics['images_per_s']:.0f} img/s  "
+        f"waiting for data {100 * metrics['data_wait_fraction']:.0f}%" + compiled
+    )
 
 
 class ProgressLines:
@@ -467,8 +471,10 @@ class ProgressLines:
         sums = read_sums()
         images = sums.images * self.workers
         of = f"/{self.total:,}" if self.total else ""
-        log.info(f"epoch {self.epoch + 1}/{self.epochs}  {images:,}{of} images  loss {sums.loss / sums.images:.3f}  "
-                 f"{images / seconds:.0f} img/s  waiting for data {100 * data_seconds / seconds:.0f}%")
+        log.info(
+            f"epoch {self.epoch + 1}/{self.epochs}  {images:,}{of} images  loss {sums.loss / sums.images:.3f}  "
+            f"{images / seconds:.0f} img/s  waiting for data {100 * data_seconds / seconds:.0f}%"
+        )
 
 
 def _all_gather(array: np.ndarray) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """The one image decoder: file bytes -> RGB uint8 pixels, already near the working size.
 
-Training (stages.py), the prepare job (imagenet.clean_image) and the lighting pass all decode here,
+Training (stages.py), the prepare job (data/clean.py) and the lighting pass all decode here,
 so a file gives the same pixels whichever path reads it.
 
     JPEG, YCbCr or grayscale  simplejpeg (libjpeg-turbo), strict: a truncated or corrupt file raises
@@ -60,7 +60,9 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, key: str = "?", min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, *, key: str = "?", min_size: int | None = None, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Image file bytes -> (H, W, 3) uint8 RGB; DecodeError naming `key` for anything else.
 
     min_size: the decoder may shrink a JPEG by 1/2, 1/4 or 1/8 as long as both sides stay >= min_size
@@ -97,8 +99,13 @@ def _decode_jpeg(data: bytes, key: str, width: int, height: int, min_size: int |
         if scale == 1:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         # Exactly 1/scale: left free, libjpeg picks 3/8 or 6/8 too, which decode slower than 1/2.
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height / scale),
-                                      min_width=math.ceil(width / scale), min_factor=scale)
+        return simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_height=math.ceil(height / scale),
+            min_width=math.ceil(width / scale),
+            min_factor=scale,
+        )
     except ValueError as e:  # strict mode: libjpeg's "premature end of data" and friends
         raise DecodeError(key, f"truncated or corrupt JPEG ({e})") from None
 
@@ -113,8 +120,10 @@ def _draft_scale(width: int, height: int, min_size: int | None) -> int:
 def _decode_pil(data: bytes, key: str, min_size: int | None, max_pixels: int) -> np.ndarray:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # With it on, PIL pads a cut-off file with grey and calls it good: exactly what must not happen.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; the decoder needs it "
-                           "off to tell truncated files from good ones")
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; the decoder needs it "
+            "off to tell truncated files from good ones"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -137,8 +146,11 @@ def _decode_pil(data: bytes, key: str, min_size: int | None, max_pixels: int) ->
 def check_pixels(key: str, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
     """DecodeError naming `key` when decoding width x height pixels would pass max_pixels."""
     if width * height > max_pixels:
-        raise DecodeError(key, f"image too large: {width} x {height} = {width * height:,} pixels to decode, above "
-                               f"the limit of {max_pixels:,} (decode.MAX_PIXELS)")
+        raise DecodeError(
+            key,
+            f"image too large: {width} x {height} = {width * height:,} pixels to decode, above "
+            f"the limit of {max_pixels:,} (decode.MAX_PIXELS)",
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -153,14 +165,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def crop_box(height: int, width: int, *, resize_size: int, top: int, left: int, crop_size: int) -> tuple[int, int, int, int]:
+def crop_box(
+    height: int, width: int, *, resize_size: int, top: int, left: int, crop_size: int
+) -> tuple[int, int, int, int]:
     """Where a crop_size patch at (top, left) of the image, rescaled so its shorter side is resize_size
     and cut to the central resize_size square (§2), lies in the image as it is: (y0, x0, y1, x1).
 
     Rounded to whole pixels of the image, so the patch may sit up to half a source pixel off and
     be up to one pixel larger or smaller before its resize (< 0.5% of a 224 crop).
     """
-    scale = min(height, width) / resize_size               # image pixels per pixel of the 256 view
+    scale = min(height, width) / resize_size  # image pixels per pixel of the 256 view
     y0 = (height - min(height, width)) / 2 + top * scale
     x0 = (width - min(height, width)) / 2 + left * scale
     side = max(1, round(crop_size * scale))
@@ -168,8 +182,9 @@ def crop_box(height: int, width: int, *, resize_size: int, top: int, left: int, 
     return y0, x0, y0 + side, x0 + side
 
 
-def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool,
-                 out: np.ndarray | None = None) -> np.ndarray:
+def resized_crop(
+    image: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool, out: np.ndarray | None = None
+) -> np.ndarray:
     """The box (y0, x0, y1, x1) of image, resized to size x size (bilinear) and mirrored if flip.
 
     A box already size x size is sliced, not resampled. out: a (size, size, 3) uint8 array to fill.

@@ -36,7 +36,8 @@ built once); the GPU check runs the same code under torch.cuda.set_sync_debug_mo
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +69,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
-def lighting_shift(n: int, generator: torch.Generator, *, std: float = 0.1, eigval: Floats = IMAGENET_EIGVAL,
-                   eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC) -> torch.Tensor:
+def lighting_shift(
+    n: int,
+    generator: torch.Generator,
+    *,
+    std: float = 0.1,
+    eigval: Floats = IMAGENET_EIGVAL,
+    eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC,
+) -> torch.Tensor:
     """§4.1: per image the RGB shift eigvec @ (alpha * eigval), alpha ~ N(0, std); (N, 3) on the CPU.
 
     The eigen-decomposition is of the RGB covariance of the training set (pixels in [0, 1]).
@@ -79,8 +86,14 @@ def lighting_shift(n: int, generator: torch.Generator, *, std: float = 0.1, eigv
     return (alpha * torch.tensor(eigval)) @ torch.tensor(eigvec).T
 
 
-def pca_lighting(images: torch.Tensor, generator: torch.Generator, *, std: float = 0.1,
-                 eigval: Floats = IMAGENET_EIGVAL, eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC) -> torch.Tensor:
+def pca_lighting(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    std: float = 0.1,
+    eigval: Floats = IMAGENET_EIGVAL,
+    eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC,
+) -> torch.Tensor:
     """§4.1 lighting: add lighting_shift to every pixel of each (N, 3, H, W) image in [0, 1]."""
     if std == 0:
         return images
@@ -93,8 +106,9 @@ def pca_lighting(images: torch.Tensor, generator: torch.Generator, *, std: float
 # inference mode so that a cache first filled by an inference_mode caller serves any caller. On CUDA
 # they are copied on the stream current at that first call; the callers run on one stream.
 @functools.lru_cache(maxsize=16)
-def _channel_constants(device: torch.device, dtype: torch.dtype, mean: Floats,
-                       std: Floats) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_constants(
+    device: torch.device, dtype: torch.dtype, mean: Floats, std: Floats
+) -> tuple[torch.Tensor, torch.Tensor]:
     """normalize's mean and std, (3, 1, 1) on `device`."""
     with torch.inference_mode(False):
         mean_t, std_t = (to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (mean, std))
@@ -102,8 +116,9 @@ def _channel_constants(device: torch.device, dtype: torch.dtype, mean: Floats,
 
 
 @functools.lru_cache(maxsize=16)
-def _row_constants(device: torch.device, width: int, mean: Floats,
-                   std: Floats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_constants(
+    device: torch.device, width: int, mean: Floats, std: Floats
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """to_model_input's mean and std (3,), and 1 / (255 std) repeated along a row of `width` RGB
     triples (width * 3,), float32 on `device`."""
     with torch.inference_mode(False):
@@ -118,16 +133,23 @@ def normalize(images: torch.Tensor, *, mean: Floats = IMAGENET_MEAN, std: Floats
     return (images - mean_t) / std_t
 
 
-def to_model_input(images: torch.Tensor, generator: torch.Generator, *, lighting_std: float = 0.1,
-                   eigval: Floats = IMAGENET_EIGVAL, eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC,
-                   mean: Floats = IMAGENET_MEAN, std: Floats = IMAGENET_STD) -> torch.Tensor:
+def to_model_input(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    lighting_std: float = 0.1,
+    eigval: Floats = IMAGENET_EIGVAL,
+    eigvec: tuple[Floats, ...] = IMAGENET_EIGVEC,
+    mean: Floats = IMAGENET_MEAN,
+    std: Floats = IMAGENET_STD,
+) -> torch.Tensor:
     """normalize(pca_lighting(to_float(images))) in one pass: (N, H, W, 3) uint8 -> (N, 3, H, W) float32
     (in channels_last memory, as the uint8 batch came).
 
     Draws from `generator` exactly as pca_lighting does (nothing when lighting_std is 0).
     """
     n, h, w, _ = images.shape
-    mean_t, std_t, scale = _row_constants(images.device, w, tuple(mean), tuple(std))   # scale: (w * 3,)
+    mean_t, std_t, scale = _row_constants(images.device, w, tuple(mean), tuple(std))  # scale: (w * 3,)
     if lighting_std:  # drawn on the CPU generator, then the (n, 3) shift alone travels
         shift = to_device(lighting_shift(n, generator, std=lighting_std, eigval=eigval, eigvec=eigvec), images.device)
     else:
@@ -135,7 +157,7 @@ def to_model_input(images: torch.Tensor, generator: torch.Generator, *, lighting
     # Each image row is w RGB triples: repeating the per-channel factors along it lets the
     # multiply-add run over long contiguous rows (a trailing dimension of 3 defeats vectorisation:
     # 3x slower on a CPU).
-    offset = ((shift - mean_t) / std_t).repeat(1, w)[:, None, :]     # (n, 1, w * 3)
+    offset = ((shift - mean_t) / std_t).repeat(1, w)[:, None, :]  # (n, 1, w * 3)
     if images.device.type == "cpu":
         # NumPy's uint8 -> float32 conversion is vectorised, torch's on the CPU is not (5 vs 17 ms
         # for a 64-image batch of 224 crops on the dev VM).
@@ -147,8 +169,9 @@ def to_model_input(images: torch.Tensor, generator: torch.Generator, *, lighting
     return x.view(n, h, w, 3).permute(0, 3, 1, 2)
 
 
-def decode_on_device(jpegs: Sequence[bytes], keys: Sequence[str], device: torch.device | str, *,
-                     max_pixels: int = decode.MAX_PIXELS) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
+def decode_on_device(
+    jpegs: Sequence[bytes], keys: Sequence[str], device: torch.device | str, *, max_pixels: int = decode.MAX_PIXELS
+) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
     """Image bytes -> (3, H, W) uint8 RGB tensors on `device`; (images, the rows they came from, failed).
 
     JPEGs that libjpeg converts itself (YCbCr, grayscale) are decoded together by torchvision's
@@ -173,7 +196,7 @@ def decode_on_device(jpegs: Sequence[bytes], keys: Sequence[str], device: torch.
             failed[key] = e.reason
     decoded = dict(zip(for_device, _decode_jpegs([jpegs[i] for i in for_device], device)))
     images = {i: image for i, image in decoded.items() if image is not None}
-    refused = [i for i, image in decoded.items() if image is None]   # by the device's decoder: retried here
+    refused = [i for i, image in decoded.items() if image is None]  # by the device's decoder: retried here
     for i in for_cpu + refused:
         try:
             pixels = decode.decode_image(jpegs[i], key=keys[i], max_pixels=max_pixels)
@@ -241,26 +264,39 @@ def _decode_on_stream(encoded: list[torch.Tensor], device: torch.device) -> list
     return images
 
 
-def crops_on_device(images: Sequence[torch.Tensor], top, left, flip, *, resize_size: int = 256,
-                    crop_size: int = 224) -> torch.Tensor:
+def crops_on_device(
+    images: Sequence[torch.Tensor], top, left, flip, *, resize_size: int = 256, crop_size: int = 224
+) -> torch.Tensor:
     """stages.random_crops' view of already decoded (3, H, W) uint8 images, on their device: the
     crop_size patch at (top, left) of the central resize_size square, mirrored where flip; the same
     box arithmetic (decode.crop_box) and a bilinear resize without antialiasing, as OpenCV does on
     the CPU. Returns (N, crop_size, crop_size, 3) uint8, ready for to_model_input."""
     out = []
     for image, t, l, f in zip(images, top, left, flip):
-        y0, x0, y1, x1 = decode.crop_box(image.shape[1], image.shape[2], resize_size=resize_size, top=int(t),
-                                         left=int(l), crop_size=crop_size)
+        y0, x0, y1, x1 = decode.crop_box(
+            image.shape[1], image.shape[2], resize_size=resize_size, top=int(t), left=int(l), crop_size=crop_size
+        )
         region = image[:, y0:y1, x0:x1]
         if region.shape[1:] != (crop_size, crop_size):
-            region = F.interpolate(region[None].float(), size=(crop_size, crop_size), mode="bilinear",
-                                   align_corners=False, antialias=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+            region = (
+                F.interpolate(
+                    region[None].float(),
+                    size=(crop_size, crop_size),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=False,
+                )[0]
+                .round_()
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         out.append(region.flip(-1) if f else region)
     return torch.stack(out).permute(0, 2, 3, 1).contiguous()
 
 
-def stream_reuse_check(device: torch.device | str, *, guarded: bool = True, tensors: int = 8, iterations: int = 5,
-                       side: int = 512) -> dict[str, Any]:
+def stream_reuse_check(
+    device: torch.device | str, *, guarded: bool = True, tensors: int = 8, iterations: int = 5, side: int = 512
+) -> dict[str, Any]:
     """pytorch/vision PR #9606's repro, for the GPU check: does decoding write over memory that kernels
     queued on the caller's stream have yet to read? Single-threaded and deterministic; each iteration
 
@@ -305,8 +341,11 @@ def stream_reuse_check(device: torch.device | str, *, guarded: bool = True, tens
         if guarded:
             decoded = decode_on_device(jpegs, keys, device)[0]
         else:
-            decoded = decode_jpeg([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs],
-                                  mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg(
+                [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs],
+                mode=ImageReadMode.RGB,
+                device=device,
+            )
         torch.cuda.synchronize(device)
         corrupted += int((sums.cpu() != expected).sum())
         del decoded

@@ -55,13 +55,13 @@ OVERDRAW_SIGMAS = 5.0
 class Lighting:
     """The §4.1 PCA of RGB pixel values in [0, 1]: what device_stages.pca_lighting takes, and where it came from."""
 
-    eigval: tuple[float, float, float]                   # descending; variances along eigvec's columns
-    eigvec: tuple[tuple[float, float, float], ...]       # 3x3 rows; COLUMNS are the eigenvectors
-    mean: tuple[float, float, float]                     # per-channel pixel mean, [0, 1]
-    std: tuple[float, float, float]                      # per-channel pixel std, [0, 1]
-    images: int                                          # images the statistics were computed on
-    pixels: int                                          # pixels summed over (images x size^2)
-    source: str                                          # "imagenet-constants" or "data: ..."
+    eigval: tuple[float, ...]  # 3, descending; variances along eigvec's columns
+    eigvec: tuple[tuple[float, ...], ...]  # 3x3 rows; COLUMNS are the eigenvectors
+    mean: tuple[float, ...]  # 3: per-channel pixel mean, [0, 1]
+    std: tuple[float, ...]  # 3: per-channel pixel std, [0, 1]
+    images: int  # images the statistics were computed on
+    pixels: int  # pixels summed over (images x size^2)
+    source: str  # "imagenet-constants" or "data: ..."
 
     def __post_init__(self):
         for name, want in (("eigval", (3,)), ("eigvec", (3, 3)), ("mean", (3,)), ("std", (3,))):
@@ -97,9 +97,8 @@ class Lighting:
         )
 
 
-def _floats(values) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)  # one per RGB channel
-    return a, b, c
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)  # three, one per RGB channel: __post_init__ checks
 
 
 # fb.resnet.torch's constants, "computed from a random subset of ImageNet training images", and
@@ -121,10 +120,10 @@ def _image_moments(batch: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image: sum of x (N, 3) and of x x^T (N, 3, 3) over its size x size pixels, x in [0, 1]."""
     keys = [str(k) for k in batch.get("key", batch.get("path", ["?"] * len(batch["jpeg"])))]
     images = stages.center_crops({"jpeg": batch["jpeg"], "key": keys}, resize_size=size, crop_size=size)["image"]
-    x = images.reshape(len(images), -1, 3).astype(np.float64)            # (N, P, 3), 0..255
+    x = images.reshape(len(images), -1, 3).astype(np.float64)  # (N, P, 3), 0..255
     # Integer-valued float64 sums are exact (P * 255^2 << 2^53); scale to [0, 1] once at the end.
-    total = x.sum(axis=1) / 255.0                                        # (N, 3)
-    outer = (x.transpose(0, 2, 1) @ x) / 255.0**2                        # (N, 3, 3)
+    total = x.sum(axis=1) / 255.0  # (N, 3)
+    outer = (x.transpose(0, 2, 1) @ x) / 255.0**2  # (N, 3, 3)
     return total, outer
 
 
@@ -141,8 +140,8 @@ def pixel_moments(batch: dict, *, size: int = 64) -> dict:
     return {
         "n": np.array([count * size * size], dtype=np.int64),
         "images": np.array([count], dtype=np.int64),
-        "sum": total.sum(axis=0)[None],                                  # (1, 3)
-        "outer": outer.sum(axis=0)[None],                                # (1, 3, 3)
+        "sum": total.sum(axis=0)[None],  # (1, 3)
+        "outer": outer.sum(axis=0)[None],  # (1, 3, 3)
     }
 
 
@@ -186,8 +185,8 @@ def lighting_from_moments(n: int, images: int, total: np.ndarray, outer: np.ndar
         raise ValueError(f"expected total (3,) and outer (3, 3), got {total.shape} and {outer.shape}")
     mean = total / n
     cov = outer.reshape(3, 3) / n - np.outer(mean, mean)
-    cov = (cov + cov.T) / 2                                  # exact symmetry for eigh
-    eigval, eigvec = np.linalg.eigh(cov)                     # ascending; columns are eigenvectors
+    cov = (cov + cov.T) / 2  # exact symmetry for eigh
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending; columns are eigenvectors
     eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
     largest = eigvec[np.argmax(np.abs(eigvec), axis=0), np.arange(3)]
     eigvec = eigvec * -np.sign(largest)
@@ -202,8 +201,9 @@ def lighting_from_moments(n: int, images: int, total: np.ndarray, outer: np.ndar
     )
 
 
-def compute_lighting(ds: ray.data.Dataset, *, sample: int | None = None, size: int = 64, seed: int = 0,
-                     total_images: int | None = None) -> Lighting:
+def compute_lighting(
+    ds: ray.data.Dataset, *, sample: int | None = None, size: int = 64, seed: int = 0, total_images: int | None = None
+) -> Lighting:
     """§4.1: the PCA of RGB values over the images in `ds` (a `jpeg` column), all or a sample.
 
     sample=None: one pass over every image. sample=k: EXACTLY k images (all of them if ds has
@@ -243,7 +243,7 @@ def compute_lighting(ds: ray.data.Dataset, *, sample: int | None = None, size: i
     rows_in_ds = ds.count() if total_images is None else total_images
     if rows_in_ds < 1:
         raise ValueError(f"the dataset has no images (total_images={total_images})")
-    expected = sample + OVERDRAW_SIGMAS * math.sqrt(sample) + 5    # images let through, on average
+    expected = sample + OVERDRAW_SIGMAS * math.sqrt(sample) + 5  # images let through, on average
     while True:
         fraction = min(1.0, expected / rows_in_ds)
         below = 2**64 if fraction >= 1.0 else int(fraction * 2**64)
@@ -252,7 +252,7 @@ def compute_lighting(ds: ray.data.Dataset, *, sample: int | None = None, size: i
         if len(rows) >= sample or below == 2**64:
             break
         expected *= 2
-    if below == 2**64:                                         # every image came through: a true count
+    if below == 2**64:  # every image came through: a true count
         if not rows:
             raise ValueError("the dataset has no images")
         if total_images is not None and total_images != len(rows):

@@ -5,7 +5,7 @@ so crops travel small through the object store; the float math (lighting, normal
 later, on the trainer's device (device_stages.py). No torch here: the tasks that run these import
 nothing heavier than NumPy, simplejpeg, OpenCV and PIL.
 
-    crop_params     n, rng                      -> top, left, flip (N,)         §4.1: where each crop is, which are mirrored
+    crop_params     n, rng                      -> top, left, flip (N,)         §4.1: where each crop is, which mirrored
     random_crops    jpeg (bytes), key, rng      -> image (N, C, C, 3)           §2 + §4.1 in one pass per image
     center_crops    jpeg (bytes), key           -> image (N, C, C, 3)           evaluation: the central C x C patch
     decode          jpeg (bytes), key           -> image (list of HxWx3)        whole images
@@ -38,8 +38,9 @@ Batch = dict[str, Any]
 __all__ = ["DecodeError", "crop_params", "random_crops", "center_crops", "decode", "resize_center", "ten_crop"]
 
 
-def crop_params(n: int, rng: np.random.Generator, *, resize_size: int, crop_size: int,
-                flip_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_params(
+    n: int, rng: np.random.Generator, *, resize_size: int, crop_size: int, flip_p: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """§4.1: for n images, the top-left corner of each crop_size patch, uniform over every position
     inside the central resize_size square, and whether it is mirrored (probability flip_p)."""
     top = rng.integers(0, resize_size - crop_size + 1, n)
@@ -48,9 +49,17 @@ def crop_params(n: int, rng: np.random.Generator, *, resize_size: int, crop_size
     return top, left, flip
 
 
-def random_crops(batch: Batch, rng: np.random.Generator, *, resize_size: int = 256, crop_size: int = 224,
-                 flip_p: float = 0.5, errors: str = "raise", max_pixels: int = MAX_PIXELS,
-                 keep: np.ndarray | None = None) -> Batch:
+def random_crops(
+    batch: Batch,
+    rng: np.random.Generator,
+    *,
+    resize_size: int = 256,
+    crop_size: int = 224,
+    flip_p: float = 0.5,
+    errors: str = "raise",
+    max_pixels: int = MAX_PIXELS,
+    keep: np.ndarray | None = None,
+) -> Batch:
     """§2 + §4.1, the training view: reads `jpeg` and `key`, writes `image` (N, crop_size, crop_size, 3)
     uint8; a random patch of each image's central square, mirrored with probability flip_p.
 
@@ -63,21 +72,40 @@ def random_crops(batch: Batch, rng: np.random.Generator, *, resize_size: int = 2
         rows = np.flatnonzero(keep).tolist()
         batch = {k: _take(v, rows) for k, v in batch.items()}
         top, left, flip = top[rows], left[rows], flip[rows]
-    return _decode_crops(batch, top, left, flip, resize_size=resize_size, crop_size=crop_size, errors=errors,
-                         max_pixels=max_pixels)
+    return _decode_crops(
+        batch, top, left, flip, resize_size=resize_size, crop_size=crop_size, errors=errors, max_pixels=max_pixels
+    )
 
 
-def center_crops(batch: Batch, *, resize_size: int = 256, crop_size: int = 224, errors: str = "raise",
-                 max_pixels: int = MAX_PIXELS) -> Batch:
+def center_crops(
+    batch: Batch, *, resize_size: int = 256, crop_size: int = 224, errors: str = "raise", max_pixels: int = MAX_PIXELS
+) -> Batch:
     """The evaluation view: the central crop_size patch of each image's central resize_size square."""
     n = len(batch["jpeg"])
     offset = np.full(n, (resize_size - crop_size) // 2)
-    return _decode_crops(batch, offset, offset, np.zeros(n, bool), resize_size=resize_size, crop_size=crop_size,
-                         errors=errors, max_pixels=max_pixels)
+    return _decode_crops(
+        batch,
+        offset,
+        offset,
+        np.zeros(n, bool),
+        resize_size=resize_size,
+        crop_size=crop_size,
+        errors=errors,
+        max_pixels=max_pixels,
+    )
 
 
-def _decode_crops(batch: Batch, top: np.ndarray, left: np.ndarray, flip: np.ndarray, *, resize_size: int,
-                  crop_size: int, errors: str, max_pixels: int) -> Batch:
+def _decode_crops(
+    batch: Batch,
+    top: np.ndarray,
+    left: np.ndarray,
+    flip: np.ndarray,
+    *,
+    resize_size: int,
+    crop_size: int,
+    errors: str,
+    max_pixels: int,
+) -> Batch:
     _check_errors(errors)
     keys = _keys(batch)
     out = np.empty((len(keys), crop_size, crop_size, 3), np.uint8)
@@ -91,11 +119,12 @@ def _decode_crops(batch: Batch, top: np.ndarray, left: np.ndarray, flip: np.ndar
                 raise
             failed[key] = e.reason
             continue
-        box = crop_box(*image.shape[:2], resize_size=resize_size, top=int(top[i]), left=int(left[i]),
-                       crop_size=crop_size)
+        box = crop_box(
+            *image.shape[:2], resize_size=resize_size, top=int(top[i]), left=int(left[i]), crop_size=crop_size
+        )
         resized_crop(image, box, crop_size, bool(flip[i]), out=out[len(good)])
         good.append(i)
-    return _with_images(batch, out[:len(good)], good, failed, errors)
+    return _with_images(batch, out[: len(good)], good, failed, errors)
 
 
 def decode(batch: Batch, *, min_size: int | None = None, errors: str = "raise", max_pixels: int = MAX_PIXELS) -> Batch:
@@ -161,6 +190,6 @@ def ten_crop(batch: Batch, *, size: int = 224) -> Batch:
     images = batch["image"]
     h, w = images.shape[1:3]
     origins = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
-    crops = [images[:, t:t + size, l:l + size] for t, l in origins]
+    crops = [images[:, t : t + size, l : l + size] for t, l in origins]
     crops += [c[:, :, ::-1] for c in crops]
     return {**batch, "image": np.stack(crops, axis=1)}

@@ -41,17 +41,17 @@ class Source:
     """A dataset on some filesystem, split into train and val, and the pieces each split is read in."""
 
     uri: str
-    kind: str                                     # a reader's kind: shards | huggingface | webdataset | folder
+    kind: str  # a reader's kind: shards | huggingface | webdataset | folder
     filesystem: pafs.FileSystem
-    files: dict[str, tuple[str, ...]]             # split -> image files, or shard / tar files
+    files: dict[str, tuple[str, ...]]  # split -> image files, or shard / tar files
     num_classes: int
-    wnids: tuple[str, ...] = ()                   # sorted, when the source names its classes
-    images: dict[str, int | None] = field(default_factory=dict)   # split -> count, when known
-    fingerprint: str = ""                         # manifest sha256, or a hash of the listing
-    lighting: dict | None = None                  # §4.1 PCA computed from this data, if any
-    ignored: tuple[str, ...] = ()                 # files found but not read, reported by name
-    labels: dict[str, tuple[int, ...]] = field(default_factory=dict)           # folder: per file
-    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)             # folder: per file
+    wnids: tuple[str, ...] = ()  # sorted, when the source names its classes
+    images: dict[str, int | None] = field(default_factory=dict)  # split -> count, when known
+    fingerprint: str = ""  # manifest sha256, or a hash of the listing
+    lighting: dict | None = None  # §4.1 PCA computed from this data, if any
+    ignored: tuple[str, ...] = ()  # files found but not read, reported by name
+    labels: dict[str, tuple[int, ...]] = field(default_factory=dict)  # folder: per file
+    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder: per file
     row_groups: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # Parquet: (file, group)
 
     def class_index(self) -> dict[str, int]:
@@ -96,8 +96,10 @@ class Place:
             (files[split] if split else ignored).append(f.path)
         for split in SPLITS:
             if not files[split]:
-                raise FileNotFoundError(f"dataset path {self.uri!r} looks like {layout} but has no {split} files "
-                                        f"(*{extension} with {split!r} in the name)")
+                raise FileNotFoundError(
+                    f"dataset path {self.uri!r} looks like {layout} but has no {split} files "
+                    f"(*{extension} with {split!r} in the name)"
+                )
         return {s: tuple(v) for s, v in files.items()}, ignored
 
 
@@ -119,7 +121,7 @@ class Reader:
     in listing order (validation).
     """
 
-    kind: ClassVar[str]             # Source.kind, and the registry's key
+    kind: ClassVar[str]  # Source.kind, and the registry's key
     has_manifest: ClassVar[bool] = False  # whether opening can check a manifest's sha256 (--manifest-sha256)
 
     @classmethod

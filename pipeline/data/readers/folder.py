@@ -37,7 +37,8 @@ class FolderReader(Reader):
             if fs.get_file_info(storage.join(root, split)).type != pafs.FileType.Directory:
                 raise FileNotFoundError(
                     f"dataset path {uri!r} has no {split}/ folder; expected {split}/<wnid>/<image>.JPEG, "
-                    f"prepared shards (manifest.json), WebDataset tars or Hugging Face Parquet files")
+                    f"prepared shards (manifest.json), WebDataset tars or Hugging Face Parquet files"
+                )
             listed = imagenet.folder_members(fs, root, split, labels_of_val)
             images = [m for m in listed if not imagenet.skip_reason(m)]  # the prepare job's rule, too
             ignored += [storage.join(root, m.name) for m in listed if imagenet.skip_reason(m)]
@@ -51,10 +52,15 @@ class FolderReader(Reader):
             raise ValueError(f"dataset path {uri!r}: val/ has classes that train/ lacks: {sorted(unknown)[:5]}")
         index = {wnid: i for i, wnid in enumerate(wnids)}
         return Source(
-            uri, cls.kind, fs,
+            uri,
+            cls.kind,
+            fs,
             files={s: tuple(storage.join(root, m.name) for m in members[s]) for s in SPLITS},
-            num_classes=len(wnids), wnids=wnids, images={s: len(members[s]) for s in SPLITS},
-            fingerprint=place.listing_hash(), ignored=tuple(ignored),
+            num_classes=len(wnids),
+            wnids=wnids,
+            images={s: len(members[s]) for s in SPLITS},
+            fingerprint=place.listing_hash(),
+            ignored=tuple(ignored),
             labels={s: tuple(index[m.wnid] for m in members[s]) for s in SPLITS},
             keys={s: tuple(imagenet.image_id_of(s, m.name) for m in members[s]) for s in SPLITS},
         )
@@ -64,7 +70,7 @@ class FolderReader(Reader):
 
     def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool) -> Rows:
         files = permutation(len(self.source.files[self.split]), seed, epoch, shuffle)
-        rows = files[unit * UNIT_IMAGES:(unit + 1) * UNIT_IMAGES]
+        rows = files[unit * UNIT_IMAGES : (unit + 1) * UNIT_IMAGES]
         source, split = self.source, self.split
         paths = [source.files[split][i] for i in rows]
         fs = source.filesystem
@@ -73,9 +79,12 @@ class FolderReader(Reader):
         else:
             with ThreadPoolExecutor(FETCH_THREADS) as pool:
                 data = list(pool.map(lambda p: storage.read_bytes(fs, p), paths))
-        return {"jpeg": data, "key": [source.keys[split][i] for i in rows],
-                "label": np.array([source.labels[split][i] for i in rows], dtype=np.int64),
-                "index": self.index(rows, 0)}
+        return {
+            "jpeg": data,
+            "key": [source.keys[split][i] for i in rows],
+            "label": np.array([source.labels[split][i] for i in rows], dtype=np.int64),
+            "index": self.index(rows, 0),
+        }
 
     def index(self, piece: Any, row: Any) -> Any:
         """A piece is one file, one image (row 0): the index is the file's place in the listing."""

@@ -41,8 +41,10 @@ class HuggingFaceReader(RowGroupReader):
                     meta = pq.ParquetFile(f).metadata
                 schema = meta.schema.to_arrow_schema()
                 if "image" not in schema.names or "label" not in schema.names:
-                    raise ValueError(f"{path} has columns {schema.names}; Hugging Face imagenet-1k Parquet has "
-                                     f"'image' (struct with 'bytes') and 'label'")
+                    raise ValueError(
+                        f"{path} has columns {schema.names}; Hugging Face imagenet-1k Parquet has "
+                        f"'image' (struct with 'bytes') and 'label'"
+                    )
                 count += meta.num_rows
                 groups[split] += [(path, g) for g in range(meta.num_row_groups)]
                 # Parquet counts leaf columns: image.bytes and image.path come before label.
@@ -52,13 +54,25 @@ class HuggingFaceReader(RowGroupReader):
                     if stats is not None and stats.has_min_max:
                         max_label = max(max_label, int(stats.max))
             images[split] = count
-        return Source(place.uri, cls.kind, fs, files, num_classes or max(max_label + 1, 1), (), images,
-                      place.listing_hash(), None, tuple(ignored),
-                      row_groups={s: tuple(g) for s, g in groups.items()})
+        return Source(
+            place.uri,
+            cls.kind,
+            fs,
+            files,
+            num_classes or max(max_label + 1, 1),
+            (),
+            images,
+            place.listing_hash(),
+            None,
+            tuple(ignored),
+            row_groups={s: tuple(g) for s, g in groups.items()},
+        )
 
     def rows(self, table: pa.Table, path: str, group: int) -> dict[str, Any]:
         images = table.column("image").to_pylist()
         name = posixpath.basename(path)
-        return {"jpeg": [image["bytes"] for image in images],
-                "key": [image.get("path") or f"{name}#{group}.{i}" for i, image in enumerate(images)],
-                "label": table.column("label").to_numpy().astype(np.int64)}
+        return {
+            "jpeg": [image["bytes"] for image in images],
+            "key": [image.get("path") or f"{name}#{group}.{i}" for i, image in enumerate(images)],
+            "label": table.column("label").to_numpy().astype(np.int64),
+        }

@@ -32,8 +32,12 @@ class RowGroupReader(PieceReader):
         batch["index"] = self.index(piece, np.arange(len(batch["label"]), dtype=np.int64))
         if rng is not None:
             perm = rng.permutation(len(batch["label"]))
-            batch = {"jpeg": [batch["jpeg"][i] for i in perm], "key": [batch["key"][i] for i in perm],
-                     "label": batch["label"][perm], "index": batch["index"][perm]}
+            batch = {
+                "jpeg": [batch["jpeg"][i] for i in perm],
+                "key": [batch["key"][i] for i in perm],
+                "label": batch["label"][perm],
+                "index": batch["index"][perm],
+            }
         return batch
 
 
@@ -50,6 +54,8 @@ def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str
     except (FileNotFoundError, storage.StoreUnavailable):
         raise
     except (pa.ArrowInvalid, OSError) as e:  # bad magic, thrift, CRC mismatch, a cut-off file
-        raise ValueError(f"{path}: row group {group} cannot be read ({e}). The file is damaged or was replaced "
-                         f"after it was listed; for prepared shards, re-run jobs/prepare_imagenet.py to rewrite "
-                         f"it") from None
+        raise ValueError(
+            f"{path}: row group {group} cannot be read ({e}). The file is damaged or was replaced "
+            f"after it was listed; for prepared shards, re-run jobs/prepare_imagenet.py to rewrite "
+            f"it"
+        ) from None

@@ -32,8 +32,10 @@ class ShardsReader(RowGroupReader):
         uri, fs, root = place.uri, place.filesystem, place.root
         manifest, sha = shards.read_manifest(fs, root)
         if manifest_sha256 and manifest_sha256 != sha:
-            raise ValueError(f"{uri}/{shards.MANIFEST} has sha256 {sha}, not the {manifest_sha256} asked for "
-                             f"(--manifest-sha256): the data changed since that run")
+            raise ValueError(
+                f"{uri}/{shards.MANIFEST} has sha256 {sha}, not the {manifest_sha256} asked for "
+                f"(--manifest-sha256): the data changed since that run"
+            )
         files, groups = {}, {}
         for split in SPLITS:
             if split not in manifest["splits"]:
@@ -45,18 +47,33 @@ class ShardsReader(RowGroupReader):
                 if info.type != pafs.FileType.File:
                     raise FileNotFoundError(f"shard {shard['path']} listed in {uri}/{shards.MANIFEST} is missing")
                 if info.size != shard["bytes"]:
-                    raise ValueError(f"shard {shard['path']} is {info.size} bytes but {uri}/{shards.MANIFEST} "
-                                     f"says {shard['bytes']}: it does not match the manifest")
+                    raise ValueError(
+                        f"shard {shard['path']} is {info.size} bytes but {uri}/{shards.MANIFEST} "
+                        f"says {shard['bytes']}: it does not match the manifest"
+                    )
             files[split] = tuple(paths)
             # The shard format writes row groups of ROW_GROUP_SIZE: the manifest's row counts give them
             # without reading a footer (a thousand GETs on object storage).
-            groups[split] = tuple((path, g) for path, s in zip(paths, listed)
-                                  for g in range(-(-s["rows"] // shards.ROW_GROUP_SIZE)))
+            groups[split] = tuple(
+                (path, g) for path, s in zip(paths, listed) for g in range(-(-s["rows"] // shards.ROW_GROUP_SIZE))
+            )
         classes = tuple(manifest["classes"])
-        return Source(uri, cls.kind, fs, files, len(classes), classes,
-                      {s: manifest["splits"][s]["images"] for s in SPLITS}, sha, manifest.get("lighting"),
-                      row_groups=groups)
+        return Source(
+            uri,
+            cls.kind,
+            fs,
+            files,
+            len(classes),
+            classes,
+            {s: manifest["splits"][s]["images"] for s in SPLITS},
+            sha,
+            manifest.get("lighting"),
+            row_groups=groups,
+        )
 
     def rows(self, table: pa.Table, path: str, group: int) -> dict[str, Any]:
-        return {"jpeg": table.column("jpeg").to_pylist(), "key": table.column("image_id").to_pylist(),
-                "label": table.column("label").to_numpy().astype(np.int64)}
+        return {
+            "jpeg": table.column("jpeg").to_pylist(),
+            "key": table.column("image_id").to_pylist(),
+            "label": table.column("label").to_numpy().astype(np.int64),
+        }

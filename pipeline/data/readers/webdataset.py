@@ -32,16 +32,27 @@ class WebDatasetReader(PieceReader):
     @classmethod
     def open(cls, place: Place, *, num_classes: int = 0, manifest_sha256: str = "") -> Source:
         files, ignored = place.files_by_split(".tar", "WebDataset (<key>.jpg + <key>.cls)")
-        return Source(place.uri, cls.kind, place.filesystem, files, num_classes or IMAGENET_CLASSES, (),
-                      {s: None for s in SPLITS}, place.listing_hash(), None, tuple(ignored))
+        return Source(
+            place.uri,
+            cls.kind,
+            place.filesystem,
+            files,
+            num_classes or IMAGENET_CLASSES,
+            (),
+            {s: None for s in SPLITS},
+            place.listing_hash(),
+            None,
+            tuple(ignored),
+        )
 
     def num_units(self) -> int:
         return len(self.source.files[self.split])
 
     def read_piece(self, piece: int, rng: np.random.Generator | None) -> Rows:
         path = self.source.files[self.split][piece]
-        samples: Iterable = ((self.index(piece, row), *sample)
-                             for row, sample in enumerate(tar_samples(self.source.filesystem, path)))
+        samples: Iterable = (
+            (self.index(piece, row), *sample) for row, sample in enumerate(tar_samples(self.source.filesystem, path))
+        )
         if rng is not None:
             samples = shuffle_buffer(samples, SHUFFLE_BUFFER, rng)
         indices, jpeg, keys, labels = [], [], [], []
@@ -50,8 +61,12 @@ class WebDatasetReader(PieceReader):
             jpeg.append(image)
             keys.append(key)
             labels.append(label)
-        return {"jpeg": jpeg, "key": keys, "label": np.array(labels, dtype=np.int64),
-                "index": np.array(indices, dtype=np.int64)}
+        return {
+            "jpeg": jpeg,
+            "key": keys,
+            "label": np.array(labels, dtype=np.int64),
+            "index": np.array(indices, dtype=np.int64),
+        }
 
 
 def tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[tuple[str, bytes, int]]:
@@ -73,8 +88,10 @@ def tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[tuple[str, bytes, in
                 yield key, image, int(parts["cls"].decode())
     if pending:
         key = next(iter(pending))
-        raise ValueError(f"{path}: sample {key!r} has {sorted(pending[key])}, not both an image (.jpg) and a "
-                         f"label (.cls); {len(pending)} samples are incomplete")
+        raise ValueError(
+            f"{path}: sample {key!r} has {sorted(pending[key])}, not both an image (.jpg) and a "
+            f"label (.cls); {len(pending)} samples are incomplete"
+        )
 
 
 def shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
