@@ -3,7 +3,7 @@
     open_source(uri)             what the URI holds (sources.py)
     train_dataset(source, cfg)   per epoch: read units -> random_crops -> {image (N, C, C, 3) uint8, label}
     val_dataset(source, cfg)     read units (in order) -> center_crops -> {image, label}
-    with --decode-on gpu         read units -> {jpeg, key, label}: the trainer decodes on its GPU (train.py)
+    with --decode-on gpu         read units -> {jpeg, key, label}: the trainer decodes on its GPU (train/batches.py)
 
 Each Ray Data task reads a few read units of the split (sources.read_unit: 256 files, or a Parquet
 row group, or a tar), decodes every image straight to its crop (stages.random_crops) and hands on

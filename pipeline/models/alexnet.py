@@ -18,7 +18,7 @@ classifier is built for.
 Two towers (§3.2). The paper split every layer's kernels across two GPUs, which communicate only
 at conv3 and the fully-connected layers. On one device that is the same function as groups=2 in
 conv2, conv4 and conv5, plus response normalisation done within each tower's maps (`per_tower`).
-pipeline/placement.py puts the two towers on two devices.
+models/placement.py puts the two towers on two devices.
 
 Ablation switches, each changing exactly what it names (the defaults are the paper):
     activation  relu | tanh                 every nonlinearity, conv1-conv5, fc6, fc7 (§3.1)
