@@ -23,6 +23,7 @@ ReadReport report; it is never replaced by another image.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -262,9 +263,13 @@ class TrainValDataConfig(ray.train.DataConfig):
     for the new workers after a restart).
     """
 
-    def __init__(self, *args, resume_point=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, resume_point=None, execution_options=None, **kwargs):
+        super().__init__(*args, execution_options=execution_options, **kwargs)
         self.resume_point = resume_point
+        # What "val" runs with: DataConfig resolves a dataset's options only in a private method.
+        if isinstance(execution_options, dict):
+            execution_options = execution_options.get("val")
+        self.val_options = execution_options or ray.train.DataConfig.default_ingest_options()
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         if "train" in datasets and self.resume_point is not None:
@@ -273,7 +278,7 @@ class TrainValDataConfig(ray.train.DataConfig):
         output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
         if "val" in datasets:
             val = datasets["val"].copy(datasets["val"])
-            val.context.execution_options = self._resolve_execution_options("val")
+            val.context.execution_options = copy.deepcopy(self.val_options)
             for i, split in enumerate(val.streaming_split(world_size, equal=False)):
                 output[i]["val"] = split
         return output
