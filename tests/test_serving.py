@@ -243,8 +243,9 @@ def test_a_checkpoint_of_the_flat_layout_is_logged_and_served(mlflow_server):
     """The old checkpoint.pt through today's classifier.log_model, loaded back by MLflow: the old network's
     answers on the image files."""
     mlflow.set_tracking_uri(mlflow_server)
-    experiment = mlflow.set_experiment("old-checkpoint")
-    run = mlflow.MlflowClient().create_run(experiment.experiment_id)
+    client = mlflow.MlflowClient()  # not set_experiment: it would stay this test process's active experiment
+    found = client.get_experiment_by_name("old-checkpoint")
+    run = client.create_run(found.experiment_id if found else client.create_experiment("old-checkpoint"))
     model_id = classifier.log_model(
         checkpoint.load(OLD), name="model", run_id=run.info.run_id, step=0, tags={"epoch": "0"}
     )

@@ -92,6 +92,9 @@ def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str,
         run.info.run_id,
         params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {**cfg.to_dict(), **params}.items()],
     )
+    # The process's active experiment must be the run's: one set earlier in this process (a notebook, a
+    # test) would make start_run refuse the run.
+    mlflow.set_experiment(experiment_id=experiment_id)
     mlflow.start_run(run_id=run.info.run_id, log_system_metrics=True)
     return run.info
 
