@@ -12,6 +12,7 @@ pipeline/experiments/ablate.py and figure1.py.
 
 import sys
 
+from pipeline import errors
 from pipeline.experiments import ablate, figure1
 from pipeline.tracking import runs
 from pipeline.train import driver
@@ -28,9 +29,6 @@ def main(argv=None) -> int:
     except driver.RunInterrupted as e:
         print(f"\ninterrupted by {e.signal_name}: MLflow run {e.run_id} marked KILLED", file=sys.stderr)
         return e.exit_code
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(
         f"MLflow parent run {result.parent_run_id} ({runs.resolve_tracking_uri()}): the table is its ablation.md "
         f"artifact; {len(result.runs)} child runs, none registered; {result.seconds:.0f} s in all"
@@ -39,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_job(main))  # bad input: one line, `error: ...`, exit 2

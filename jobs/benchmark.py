@@ -113,18 +113,14 @@ def main(argv=None) -> int:
         return 0
     from pipeline.experiments import benchmark
 
-    try:
-        report = benchmark.run_data(
-            data_dir=args.data,
-            images=args.images,
-            epochs=args.epochs,
-            cores=args.cores,
-            work=Path(args.work),
-            paths=args.paths,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = benchmark.run_data(
+        data_dir=args.data,
+        images=args.images,
+        epochs=args.epochs,
+        cores=args.cores,
+        work=Path(args.work),
+        paths=args.paths,
+    )
     print()
     print(benchmark.table(report))
     if args.json:
@@ -133,4 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline import errors  # here: after sys.path holds the clone's root (above)
+
+    sys.exit(errors.run_job(main))  # bad input: one line, `error: ...`, exit 2

@@ -13,18 +13,15 @@ logic lives in pipeline/experiments/evaluation.py.
 import json
 import sys
 
+from pipeline import errors
 from pipeline.experiments import evaluation
 
 
 def main(argv=None) -> int:
     args = evaluation.parse_args(argv)
-    try:
-        result = evaluation.evaluate_model(
-            args.model, args.data, use_gpu=args.use_gpu, actors=args.actors, record=not args.no_record
-        )
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = evaluation.evaluate_model(
+        args.model, args.data, use_gpu=args.use_gpu, actors=args.actors, record=not args.no_record
+    )
     m = result["metrics"]
     print(
         f"\n{args.model} (epoch {result['epoch'] + 1}) on {result['data']} val: {result['images']} images"
@@ -48,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_job(main))  # bad input: one line, `error: ...`, exit 2

@@ -12,34 +12,24 @@ cluster's CPUs; re-running completes a partial output (pipeline/data/prepare.py)
 
 import sys
 
-from pipeline.data import prepare, storage
+from pipeline import errors
+from pipeline.data import prepare
 
 
 def main(argv=None) -> int:
     args = prepare.parse_args(argv)
-    try:
-        prepare.prepare_on_ray(
-            args.source,
-            args.output,
-            resize=args.resize,
-            quality=args.quality,
-            target_mb=args.shard_mb,
-            val_labels=args.val_labels,
-            devkit=args.devkit,
-            lighting_sample=args.lighting_sample,
-        )
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        PermissionError,
-        ValueError,
-        storage.StoreUnavailable,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepare.prepare_on_ray(
+        args.source,
+        args.output,
+        resize=args.resize,
+        quality=args.quality,
+        target_mb=args.shard_mb,
+        val_labels=args.val_labels,
+        devkit=args.devkit,
+        lighting_sample=args.lighting_sample,
+    )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_job(main))  # bad input: one line, `error: ...`, exit 2

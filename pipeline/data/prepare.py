@@ -354,7 +354,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def prepare_on_ray(root: str, out: str, **options: Any) -> dict[str, Any]:
     """jobs/prepare_imagenet.py: prepare() on the job's Ray (cluster.connect_ray: RAY_ADDRESS, else a private
-    local one), the two paths checked first, so that a wrong output is answered before Ray starts."""
+    local one), the two paths checked first (apart, the input there, both buckets answering), so that a wrong
+    input or output is answered before Ray starts."""
     absolute_apart(root, out)
+    storage.check_location(root, "ImageNet root", must_exist=True)
+    storage.check_location(out, "output")
     cluster.connect_ray()
     return prepare(root, out, **options)

@@ -7,7 +7,8 @@ S3-compatible stores (MinIO, Ceph, moto) are reached through the standard AWS_EN
 AWS_ENDPOINT_URL_S3), or an explicit endpoint. Credentials come from the standard AWS chain
 (environment, profile files, instance role); they are checked once on the driver, so a machine
 without any fails in a second with a clear message instead of timing out deep inside a read, and
-they never travel in a URI, a log line or an MLflow param.
+they never travel in a URI, a log line or an MLflow param. A job's buckets are asked for once before it
+starts (check_location): a missing bucket, or a store that does not answer, is named in seconds.
 
 Object storage fails in passing: it throttles (503 SlowDown), drops connections, and cuts responses
 short. Every read from s3:// is one ranged GET (RetryingS3), retried with backoff when it fails that
@@ -38,6 +39,9 @@ READ_ATTEMPTS = 8
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 10.0
 SDK_ATTEMPTS = 8
+# The one request check_location makes before a job starts: enough to ride out a blip, few enough that an
+# endpoint where nothing listens is answered in about a second.
+CHECK_ATTEMPTS = 3
 
 # Transient failures, by the AWS SDK's error names in pyarrow's OSError messages (the list Ray Data
 # retries, DataContext.retried_io_errors, plus timeouts and 5xx): seen through tests/fault_proxy.py as
@@ -93,6 +97,27 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.FileSystem:
         kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"
     # pyarrow reads the same standard chain itself, so no key is copied into the filesystem object.
     return pafs.PyFileSystem(RetryingS3(kwargs))
+
+
+def check_location(uri: str, what: str, *, endpoint: str | None = None, must_exist: bool = False) -> None:
+    """Before any work, on the driver: an s3:// URI's bucket is asked for once, with CHECK_ATTEMPTS attempts, so
+    that a bucket that does not exist fails here, named, and a store that does not answer at the endpoint or
+    refuses the credentials fails in seconds (pyarrow's OSError, which errors.describe words), not minutes later
+    inside a Ray task. must_exist: the path itself must be there too (an input), local or s3://. `what` names
+    the URI in the message ("ImageNet root", "--storage-path"). An empty URI (the generated sample) passes."""
+    if not uri:
+        return
+    fs, path = resolve(uri, endpoint=endpoint)
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, RetryingS3):
+        fs = pafs.S3FileSystem(**fs.handler.options, retry_strategy=pafs.AwsStandardS3RetryStrategy(CHECK_ATTEMPTS))
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(
+                f"{what} {uri}: bucket {bucket!r} does not exist at {s3_endpoint(endpoint) or 'AWS S3'}: "
+                f"create it, or correct the name"
+            )
+    if must_exist and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what} {uri!r} does not exist")
 
 
 def join(base: str, *parts: str) -> str:

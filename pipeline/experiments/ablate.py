@@ -34,6 +34,7 @@ from typing import Any
 
 from pipeline import cluster, config
 from pipeline.config import SWITCHES, Config
+from pipeline.data import storage
 from pipeline.tracking import recording
 from pipeline.tracking import runs as tracking
 from pipeline.train import driver
@@ -211,6 +212,11 @@ def run(
     ablations = plan(cfg, default_grid(cfg) if grid is None else grid)
     tracking_uri = tracking.resolve_tracking_uri()
     recording.check_server(tracking_uri)
+    # Every run would fail on a data or checkpoint place that is not there, each as a row of the table:
+    # refused here instead, in seconds, before the parent run and Ray.
+    endpoint = cfg.s3_endpoint or None
+    storage.check_location(cfg.data, "dataset path", endpoint=endpoint, must_exist=True)
+    storage.check_location(cfg.storage_path, "--storage-path", endpoint=endpoint)
     started = time.time()
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)

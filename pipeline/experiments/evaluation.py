@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import cluster, data
-from pipeline.data import sample, sources
+from pipeline.data import sample, sources, storage
 from pipeline.models import checkpoint
 from pipeline.train.metrics import score_batch
 from pipeline.transforms import stages
@@ -201,6 +201,10 @@ def evaluate_model(
 
     from pipeline.tracking import registry, runs  # deferred: MLflow and Ray, so that --help answers fast
 
+    # The places first, in seconds: a bucket or path that is not there, a store that does not answer.
+    if reference.startswith("s3://"):
+        storage.check_location(reference, "--model", must_exist=True)
+    storage.check_location(data_uri, "dataset path", must_exist=True)
     in_mlflow = reference.startswith(("models:/", "runs:/"))  # a checkpoint path needs no tracking store
     tracking_uri = runs.resolve_tracking_uri() if in_mlflow else ""
     if in_mlflow:
