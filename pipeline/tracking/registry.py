@@ -3,7 +3,7 @@
     model_name(cfg)                 --registered-model, else `alexnet`, or `alexnet-sample` for the generated sample
     register_best(run_id, ...)      after a run FINISHES: a version of its best logged model, with its lineage,
                                     then the champion rule; returns what happened, in words
-    promote(name, version)          the champion rule alone
+    promote(client, name, version)  the champion rule alone, safe when registrations race
     record_evaluation(opened, ...)  the evaluation job's numbers on the model version and its logged model
 
 The champion rule. `champion` moves to a new version only when there is no champion yet, or when the
@@ -11,6 +11,15 @@ champion was measured on the same data (its data_fingerprint tag: the manifest's
 hash of the listing for folders) and the new version's val top-1 is strictly higher. A model measured
 on other data never takes it, whatever its number: accuracies on different data do not compare. When
 the alias moves, the version it leaves gets the alias `previous`.
+
+Runs that register on one name at the same moment (one team server, no transactions) end as if they
+had registered one after another in the order the server numbered their versions: `champion` is the
+best version on the champion's data, and `previous` is the version the champion displaced in that
+order (a worse A and a better B racing on a new name: champion B, previous A if A is version 1; if B
+is, A was never champion and `previous` is not set). promote() decides over every version of the name,
+not just the new one, so a champion moved back by hand to a worse version on the same data stays
+only until the next registration; moved by hand to a version on other data, that data is the
+champion's data from then on.
 
 Only a run that finishes registers anything, once, at its end: an interrupted or failed run leaves the
 registry as it found it (its logged models stay in the run, for anyone who wants one of them).
@@ -110,43 +119,92 @@ def register_best(*, tracking_uri: str, run_id: str, name: str, lineage: dict[st
 
 
 def promote(client: mlflow.MlflowClient, name: str, version: str) -> Registration:
-    """The champion rule (module docstring) for `version` of `name`; moves the aliases if it wins."""
-    new = client.get_model_version(name, version)
-    top1 = float(new.tags["val_top1"])
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    here = f"{name} version {version} (val top-1 {top1:.2f}%)"
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return Registration(name, version, True, f"{here} is the first {CHAMPION} of {name!r}")
-    old = f"version {champion.version} (val top-1 {float(champion.tags.get('val_top1', 'nan')):.2f}%)"
-    if champion.tags.get("data_fingerprint") != new.tags.get("data_fingerprint"):
+    """The champion rule (module docstring) for `version` of `name`: puts the aliases where the rule over all the
+    versions of `name` puts them, then says where that left `version`.
+
+    Set, then verify: read, decide over every version read, write if the aliases differ, and read again, until a
+    read finds the aliases already as decided. Why the last registration to finish is right: every version is
+    created before its creator's first read, and every alias write is followed by a read of its writer; so the
+    last read of the aliases (taken before the versions) comes after every write and is followed by a read of
+    every version, and its reader stopped only because the aliases were what the rule says over all of them.
+    """
+    refused = 0
+    while True:
+        # Versions as text: a REST server answers "1", a sqlite store 1.
+        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}  # before the versions
+        versions = {str(mv.version): mv for mv in client.search_model_versions(f"name = '{name}'")}
+        champion, previous = _rule(versions, aliases.get(CHAMPION))
+        if champion == aliases.get(CHAMPION) and previous in (None, aliases.get(PREVIOUS)):
+            break
+        try:
+            if previous:
+                client.set_registered_model_alias(name, PREVIOUS, previous)
+            client.set_registered_model_alias(name, CHAMPION, champion)
+        except mlflow.exceptions.MlflowException:
+            # A server can refuse one of two first writes of an alias at the same moment (sqlite: UNIQUE
+            # constraint failed): read again. Anything that keeps refusing (no permission) is raised.
+            refused += 1
+            if refused > 5:
+                raise
+    return _said(name, versions, version, champion, previous)
+
+
+def _rule(versions: dict[str, Any], champion: str | None) -> tuple[str, str | None]:
+    """(champion, previous) as the champion rule leaves them when `versions` register one after another in
+    version order: among those measured on the champion's data (the first version's, when there is no champion),
+    the champion is the last to beat every earlier one, previous the one before it."""
+    ordered = sorted((mv for mv in versions.values() if "val_top1" in mv.tags), key=lambda mv: int(mv.version))
+    reference = versions[champion] if champion in versions else ordered[0]
+    data = reference.tags.get("data_fingerprint")
+    best = before = None
+    for mv in ordered:
+        if mv.tags.get("data_fingerprint") == data and (
+            best is None or float(mv.tags["val_top1"]) > float(best.tags["val_top1"])
+        ):
+            best, before = mv, best
+    if best is None:  # nothing measured on the champion's data: it stays
+        return str(reference.version), None
+    return str(best.version), str(before.version) if before else None
+
+
+def _said(name: str, versions: dict[str, Any], version: str, champion: str, previous: str | None) -> Registration:
+    """What the rule did with `version`, in words."""
+
+    def described(mv) -> str:
+        return f"version {mv.version} (val top-1 {float(mv.tags.get('val_top1', 'nan')):.2f}%)"
+
+    new = versions[version]
+    here = f"{name} {described(new)}"
+    if champion == version:
+        if previous is None:
+            return Registration(name, version, True, f"{here} is the first {CHAMPION} of {name!r}")
+        return Registration(
+            name,
+            version,
+            True,
+            f"{here} is the new {CHAMPION}: it beats {described(versions[previous])} on the same data, which "
+            f"keeps the alias {PREVIOUS!r}",
+        )
+    old = versions[champion]
+    if old.tags.get("data_fingerprint") != new.tags.get("data_fingerprint"):
         return Registration(
             name,
             version,
             False,
             (
-                f"{here} is not {CHAMPION}: {CHAMPION} {old} was measured on other data "
-                f"({champion.tags.get('data_uri', '?')}, "
-                f"fingerprint {champion.tags.get('data_fingerprint', '?')[:12]}; "
+                f"{here} is not {CHAMPION}: {CHAMPION} {described(old)} was measured on other data "
+                f"({old.tags.get('data_uri', '?')}, "
+                f"fingerprint {old.tags.get('data_fingerprint', '?')[:12]}; "
                 f"this run: {new.tags.get('data_uri', '?')}, {new.tags.get('data_fingerprint', '?')[:12]}), and "
                 f"accuracies on different data do not compare. Register under another --registered-model to keep "
                 f"a champion for this data"
             ),
         )
-    if top1 <= float(champion.tags["val_top1"]):
-        return Registration(
-            name, version, False, f"{here} is not {CHAMPION}: it does not beat {CHAMPION} {old} on the same data"
-        )
-    client.set_registered_model_alias(name, PREVIOUS, champion.version)
-    client.set_registered_model_alias(name, CHAMPION, version)
     return Registration(
         name,
         version,
-        True,
-        f"{here} is the new {CHAMPION}: it beats {old} on the same data, which keeps the alias {PREVIOUS!r}",
+        False,
+        f"{here} is not {CHAMPION}: it does not beat {CHAMPION} {described(old)} on the same data",
     )
 
 
