@@ -1,6 +1,8 @@
 """Joining a Ray cluster, or starting a private one, and what the train workers ask of it.
 
     connect_ray(address=...)         join --address / RAY_ADDRESS (`ray job submit`), else a private local Ray
+                                     (which pipeline/reaper.py ends if this process dies without shutting it down);
+                                     verbose=False keeps Ray's healthy-run chatter off the console (quiet_console)
     worker_resources(cfg, free)      CPUs (and GPUs) per train worker, leaving Ray Data at least one CPU
     check_placeable(cfg, resources)  refuse at once workers no node can ever hold when no autoscaler can add one
     FORWARDED_ENV                    the environment every task of the job needs (object storage's endpoint)
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -38,7 +43,7 @@ def submitted_job_env_vars() -> dict[str, str]:
     return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
-def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
+def connect_ray(*, train_workers: int = 0, address: str = "", verbose: bool = False) -> None:
     """Join the Ray cluster the user points at, else start a private local Ray for this job alone.
 
     Pointed at: `address` (--address), else RAY_ADDRESS, which `ray job submit` sets for the jobs it
@@ -51,6 +56,11 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
     2-core laptop two workers holding one CPU each would otherwise leave Ray Data none, and the
     job would wait forever for its first batch. It is this machine alone, with no autoscaler: on_private_ray()
     says whether this process is on it (check_placeable refuses there what this machine cannot hold).
+    A private instance ends with this process, however it ends: pipeline/reaper.py, started beside it,
+    stops what is left of it once this process is gone (SIGKILL included); a joined cluster is never touched.
+
+    verbose=False (--verbose off): the lines Ray Train and Ray Data print on every healthy run stay out of
+    this process's console (quiet_console); Ray's log files keep them.
     """
     global _private_gcs_address
     import ray
@@ -62,8 +72,14 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
     source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env=runtime_env)
+        # Every process of the private Ray runs find_own_ray() first.
+        hook = {"worker_process_setup_hook": f"{__name__}.{find_own_ray.__name__}"}
+        ray.init(
+            address="local", num_cpus=(os.cpu_count() or 1) + train_workers, runtime_env={**(runtime_env or {}), **hook}
+        )
         _private_gcs_address = ray.get_runtime_context().gcs_address
+        start_reaper()
+        quiet_console(verbose)
         return
     try:
         ray.init(address=address, runtime_env=runtime_env)
@@ -80,6 +96,120 @@ def connect_ray(*, train_workers: int = 0, address: str = "") -> None:
             f"(`ray start --head`){auth}; or unset RAY_ADDRESS and drop --address to run on a private local "
             f"Ray"
         ) from None
+    quiet_console(verbose)
+
+
+def find_own_ray() -> None:
+    """Run by every worker process of a private Ray as it starts (runtime_env's worker_process_setup_hook): sets
+    RAY_ADDRESS to this Ray's GCS. Ray Train's PlacementGroupCleaner asks Ray's state API for the controller
+    with no address, which, with several Rays on one machine (jobs side by side), fails with "Found multiple
+    active Ray instances": its thread died with a 26-line traceback, and stopped watching the controller."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # an empty one inherited included
+
+
+_reaper: subprocess.Popen | None = None
+
+
+def start_reaper() -> None:
+    """pipeline/reaper.py, watching this process: once it is gone, it ends what is left of its private Ray.
+    One per process (it watches all of this process's descendants, a later private Ray's included). In a session
+    of its own, so that a kill of this process's group spares it; with no stream of this process's, so that
+    nobody reading this process's output waits for it."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    _reaper = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+# The lines Ray prints on every healthy run, which quiet_console keeps off the console (Ray 2.60's wording; the
+# files under the session's logs/ keep them). Ray Train: every ray.train.report() of every worker, with the
+# whole metrics dict; every checkpoint; the worker group's start. Ray Data: each dataset's execution plan,
+# start and end, every epoch. Everything else (warnings, errors, restarts, the job's own lines) passes.
+HEALTHY_CHATTER = re.compile(
+    "|".join(
+        [
+            r"^Reporting training result \d+: TrainingReport\(",
+            r"^Checkpoint successfully created at: ",
+            r"^Requesting resources: ",
+            r"^Attempting to start training worker group ",
+            r"^Started training worker group of size \d+:",
+            r"^- \(ip=\S+, pid=\d+\) world_rank=\d+, local_rank=\d+, node_rank=\d+$",
+            r"^Setting up process group for: ",
+            r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store",
+            r"^Starting execution of Dataset \S+\.",
+            r"^Execution plan of Dataset \S+: ",
+            r"Dataset \S+ execution finished in [\d.]+ seconds",
+            r"^Progress bars disabled\. To enable, set ",
+            r"^Progress will be logged because stdout is a non-interactive terminal",
+            r"^\[dataset\]: A new progress UI is available",
+        ]
+    )
+)
+
+
+def without_tracebacks(lines) -> list[str]:
+    """`lines` without blank lines and Python traceback frames ("Traceback (most recent call last):", each
+    `  File "..."` line, its source line and carets): the error lines stay. A failing run's workers and Ray
+    Data's executors print a traceback for every error, hundreds of lines; the job's closing paragraph names
+    the root cause and the file that holds every worker's traceback (driver.closing_lines)."""
+    kept: list[str] = []
+    in_frame = False
+    for line in lines:
+        if not line.strip() or line.startswith("Traceback (most recent call last)"):
+            continue
+        if _FRAME.match(line):
+            in_frame = True
+            continue
+        if in_frame and (line.startswith("    ") or _CARETS.match(line)):
+            continue  # the frame's source line and its carets
+        in_frame = False
+        if not line.startswith(("During handling of the above exception", "The above exception was the direct")):
+            kept.append(line)
+    return kept
+
+
+_FRAME = re.compile(r'^\s*File "[^"]+", line \d+')
+_CARETS = re.compile(r"^\s*[\^~]+\s*$")
+
+
+def quiet_console(verbose: bool) -> None:
+    """Keep HEALTHY_CHATTER of Ray's processes off this process's console, unless `verbose`.
+
+    Ray's processes do not log to this console: the driver prints what they write, batch by batch
+    (log_to_driver), through the handler that ray.init registers as "ray_print_logs" with
+    ray._private.ray_logging.global_worker_stdstream_dispatcher. This wraps that handler to drop those lines
+    first. Python logging levels set here would not reach those processes, and the settings that would (Ray
+    Train's RunConfig(logging_config=...) for `ray.train` loggers, RAY_DATA_LOG_LEVEL in the runtime_env for
+    `ray.data`'s) leave out "Reporting training result" (logged by a logger named after its file, through
+    the worker's root logger) and silence warnings and restarts too. ray.shutdown() removes the wrapper with
+    the handler; the next ray.init() registers a new one."""
+    if verbose:
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if len(printers) != 1 or getattr(printers[0], "quiet", False):  # log_to_driver=False, or wrapped already
+        return
+    print_logs = printers[0]
+
+    def quiet(data: dict[str, Any]) -> None:
+        # Blank lines too (without_tracebacks): Ray Train's workers print through a logger, which follows each
+        # progress bar update (ray.experimental.tqdm_ray's line ends in a newline of its own) with an empty line.
+        lines = [line for line in without_tracebacks(data.get("lines", ())) if not HEALTHY_CHATTER.search(line)]
+        if lines or not data.get("lines"):
+            print_logs({**data, "lines": lines})
+
+    quiet.quiet = True  # type: ignore[attr-defined]
+    # One assignment, as remove_handler makes it: no batch finds the dispatcher without a printer.
+    dispatcher.handlers = [(name, quiet if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
 
 
 # The GCS address of the private local Ray connect_ray started in this process, if it did: that Ray is this

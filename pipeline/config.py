@@ -215,6 +215,11 @@ class Config:
         "fixed data order (Ray Data preserve_order, fixed read blocks): the same "
         "seed gives the same loss curve on any cluster shape, at some speed cost",
     )
+    verbose: bool = _cluster(
+        False,
+        "print what Ray Train and Ray Data log on every healthy run (each report's metrics, each "
+        "checkpoint, each dataset's execution plan); off, Ray's log files still have them",
+    )
 
     # checkpoints and restarts
     storage_path: str = _checkpoints(
@@ -234,6 +239,12 @@ class Config:
         "trained on. 0 = at the end of each epoch only",
     )
     max_failures: int = _checkpoints(2, "restarts of the worker group from the latest checkpoint after a failure")
+    resume: str = _checkpoints(
+        "",
+        "continue an earlier run from its newest checkpoint, in the same MLflow run: its run id, or latest "
+        "(the experiment's newest unfinished run). Flags not given are the run's; giving a flag that "
+        "changes what it computes is refused",
+    )
 
     # tracking
     experiment: str = _tracking("alexnet", "MLflow experiment name")
@@ -492,3 +503,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         return from_namespace(args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def given_fields(argv: Sequence[str] | None = None) -> frozenset[str]:
+    """The fields the command line sets explicitly (--resume takes the others from the run it continues)."""
+    args, _ = build_parser().parse_known_args(argv)
+    names = {f.name for f in dataclasses.fields(Config)} & set(vars(args))
+    if hasattr(args, LIGHTING_FLAG):
+        names.add("lighting_std")
+    return frozenset(names)

@@ -11,7 +11,9 @@ from conftest import ROOT
 # Lower floors never import higher ones; rooms on one floor do not import each other.
 FLOORS = {
     "config": 0,
+    "errors": 0,
     "cluster": 1,
+    "reaper": 1,
     "transforms": 1,
     "models": 1,
     "data": 2,

@@ -273,13 +273,14 @@ class TrainLoop:
             time_first_step = self.cfg.compile and epoch == self.start.epoch
         every = self.cfg.checkpoint_every_steps
         progress = None
-        if self.rank == 0 and self.settings.progress_interval_s:
+        if self.rank == 0:
             progress = ProgressLines(
                 interval=self.settings.progress_interval_s,
                 epoch=epoch,
                 epochs=self.cfg.epochs,
                 workers=self.workers,
                 total_images=self.settings.train_images,
+                bar=not self.settings.progress_interval_s,  # on a terminal
             )
         self.model.train()  # the compiled forward shares the module, and its mode
         running = RunningSums(self.device)
@@ -313,7 +314,9 @@ class TrainLoop:
                     torch.cuda.synchronize(self.device)  # once: the first step's own time (compiling, autotuning)
                 first_step_seconds = time.perf_counter() - step_start
             if progress is not None:
-                progress(running.read, data_seconds, time.perf_counter() - start)
+                progress(running.read, data_seconds, time.perf_counter() - start, images=len(labels))
+        if progress is not None:
+            progress.close()
         return EpochStats(
             running.read(), time.perf_counter() - start, data_seconds, first_step_seconds, kept, steps=step - first_step
         )
@@ -365,7 +368,7 @@ class TrainLoop:
             log.info(f"epoch {epoch + 1}/{self.cfg.epochs}  checkpoint at step {step}  {sums.images:,} images")
         # Ranked below every epoch's checkpoint by --keep-checkpoints; Ray Train keeps the latest anyway.
         self.report(
-            {"epoch": epoch, "step": step, "train_images": sums.images, checkpoint.SCORE: float("-inf")},
+            {"epoch": epoch, "step": step, "train_images": sums.images, checkpoint.SCORE: checkpoint.MID_EPOCH_SCORE},
             epoch=epoch,
             within_epoch=within,
         )
@@ -454,18 +457,26 @@ def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
 
 
 class ProgressLines:
-    """A line every `interval` seconds during an epoch, for logs read off a terminal (CI, `ray job logs`,
-    a file), where Ray Data's progress bars are off. Counts are this worker's times the worker count:
-    every worker takes the same number of steps. The sums are read only when a line is due."""
+    """Rank 0's progress through an epoch: off a terminal (CI, `ray job logs`, a file) a line every `interval` s; on
+    one (bar=True) a bar the driver draws (ray.experimental.tqdm_ray; none without Ray), not Ray Data's. Counts are
+    this worker's times the worker count (all take the same steps); the sums are read only when a line is due."""
 
-    def __init__(self, *, interval: float, epoch: int, epochs: int, workers: int, total_images: int | None):
+    def __init__(self, *, interval: float, epoch: int, epochs: int, workers: int, total_images: int | None, bar=False):
         self.interval, self.epoch, self.epochs = interval, epoch, epochs
-        self.workers, self.total = workers, total_images
+        self.workers, self.total, self.lines, self.bar = workers, total_images, not bar, None
         self.last = time.perf_counter()
+        if bar:
+            import ray  # deferred: the loop runs without Ray too (tests, jobs/gpu_check.py)
+            from ray.experimental.tqdm_ray import tqdm
 
-    def __call__(self, read_sums: Callable[[], EvalSums], data_seconds: float, seconds: float) -> None:
+            if ray.is_initialized():
+                self.bar = tqdm(desc=f"epoch {epoch + 1}/{epochs}", total=total_images, unit="img")
+
+    def __call__(self, read_sums: Callable[[], EvalSums], data_seconds: float, seconds: float, images: int = 0) -> None:
+        if self.bar is not None:
+            self.bar.update(images * self.workers)  # its state goes to the driver at most once a second
         now = time.perf_counter()
-        if now - self.last < self.interval:
+        if not self.lines or now - self.last < self.interval:
             return
         self.last = now
         sums = read_sums()
@@ -475,6 +486,10 @@ class ProgressLines:
             f"epoch {self.epoch + 1}/{self.epochs}  {images:,}{of} images  loss {sums.loss / sums.images:.3f}  "
             f"{images / seconds:.0f} img/s  waiting for data {100 * data_seconds / seconds:.0f}%"
         )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _all_gather(array: np.ndarray) -> list[np.ndarray]:
