@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
 from pipeline.config import PRESETS
-from pipeline.tracking import recording
+from pipeline.tracking import recording, runs
 from pipeline.train import driver
 
 
@@ -83,11 +83,11 @@ def test_records_wait_for_a_server_that_is_down_bounded_and_named(ray_session):
     assert account["retries"] >= 2  # it kept trying
     # The end of a job whose server never came back: what waits and what was dropped, named.
     with pytest.raises(
-        recording.RecordsNotDelivered,
+        runs.RecordsNotDelivered,
         match=r"did not take 8 records within 1 s of the end of "
         r"training: .* under /ckpt hold",
     ):
-        recording.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
+        runs.wait_for_records(recorder, nowhere, 1.0, checkpoints="/ckpt")
 
 
 def _first_epoch_in(client, experiment: str) -> bool:

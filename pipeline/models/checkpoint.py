@@ -1,7 +1,8 @@
 """One checkpoint format, and the life of a model from a training epoch to the registry.
 
     save(directory, ...)        rank 0, every epoch: checkpoint.pt (the grouped network, optimiser, scheduler,
-                                epoch, config, classes, metrics, per-class val counts) and any pictures;
+                                epoch, config, classes, metrics, per-class val counts), metrics.json (the
+                                report, readable without the weights: --resume) and any pictures;
                                 every --checkpoint-every-steps too, with where in the epoch it was taken
     load(path)                  -> that dict, by torch.load(weights_only=True): tensors and plain Python
                                 only, so opening a checkpoint never runs code from it
@@ -23,6 +24,7 @@ a checkpoint loads the same however training was placed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -38,10 +40,14 @@ from pipeline.models.alexnet import build_from_config
 CHECKPOINT_FILE = "checkpoint.pt"  # in a Ray Train checkpoint directory
 MODEL_FILE = "model.pt"  # in a logged model: the checkpoint without the optimiser
 TRAIN_BATCH_FILE = "train_batch.png"  # the first training batch as the model saw it (pictures.py)
+METRICS_FILE = "metrics.json"  # the report the checkpoint was taken with
 FORMAT = 1
 LOG_MODELS = ("best", "all", "none")
 # Ray Train ranks checkpoints by this reported metric (higher is better).
 SCORE = "val_top1"
+# A checkpoint inside an epoch has no val top-1: below every epoch's (0-100). Finite, because Ray Train's
+# snapshot of its checkpoints, which a continued run reloads (--resume), writes -inf as null.
+MID_EPOCH_SCORE = -1.0
 
 _REQUIRED = ("format", "model", "epoch", "config", "num_classes")
 _TRAINING_ONLY = ("optimizer", "scheduler")
@@ -101,14 +107,22 @@ def save(
             "num_classes": int(num_classes),
             "classes": list(classes),  # wnids in label order; empty when the data does not name them
             "words": list(words),  # a readable name per class, when known
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+            "metrics": saved_metrics(metrics),
             "val_per_class": val_per_class or {},  # {"correct": [...], "images": [...]}, top-1, one entry per class
         },
         path,
     )
+    # The epoch's report beside the weights, readable without loading them: a run continued in a new job
+    # (--resume) logs from here the epochs whose records its lost driver never delivered.
+    reported = {"epoch": int(epoch), "within_epoch": within is not None, "metrics": saved_metrics(metrics)}
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(reported))
     for name, data in (files or {}).items():
         (Path(directory) / name).write_bytes(data)
     return path
+
+
+def saved_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,8 +5,10 @@
     Recorder               per-epoch metrics and pipeline health, the epochs --log-models selects as logged
                            models (classifier.py) with their val_top1/top5, the pictures; while the server is
                            down it keeps them (bounded) and delivers them when it is back
-    wait_for_records(...)  after fit(): until everything is delivered, or RecordsNotDelivered naming what is not
-    abandon_run()          let go of a run whose server is gone
+    alive/stopping/release the driver's lifeline (lifeline.py): a Recorder that watches its driver is a
+                           detached actor; when the driver dies it delivers what it holds and closes the run
+
+runs.py waits for the records after fit() and closes the run.
 
 The callback (runs.MLflowCallback) hands every report here and returns at once: a server restarting
 mid-run costs no training time, only delay in the records.
@@ -30,6 +32,7 @@ import ray
 
 from pipeline.models import checkpoint as checkpoints
 from pipeline.tracking import pictures
+from pipeline.tracking.lifeline import HEARTBEAT_S, HEARTBEAT_TAG, DriverWatch
 
 # Pipeline health sits beside the accuracy: images_per_s (training throughput, all workers), the
 # fraction of the training pass spent waiting for the next batch (data_wait_fraction, the slowest
@@ -105,19 +108,6 @@ def server_down(tracking_uri: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         return getattr(reason, "strerror", None) or str(reason)
 
 
-class RecordsNotDelivered(RuntimeError):
-    """The tracking server did not come back in time to take what the run recorded."""
-
-    def __init__(self, tracking_uri: str, records: list[str], *, waited: float, checkpoints: str):
-        self.records = records
-        shown = "; ".join(records[:5]) + (f"; and {len(records) - 5} more" if len(records) > 5 else "")
-        super().__init__(
-            f"the MLflow tracking server {tracking_uri} did not take {len(records)} records within {waited:.0f} s "
-            f"of the end of training: {shown}. Nothing was registered and the run stays RUNNING there; the "
-            f"checkpoints under {checkpoints} hold each kept epoch's metrics and weights"
-        )
-
-
 def check_server(tracking_uri: str) -> None:
     """Fail at once, in one line, when the tracking server does not answer: before Ray starts, and instead
     of MLflow's own retries (7 with backoff, about 4 minutes, then chained tracebacks)."""
@@ -127,19 +117,6 @@ def check_server(tracking_uri: str) -> None:
             f"the MLflow tracking server {tracking_uri} does not answer ({reason}): start it, point "
             f"MLFLOW_TRACKING_URI at one that runs, or unset MLFLOW_TRACKING_URI to record into ./mlflow.db"
         )
-
-
-def abandon_run() -> None:
-    """Let go of this process's active run without waiting for a server that is gone: its status stays
-    RUNNING in the store (nothing can reach it to say otherwise), and MLflow's exit hook does not spend
-    minutes retrying to end it."""
-    import mlflow
-
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        mlflow.end_run("FAILED")
-    except Exception:  # the server is down: that is why we are here
-        pass
 
 
 @dataclass(eq=False)  # records are told apart by identity
@@ -173,6 +150,8 @@ class Recorder:
         data_fingerprint: str,
         decode_failures=None,
         credentials: dict[str, str] | None = None,
+        watch_driver: bool = False,
+        heartbeat_s: float = HEARTBEAT_S,
     ):
         import mlflow
 
@@ -202,6 +181,37 @@ class Recorder:
         self.outages: list[float] = []  # seconds from the first failed try to the next delivery
         self.changed = threading.Condition()
         threading.Thread(target=self._deliver, name="mlflow-delivery", daemon=True).start()
+        self.watch = DriverWatch(run_id, self._stamp, self._driver_lost, heartbeat_s) if watch_driver else None
+
+    # --- the driver's life (lifeline.py) ----------------------------------------------------------------------
+
+    def alive(self) -> None:
+        if self.watch is not None:
+            self.watch.beat()
+
+    def stopping(self, signal_name: str) -> None:
+        if self.watch is not None:
+            self.watch.signal = signal_name
+
+    def release(self) -> None:
+        """The driver closes the run itself: stop watching it."""
+        if self.watch is not None:
+            self.watch.released = True
+
+    def _stamp(self, now: float) -> None:
+        send = partial(_client(self.tracking_uri).set_tag, self.run_id, HEARTBEAT_TAG, str(int(now)))
+        self._add(Record("driver heartbeat", send, key=HEARTBEAT_TAG))
+
+    def _driver_lost(self, status: str, message: str) -> None:
+        """What the epochs reported goes first, then the run's status and why; then this actor ends."""
+        print(f"[mlflow] run {self.run_id}: {message}", file=sys.stderr, flush=True)
+        self.flush(TRACKING_WAIT_ON_FAILURE_S)
+        try:
+            _client(self.tracking_uri).set_tag(self.run_id, "error", message)
+            _client(self.tracking_uri).set_terminated(self.run_id, status=status)
+        except Exception as e:  # the server is gone too: the heartbeat tells a later job (mark_lost_runs)
+            print(f"[mlflow] could not close run {self.run_id}: {first_line(e)}", file=sys.stderr, flush=True)
+        os._exit(0)  # a detached actor: nothing else would end it
 
     # --- what the callback hands over ----------------------------------------------------------------------
 
@@ -475,6 +485,8 @@ def start_recorder(**kwargs):
 
     credentials = {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    if kwargs.get("watch_driver"):  # outlives its driver, to close the run when the driver dies (lifeline.py)
+        return Recorder.options(scheduling_strategy=here, lifetime="detached").remote(credentials=credentials, **kwargs)
     return Recorder.options(scheduling_strategy=here).remote(credentials=credentials, **kwargs)
 
 
@@ -489,27 +501,5 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-# How long a finished job waits for a tracking server that is down to take the records it holds, and how
-# long a failed or interrupted one waits before it closes the run.
-TRACKING_WAIT_S = 300.0
-
-
+# How long the records may take to reach the server before a run that did not finish is closed.
 TRACKING_WAIT_ON_FAILURE_S = 30.0
-
-
-def wait_for_records(recorder, tracking_uri: str, timeout: float, checkpoints: str) -> dict[str, Any]:
-    """Wait until the Recorder has delivered every record; returns its account (Recorder.flush).
-    Raises RecordsNotDelivered, naming them, when the server has not taken them within `timeout`."""
-    import ray
-
-    waiting = ray.get(recorder.flush.remote(0.0))["pending"]
-    if waiting:
-        print(
-            f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records", file=sys.stderr
-        )
-    delivery = ray.get(recorder.flush.remote(timeout))
-    if delivery["pending"]:
-        raise RecordsNotDelivered(
-            tracking_uri, delivery["pending"] + delivery["undelivered"], waited=timeout, checkpoints=checkpoints
-        )
-    return delivery

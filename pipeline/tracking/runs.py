@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,40 @@ def start_run(cfg, *, tracking_uri: str, params: dict[str, Any], tags: dict[str,
     return run.info
 
 
+def reopen_run(tracking_uri: str, run_id: str, description: str):
+    """A run continued by a new job (--resume): RUNNING again, active in this process with system metrics as
+    start_run's, and a tag `resume_<n>` saying when and with which flags changed (MLflow's params are
+    immutable: they keep the values the run started with). Returns its RunInfo."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    resumes = int(run.data.tags.get("resumes", "0")) + 1
+    client.set_tag(run_id, "resumes", str(resumes))
+    client.set_tag(run_id, f"resume_{resumes}", description)
+    for stale in ("error", "stopped_by", "continue_with"):  # the last job's ending, now continued
+        if stale in run.data.tags:
+            client.delete_tag(run_id, stale)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)  # status back to RUNNING
+    return client.get_run(run_id).info
+
+
+def log_recovered_epochs(tracking_uri: str, run_id: str, reports: list[dict[str, Any]]) -> frozenset[int]:
+    """Log epoch reports that a lost driver never delivered (resume.unlogged_epochs); returns their epochs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    for m in reports:
+        metrics = [
+            mlflow.entities.Metric(k, float(m[k]), now, int(m["epoch"])) for k in recording.EPOCH_METRICS if k in m
+        ]
+        client.log_batch(run_id, metrics=metrics)
+        print(f"[mlflow] epoch {int(m['epoch']) + 1}: metrics recovered from its checkpoint")
+    return frozenset(int(m["epoch"]) for m in reports)
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str, summary: dict[str, Any] | None = None) -> None:
     """Tags from `summary`, then the final status; ends the active run (and its system metrics) if it is this one."""
     import mlflow
@@ -123,11 +158,20 @@ class MLflowCallback(ray.train.UserCallback):
     """Runs on the Ray Train controller: hands every report to the Recorder and returns at once, so that
     a tracking server that is slow or down never holds up training."""
 
-    def __init__(self, recorder, *, epochs: int, log_models: str):
+    def __init__(
+        self,
+        recorder,
+        *,
+        epochs: int,
+        log_models: str,
+        logged_epochs: frozenset[int] = frozenset(),
+        best_top1: float = float("-inf"),
+    ):
         self.recorder = recorder  # a Recorder actor
         self.epochs = epochs
         self.log_models = log_models
-        self.best_top1 = float("-inf")
+        self.logged_epochs = logged_epochs  # a continued run's epochs that MLflow holds already
+        self.best_top1 = best_top1
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         # Every worker reports the same all-reduced numbers; rank 0's stand for the run.
@@ -135,6 +179,8 @@ class MLflowCallback(ray.train.UserCallback):
         if "step" in m:  # a checkpoint inside an epoch (--checkpoint-every-steps): only for resuming
             return
         epoch = int(m["epoch"])
+        if epoch in self.logged_epochs:  # reported again by a continued run: each epoch is recorded once
+            return
         improved = m["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, m["val_top1"])
         log_model = checkpoint is not None and checkpoints.should_log(
@@ -164,6 +210,53 @@ class MLflowCallback(ray.train.UserCallback):
 
 # --- closing a run from the driver: wait for its records, then its status -------------------------
 
+# How long a finished job waits for a tracking server that is down to take the records it holds.
+TRACKING_WAIT_S = 300.0
+
+
+class RecordsNotDelivered(RuntimeError):
+    """The tracking server did not come back in time to take what the run recorded."""
+
+    def __init__(self, tracking_uri: str, records: list[str], *, waited: float, checkpoints: str):
+        self.records = records
+        shown = "; ".join(records[:5]) + (f"; and {len(records) - 5} more" if len(records) > 5 else "")
+        super().__init__(
+            f"the MLflow tracking server {tracking_uri} did not take {len(records)} records within {waited:.0f} s "
+            f"of the end of training: {shown}. Nothing was registered and the run stays RUNNING there; the "
+            f"checkpoints under {checkpoints} hold each kept epoch's metrics and weights"
+        )
+
+
+def wait_for_records(recorder, tracking_uri: str, timeout: float, checkpoints: str) -> dict[str, Any]:
+    """Wait until the Recorder has delivered every record; returns its account (Recorder.flush).
+    Raises RecordsNotDelivered, naming them, when the server has not taken them within `timeout`."""
+    import ray
+
+    waiting = ray.get(recorder.flush.remote(0.0))["pending"]
+    if waiting:
+        print(
+            f"[mlflow] waiting up to {timeout:.0f} s for {tracking_uri} to take {len(waiting)} records", file=sys.stderr
+        )
+    delivery = ray.get(recorder.flush.remote(timeout))
+    if delivery["pending"]:
+        raise RecordsNotDelivered(
+            tracking_uri, delivery["pending"] + delivery["undelivered"], waited=timeout, checkpoints=checkpoints
+        )
+    return delivery
+
+
+def abandon_run() -> None:
+    """Let go of this process's active run without waiting for a server that is gone: its status stays
+    RUNNING in the store (nothing can reach it to say otherwise), and MLflow's exit hook does not spend
+    minutes retrying to end it."""
+    import mlflow
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        mlflow.end_run("FAILED")
+    except Exception:  # the server is down: that is why we are here
+        pass
+
 
 def close_unfinished_run(
     recorder, tracking_uri: str, run_id: str, status: str, summary: dict[str, Any], checkpoints: str
@@ -172,12 +265,29 @@ def close_unfinished_run(
     server gone, say what is lost and let go of the run."""
     try:
         if recorder is not None:
-            recording.wait_for_records(recorder, tracking_uri, recording.TRACKING_WAIT_ON_FAILURE_S, checkpoints)
-    except recording.RecordsNotDelivered as lost:
+            wait_for_records(recorder, tracking_uri, recording.TRACKING_WAIT_ON_FAILURE_S, checkpoints)
+    except RecordsNotDelivered as lost:
         print(f"[mlflow] {lost}", file=sys.stderr)
-        recording.abandon_run()
+        abandon_run()
         return
     finish_run(tracking_uri, run_id, status, summary)
+
+
+def save_failure_report(tracking_uri: str, run_id: str, text: str, storage: str, run_name: str) -> str:
+    """Ray's full account of a failure (every worker's traceback) in a file, and on the run as
+    failures/final.txt; returns the file's path: beside the checkpoints when they are local, else in
+    the temporary folder."""
+    import mlflow
+
+    folder = Path(storage) / run_name if "://" not in storage else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"failure-{run_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    path.write_text(text)
+    try:
+        mlflow.MlflowClient(tracking_uri).log_text(run_id, text, "failures/final.txt")
+    except Exception as e:  # the file is what counts; the server may be what failed
+        print(f"[mlflow] the failure report stays in {path}: {recording.first_line(e)}", file=sys.stderr)
+    return str(path)
 
 
 def delivery_tags(delivery: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,12 @@ The run's status is never left wrong: FINISHED after a complete run, KILLED afte
 (Ray Train aborts the workers gracefully either way), FAILED with the error after a crash. Only a
 finished run registers a model.
 
-Logs: on a terminal Ray Data draws its progress bars; off one (CI, `ray job logs`, a redirected
-file) the bars are off, and rank 0 prints a progress line every PROGRESS_INTERVAL_S and one per epoch.
+Logs: on a terminal rank 0 draws one progress bar per epoch; off one (CI, `ray job logs`, a redirected
+file) it prints a progress line every PROGRESS_INTERVAL_S instead, and one line per epoch either way. Ray
+Train's and Ray Data's lines of a healthy run are off unless --verbose (cluster.quiet_console).
+
+A run outlives its driver (lifeline.py: a detached Recorder closes a run whose driver died; resume.py:
+--resume continues it in a new job), and a failure ends the job in one paragraph (failures.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +40,10 @@ from typing import Any
 from pipeline import cluster, config, data
 from pipeline.config import Config
 from pipeline.data import sample
+from pipeline.data.storage import check_location
 from pipeline.models import checkpoint
-from pipeline.tracking import recording, registry, runs
+from pipeline.tracking import lifeline, recording, registry, runs
+from pipeline.train import failures, resume
 from pipeline.train.worker import LoopSettings, train_loop_per_worker
 from pipeline.transforms.lighting import IMAGENET as IMAGENET_LIGHTING
 from pipeline.transforms.lighting import Lighting
@@ -83,7 +89,24 @@ PROGRESS_INTERVAL_S = 60.0
 
 
 class TrainingFailed(RuntimeError):
-    """The worker group failed more often than --max-failures allows; the message ends with the last error."""
+    """Training failed: at once on a failure another try cannot mend (failures.is_permanent), else after
+    --max-failures restarts. str() is one line; paragraph() the job's closing words, once the driver has
+    closed the run and said where (`closing`); `details` Ray's full account, worker tracebacks included."""
+
+    def __init__(self, error: BaseException, max_failures: int):
+        self.cause = failures.describe(error)
+        self.permanent = failures.is_permanent(error)
+        if self.permanent:
+            how = "another try would meet the same error, so no restart was spent on it"
+        else:
+            how = "no restarts" if max_failures == 0 else f"all {max_failures} restarts used"
+            how += f" (--max-failures {max_failures})"
+        super().__init__(f"training failed, {how}: {self.cause}")
+        self.details = failures.details(error)
+        self.closing: list[str] = []
+
+    def paragraph(self) -> str:
+        return "\n".join([f"error: {self}", *self.closing])
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -98,19 +121,27 @@ class RunInterrupted(KeyboardInterrupt):
         return 128 + (signal.SIGTERM if self.signal_name == "SIGTERM" else signal.SIGINT)
 
 
+class CaughtSignals(list):
+    """The names of the signals caught; `announce(name)` (if set) is told first, before anything else runs."""
+
+    announce: Callable[[str], None] | None = None
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[list[str]]:
+def sigterm_as_interrupt() -> Iterator[CaughtSignals]:
     """SIGTERM (`kill`, a scheduler stopping the job) takes the path Ctrl-C takes: during fit() Ray Train's
     SIGINT handler, which aborts the workers gracefully; elsewhere KeyboardInterrupt. Python's default
     for SIGTERM is to die on the spot, which would leave the MLflow run RUNNING. Yields the list of
     signals caught this way; restores both handlers on the way out."""
-    caught: list[str] = []
+    caught = CaughtSignals()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield caught
         return
 
     def on_sigterm(signum, frame):
         caught.append("SIGTERM")
+        if caught.announce is not None:  # `ray job stop` kills the driver a few seconds after its SIGTERM
+            caught.announce("SIGTERM")
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)
@@ -138,27 +169,50 @@ def class_words(cfg: Config, source: data.Source) -> list[str]:
 
 
 def run(
-    cfg: Config, callbacks: Sequence[Any] = (), *, tags: dict[str, str] | None = None, register: bool = True
+    cfg: Config,
+    callbacks: Sequence[Any] = (),
+    *,
+    tags: dict[str, str] | None = None,
+    register: bool = True,
+    given: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """Train as `cfg` says; returns the final metrics, where they were recorded and where the model went.
 
     callbacks: extra ray.train.UserCallback instances, beside the MLflow one.
     tags: extra tags on the MLflow run (an ablation's parent run and switches, ablate.py).
     register: False registers nothing (ablation runs: an experiment must never take `champion`).
+    given: with --resume, the fields the command line set (config.given_fields); the others are the run's.
+    None: every field of `cfg` counts as given.
     """
     import ray
     import ray.train
     from ray.data import DataContext
-    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = time.time()
     tracking_uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for its children
     tracking_uri = runs.resolve_tracking_uri()
     recording.check_server(tracking_uri)  # first: a dead server is answered in one line, before anything starts
+    for lost in lifeline.mark_lost_runs(tracking_uri, cfg.experiment):
+        print(
+            f"[mlflow] run {lost}: its driver is gone (no heartbeat); marked FAILED. Continue it with --resume {lost}"
+        )
+    continuation = None
+    if cfg.resume:
+        previous = resume.find_run(tracking_uri, cfg.experiment, cfg.resume)
+        continuation = resume.Continuation.of(previous, cfg, given, tracking_uri, storage_path(cfg))
+        cfg = continuation.config
+        print(f"[resume] run {continuation.run_id}: {continuation.describe()}")
     if cfg.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = cfg.s3_endpoint  # read here, and forwarded to every Ray task
     source = resolve_data(cfg)
     check_enough_data(cfg, source)
+    check_location(continuation.storage if continuation else cfg.storage_path, "--storage-path")  # before Ray
+    recovered: list[dict[str, Any]] = []
+    if continuation is not None:  # every refusal before the run is reopened
+        resume.check_data(previous, source.fingerprint)
+        recovered = resume.unlogged_epochs(continuation.storage, continuation.run_name, continuation.logged_epochs)
+        resume.check_epochs_left(continuation, continuation.logged_epochs | {int(m["epoch"]) for m in recovered})
     counts = " / ".join(f"{source.images.get(s) or '?'} {s}" for s in data.SPLITS)
     print(f"[data] {source.uri}: {source.kind}, {counts} images, {source.num_classes} classes")
     lighting = Lighting.from_dict(source.lighting) if source.lighting else IMAGENET_LIGHTING
@@ -168,50 +222,71 @@ def run(
     interactive = sys.stdout.isatty()
     if not interactive:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
-    cluster.connect_ray(train_workers=cfg.workers, address=cfg.address)
+    cluster.connect_ray(train_workers=cfg.workers, address=cfg.address, verbose=cfg.verbose)
     resources = cluster.worker_resources(
         cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU")
     )
     cluster.check_placeable(cfg, resources)  # else a request no node can hold waits in fit() forever
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which
     # execute them in other processes, run with that copy: setting it here reaches them.
-    DataContext.get_current().enable_progress_bars = interactive
+    # A terminal gets one bar per epoch from rank 0 (worker.ProgressLines); Ray Data's own, several per
+    # dataset, only with --verbose.
+    DataContext.get_current().enable_progress_bars = interactive and cfg.verbose
 
     data_fingerprint = source.fingerprint
-    run_info = runs.start_run(
-        cfg,
-        tracking_uri=tracking_uri,
-        params={
-            "data_resolved": source.uri,
-            "data_kind": source.kind,
-            "num_classes": source.num_classes,
-            "train_images": source.images.get("train"),
-            "val_images": source.images.get("val"),
-            "data_fingerprint": data_fingerprint,
-            "lighting_source": lighting.source,
-            "worker_batch_size": cfg.worker_batch_size,
-            "resources_per_worker": resources,
-            "registered_model_resolved": model_name,
-        },
-        tags={"data_fingerprint": data_fingerprint, **(tags or {})},
-    )
+    storage = continuation.storage if continuation else storage_path(cfg)
+    if continuation is not None:
+        run_info = runs.reopen_run(tracking_uri, continuation.run_id, continuation.describe())
+    else:
+        run_info = runs.start_run(
+            cfg,
+            tracking_uri=tracking_uri,
+            params={
+                "data_resolved": source.uri,
+                "data_kind": source.kind,
+                "num_classes": source.num_classes,
+                "train_images": source.images.get("train"),
+                "val_images": source.images.get("val"),
+                "data_fingerprint": data_fingerprint,
+                "lighting_source": lighting.source,
+                "worker_batch_size": cfg.worker_batch_size,
+                "resources_per_worker": resources,
+                "registered_model_resolved": model_name,
+                "storage_resolved": storage,
+            },
+            tags={"data_fingerprint": data_fingerprint, **(tags or {})},
+        )
     run_id = run_info.run_id
     print(f"[mlflow] run {run_id} in experiment {cfg.experiment!r} at {tracking_uri}")
+    run_name = resume.run_name(run_id)
+    logged = continuation.logged_epochs if continuation else frozenset()
+    logged |= runs.log_recovered_epochs(tracking_uri, run_id, recovered)
 
-    recorder = None
-    storage = storage_path(cfg)
+    recorder = lifeline_ = None
     with sigterm_as_interrupt() as caught:
         try:
-            report = data.ReadReport.remote()
-            resume_point = data.ResumePoint.remote()
+            # On the driver's node, as the Recorder: a train node that goes away must not take them along.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            report = data.ReadReport.options(scheduling_strategy=here).remote()
+            resume_point = data.ResumePoint.options(scheduling_strategy=here).remote()
             recorder = recording.start_recorder(
                 tracking_uri=tracking_uri,
                 run_id=run_id,
                 data_uri=source.uri,
                 data_fingerprint=data_fingerprint,
                 decode_failures=report,
+                watch_driver=True,
+                heartbeat_s=lifeline.HEARTBEAT_S,  # the driver's: the Recorder's process has its own environment
             )
-            callback = runs.MLflowCallback(recorder, epochs=cfg.epochs, log_models=cfg.log_models)
+            lifeline_ = lifeline.Lifeline(recorder)
+            caught.announce = lifeline_.stopping
+            callback = runs.MLflowCallback(
+                recorder,
+                epochs=cfg.epochs,
+                log_models=cfg.log_models,
+                logged_epochs=logged,
+                best_top1=continuation.best_top1 if continuation else float("-inf"),
+            )
             settings = LoopSettings(
                 config=cfg,
                 num_classes=source.num_classes,
@@ -223,7 +298,7 @@ def run(
                 read_report=report,
                 resume_point=resume_point,
             )
-            trainer = TorchTrainer(
+            trainer = failures.Trainer(
                 train_loop_per_worker,
                 # A dict: Ray Train's run state checks for one (and shows its values, as text, on the dashboard).
                 train_loop_config={"settings": settings},
@@ -241,7 +316,7 @@ def run(
                     execution_options=data.execution_options(cfg), resume_point=resume_point
                 ),
                 run_config=ray.train.RunConfig(
-                    name=f"alexnet-{run_id[:12]}",
+                    name=run_name,
                     storage_path=storage,
                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=checkpoint.keep_policy(cfg.keep_checkpoints),
@@ -251,13 +326,8 @@ def run(
             try:
                 result = trainer.fit()
             except ray.train.TrainingFailedError as e:
-                restarts = "no restarts" if cfg.max_failures == 0 else f"all {cfg.max_failures} restarts used"
-                raise TrainingFailed(
-                    f"training failed, {restarts} (--max-failures {cfg.max_failures}); the last attempt ended with: {e}"
-                ) from e
-            delivery = recording.wait_for_records(
-                recorder, tracking_uri, recording.TRACKING_WAIT_S, checkpoints=result.path
-            )
+                raise TrainingFailed(e, cfg.max_failures) from None  # its details go to a file, not the console
+            delivery = runs.wait_for_records(recorder, tracking_uri, runs.TRACKING_WAIT_S, checkpoints=result.path)
             if register:
                 registration = registry.register_best(
                     tracking_uri=tracking_uri,
@@ -291,20 +361,28 @@ def run(
                     **runs.delivery_tags(delivery),
                 },
             )
-        except recording.RecordsNotDelivered:
-            recording.abandon_run()
+        except runs.RecordsNotDelivered:
+            runs.abandon_run()
             raise
         except BaseException as e:
             # Ray Train answers Ctrl-C (and SIGTERM, above) by aborting the workers and leaving fit() with
             # SystemExit; anywhere else it is KeyboardInterrupt.
             if caught or isinstance(e, (KeyboardInterrupt, SystemExit)):
                 name = caught[0] if caught else "SIGINT"
-                runs.close_unfinished_run(recorder, tracking_uri, run_id, "KILLED", {"stopped_by": name}, storage)
+                stopped = {"stopped_by": name, "continue_with": f"--resume {run_id}"}
+                runs.close_unfinished_run(recorder, tracking_uri, run_id, "KILLED", stopped, storage)
                 raise RunInterrupted(name, run_id) from None
             runs.close_unfinished_run(
                 recorder, tracking_uri, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"}, storage
             )
+            if isinstance(e, TrainingFailed):
+                e.closing = closing_lines(e, tracking_uri, run_id, run_info.experiment_id, storage, run_name)
             raise
+        finally:
+            if lifeline_ is not None:  # the run is closed (or let go of): the Recorder's watch ends with it
+                lifeline_.stop()
+            if recorder is not None:
+                ray.kill(recorder)  # a detached actor: it would outlive the job otherwise
 
     return {
         **final,
@@ -321,6 +399,23 @@ def run(
         "registration": registration,
         "tracking": delivery,
     }
+
+
+def closing_lines(
+    failed: TrainingFailed, tracking_uri: str, run_id: str, experiment_id: str, storage: str, run_name: str
+) -> list[str]:
+    """After a failure: what was kept, how to continue, where the run and the full account are."""
+    details = runs.save_failure_report(tracking_uri, run_id, failed.details, storage, run_name)
+    kept = resume.latest_checkpoint(storage, run_name)
+    lines = [f"  kept:     {kept or 'no checkpoint yet: a new run starts from the beginning'}"]
+    if kept:
+        fix = "once the cause is mended" if failed.permanent else "when the cause has passed"
+        lines.append(f"  continue: python jobs/train.py --resume {run_id}   ({fix})")
+    lines += [
+        f"  run:      MLflow run {run_id} (FAILED): {runs.run_url(tracking_uri, run_id, experiment_id)}",
+        f"  details:  every worker's traceback in {details} (and the run's artifact failures/final.txt)",
+    ]
+    return lines
 
 
 def where_it_went(summary: dict[str, Any]) -> str:
