@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -211,3 +214,21 @@ def test_plateau_schedule_drops_the_lr_after_patience_epochs_without_a_better_va
         recipe.step_scheduler(step, val_top1)
         seen.append(step.optimizer.param_groups[0]["lr"])
     assert seen == pytest.approx([0.01, 0.005, 0.005, 0.0025])
+
+
+def test_the_printed_commands_find_mlflow_and_uvicorn_in_a_new_shell(monkeypatch):
+    """`make train` runs .venv/bin/python with the venv off the PATH: the serve command it prints starts
+    `mlflow`, which starts `uvicorn` by name. Pasted into a shell whose PATH lacks the venv, both resolve
+    to this environment's, and the printed python imports the project's dependencies."""
+    bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    monkeypatch.setenv("PATH", bare["PATH"])
+    path, python = driver.shell_prefix()
+    found = subprocess.run(
+        ["bash", "-c", f"{path}bash -c 'command -v mlflow; command -v uvicorn' && {python} -c 'import mlflow, ray'"],
+        env=bare,
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, found.stderr
+    venv_bin = Path(sys.executable).parent.resolve()
+    assert [(Path.cwd() / line).parent.resolve() for line in found.stdout.split()] == [venv_bin, venv_bin]

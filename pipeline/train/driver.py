@@ -440,12 +440,24 @@ def where_it_went(summary: dict[str, Any]) -> str:
     if registration.version:
         # Commands run elsewhere need the store; name it unless the environment already does.
         env = "" if summary["tracking_uri_from_env"] else f"MLFLOW_TRACKING_URI={summary['tracking_uri']} "
+        path, python = shell_prefix()
         uri = f"models:/{registration.name}@{registry.CHAMPION}" if registration.champion else registration.uri
         lines += [
             f"  classify JPEGs:  mlflow.pyfunc.load_model({uri!r})"
             f".predict(pandas.DataFrame({{'image': [jpeg_bytes]}}))",
-            f"  serve it:        {env}mlflow models serve -m {uri} --env-manager local --port 5001",
-            f"  10-crop top-1:   {env}python jobs/evaluate.py --model {uri}"
+            f"  serve it:        {path}{env}mlflow models serve -m {uri} --env-manager local --port 5001",
+            f"  10-crop top-1:   {env}{python} jobs/evaluate.py --model {uri}"
             + (f" --data {summary['data']}" if summary["data"] else ""),
         ]
     return "\n".join(lines)
+
+
+def shell_prefix() -> tuple[str, str]:
+    """(a PATH assignment, the python) that make the printed commands work pasted into a new shell: `make
+    train` runs .venv/bin/python without the venv on the PATH, where `mlflow` and the `uvicorn` it starts
+    by name are not found. Relative to the current folder when the venv is inside it."""
+    bin_dir = Path(sys.executable).parent
+    if str(bin_dir) in os.environ.get("PATH", "").split(os.pathsep):
+        return "", "python"
+    shown = os.path.relpath(bin_dir) if bin_dir.is_relative_to(Path.cwd()) else str(bin_dir)
+    return f"PATH={shown}:$PATH ", f"{shown}/python"
