@@ -446,10 +446,16 @@ def where_it_went(summary: dict[str, Any]) -> str:
             f"  classify JPEGs:  mlflow.pyfunc.load_model({uri!r})"
             f".predict(pandas.DataFrame({{'image': [jpeg_bytes]}}))",
             f"  serve it:        {path}{env}mlflow models serve -m {uri} --env-manager local --port 5001",
-            f"  10-crop top-1:   {env}{python} jobs/evaluate.py --model {uri}"
+            f"  10-crop top-1:   {env}{python} {evaluate_job()} --model {uri}"
             + (f" --data {summary['data']}" if summary["data"] else ""),
         ]
     return "\n".join(lines)
+
+
+def evaluate_job() -> str:
+    """jobs/evaluate.py as a shell in this folder reaches it: relative from the repository's root."""
+    job = Path(__file__).resolve().parents[2] / "jobs" / "evaluate.py"
+    return "jobs/evaluate.py" if Path("jobs/evaluate.py").resolve() == job else str(job)
 
 
 def shell_prefix() -> tuple[str, str]:
