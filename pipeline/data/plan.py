@@ -148,7 +148,9 @@ def _read_units(
     errors = "raise" if report is None else "collect"
     retried_before = Counter(storage.retries())
     for unit in batch["id"]:
-        rows = sources.read_unit(source, split, int(unit), seed=seed, epoch=epoch, shuffle=train)
+        rows = sources.read_unit(source, split, int(unit), seed=seed, epoch=epoch, shuffle=train, skip=skipped)
+        if not len(rows["label"]):  # every image of the unit trained on before the restart: nothing fetched
+            continue
         _check_labels(rows["label"], rows["key"], source.num_classes)
         keep = None if skipped is None else ~np.isin(rows["index"], skipped)
         if not decode:

@@ -31,6 +31,8 @@ the workers consumed, and the resumed epoch reads past exactly those (plan.py).
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.data import readers, shards
 from pipeline.data.readers.base import SPLITS, UNIT_IMAGES, Place, Rows, Source
 from pipeline.data.readers.parquet import read_row_group as _parquet_group  # noqa: F401  (test_storage_faults)
@@ -61,6 +63,9 @@ def num_units(source: Source, split: str) -> int:
     return readers.reader(source, split).num_units()
 
 
-def read_unit(source: Source, split: str, unit: int, *, seed: int, epoch: int, shuffle: bool) -> Rows:
-    """The rows of read unit `unit` of `epoch` (see the module docstring); shuffle=False reads in file order."""
-    return readers.reader(source, split).read_unit(unit, seed=seed, epoch=epoch, shuffle=shuffle)
+def read_unit(
+    source: Source, split: str, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None
+) -> Rows:
+    """The rows of read unit `unit` of `epoch` (see the module docstring); shuffle=False reads in file order.
+    skip: sorted indices a resumed epoch leaves out, whose images need not be fetched (Reader.read_unit)."""
+    return readers.reader(source, split).read_unit(unit, seed=seed, epoch=epoch, shuffle=shuffle, skip=skip)

@@ -142,8 +142,10 @@ class Reader:
         """How many independent read units one epoch of the split is cut into."""
         raise NotImplementedError
 
-    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool) -> Rows:
-        """The rows of read unit `unit` of `epoch`."""
+    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None) -> Rows:
+        """The rows of read unit `unit` of `epoch`. skip: sorted indices a resumed epoch leaves out; a reader
+        need not fetch their images (it may hand their rows on with empty bytes, or none of a unit's rows
+        when it skips them all; the caller leaves them out either way)."""
         raise NotImplementedError
 
     def index(self, piece: Any, row: Any) -> Any:
@@ -163,13 +165,14 @@ class PieceReader(Reader):
     def num_units(self) -> int:
         raise NotImplementedError
 
-    def read_piece(self, piece: int, rng: np.random.Generator | None) -> Rows:
-        """Every row of piece `piece` with its index; in an order drawn from rng, or as stored if None."""
+    def read_piece(self, piece: int, rng: np.random.Generator | None, skip: np.ndarray | None = None) -> Rows:
+        """Every row of piece `piece` with its index; in an order drawn from rng, or as stored if None. skip:
+        as read_unit's (a format that cannot tell what a piece holds before reading it reads it whole)."""
         raise NotImplementedError
 
-    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool) -> Rows:
+    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None) -> Rows:
         piece = int(permutation(self.num_units(), seed, epoch, shuffle)[unit])
-        return self.read_piece(piece, self.unit_rng(unit, seed, epoch) if shuffle else None)
+        return self.read_piece(piece, self.unit_rng(unit, seed, epoch) if shuffle else None, skip)
 
 
 @lru_cache(maxsize=4)

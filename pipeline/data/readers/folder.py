@@ -68,17 +68,21 @@ class FolderReader(Reader):
     def num_units(self) -> int:
         return -(-len(self.source.files[self.split]) // UNIT_IMAGES)
 
-    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool) -> Rows:
+    def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None) -> Rows:
         files = permutation(len(self.source.files[self.split]), seed, epoch, shuffle)
         rows = files[unit * UNIT_IMAGES : (unit + 1) * UNIT_IMAGES]
         source, split = self.source, self.split
-        paths = [source.files[split][i] for i in rows]
+        fetched = rows if skip is None else rows[~np.isin(self.index(rows, 0), skip)]  # a resumed epoch's rest
+        paths = [source.files[split][i] for i in fetched]
         fs = source.filesystem
         if isinstance(fs, pafs.LocalFileSystem):
             data = [storage.read_bytes(fs, p) for p in paths]
         else:
             with ThreadPoolExecutor(FETCH_THREADS) as pool:
                 data = list(pool.map(lambda p: storage.read_bytes(fs, p), paths))
+        if len(fetched) < len(rows):  # the rows left out keep their place, with no bytes
+            by_row = dict(zip(fetched.tolist(), data))
+            data = [by_row.get(i, b"") for i in rows.tolist()]
         return {
             "jpeg": data,
             "key": [source.keys[split][i] for i in rows],

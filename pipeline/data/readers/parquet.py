@@ -11,7 +11,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
-from pipeline.data.readers.base import PieceReader, Rows
+from pipeline.data.readers.base import PIECE_BITS, PieceReader, Rows
+
+_GROUP_SPAN = 1 << PIECE_BITS  # the indices of one piece: [piece << PIECE_BITS, (piece + 1) << PIECE_BITS)
 
 
 class RowGroupReader(PieceReader):
@@ -26,8 +28,11 @@ class RowGroupReader(PieceReader):
     def num_units(self) -> int:
         return len(self.source.row_groups[self.split])
 
-    def read_piece(self, piece: int, rng: np.random.Generator | None) -> Rows:
+    def read_piece(self, piece: int, rng: np.random.Generator | None, skip: np.ndarray | None = None) -> Rows:
         path, group = self.source.row_groups[self.split][piece]
+        if skip is not None and self.all_skipped(piece, path, group, skip):
+            # A resumed epoch's group trained on already: its footer read, not its images (MBs).
+            return {"jpeg": [], "key": [], "label": np.empty(0, np.int64), "index": np.empty(0, np.int64)}
         batch = self.rows(read_row_group(self.source.filesystem, path, group, self.columns), path, group)
         batch["index"] = self.index(piece, np.arange(len(batch["label"]), dtype=np.int64))
         if rng is not None:
@@ -39,6 +44,16 @@ class RowGroupReader(PieceReader):
                 "index": batch["index"][perm],
             }
         return batch
+
+    def all_skipped(self, piece: int, path: str, group: int, skip: np.ndarray) -> bool:
+        """Whether `skip` holds every row of the group; only the file's footer is read to count them."""
+        first = int(self.index(piece, 0))
+        inside = np.searchsorted(skip, first + _GROUP_SPAN) - np.searchsorted(skip, first)
+        if inside == 0:
+            return False
+        with self.source.filesystem.open_input_file(path) as f:
+            rows = pq.ParquetFile(f).metadata.row_group(group).num_rows
+        return inside >= rows and bool(np.isin(self.index(piece, np.arange(rows)), skip).all())
 
 
 def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str]) -> pa.Table:

@@ -48,7 +48,7 @@ class WebDatasetReader(PieceReader):
     def num_units(self) -> int:
         return len(self.source.files[self.split])
 
-    def read_piece(self, piece: int, rng: np.random.Generator | None) -> Rows:
+    def read_piece(self, piece: int, rng: np.random.Generator | None, skip: np.ndarray | None = None) -> Rows:
         path = self.source.files[self.split][piece]
         samples: Iterable = (
             (self.index(piece, row), *sample) for row, sample in enumerate(tar_samples(self.source.filesystem, path))
