@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from pipeline.data.storage import join, resolve
 
 LOC_VAL_SOLUTION = "LOC_val_solution.csv"
+LOC_SYNSET_MAPPING = "LOC_synset_mapping.txt"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 DEVKIT_TARBALL = "ILSVRC2012_devkit_t12.tar.gz"
 DEVKIT_META = "data/meta.mat"
@@ -87,6 +88,47 @@ def read_devkit_meta(data: bytes) -> dict[int, str]:
     if not classes:
         raise ValueError("meta.mat: no leaf synsets (num_children == 0), so no classes")
     return dict(sorted(classes.items()))
+
+
+def read_devkit_words(data: bytes) -> dict[str, str]:
+    """meta.mat -> {wnid: words} of the classes ("tench, Tinca tinca"); read_devkit_meta checks the file."""
+    import scipy.io  # only the devkit path needs SciPy
+
+    read_devkit_meta(data)  # a file that is not a devkit's says so there
+    synsets = scipy.io.loadmat(io.BytesIO(data))["synsets"]
+    if "words" not in (synsets.dtype.names or ()):
+        return {}
+    return {
+        str(_mat_scalar(synset["WNID"])): str(_mat_scalar(synset["words"]))
+        for synset in synsets.ravel()
+        if _mat_scalar(synset["num_children"]) == 0
+    }
+
+
+def read_synset_mapping(text: str) -> dict[str, str]:
+    """Kaggle's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" per line) -> {wnid: words}."""
+    words = {}
+    for line in text.splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if WNID.fullmatch(wnid):
+            words[wnid] = name.strip()
+    return words
+
+
+def find_class_words(root_uri: str, devkit: str | None = None) -> tuple[dict[str, str], str]:
+    """{wnid: words} and where they came from: the devkit's meta.mat (given, or in root), else Kaggle's
+    LOC_synset_mapping.txt in root; ({}, "") when root has neither (words are a courtesy, not a need)."""
+    if devkit is None and _exists(mapping := join(root_uri, LOC_SYNSET_MAPPING)):
+        return read_synset_mapping(_read(mapping).decode("utf-8-sig")), mapping
+    in_root = [join(root_uri, DEVKIT_DIR), join(root_uri, DEVKIT_TARBALL)]
+    kit = devkit if devkit is not None else next((k for k in in_root if _exists(k)), None)
+    if kit is None:
+        return {}, ""
+    meta, where = _read_devkit(kit)["meta"]
+    try:
+        return read_devkit_words(meta), where
+    except ImportError:  # SciPy reads meta.mat; without it the classes keep their wnids alone
+        return {}, ""
 
 
 def _mat_scalar(value):

@@ -40,6 +40,7 @@ from typing import Any
 from pipeline import cluster
 from pipeline.data import imagenet, shards, storage
 from pipeline.data.clean import BadImage, clean_image
+from pipeline.data.devkit import find_class_words
 from pipeline.transforms import lighting
 
 # Bytes per image after resizing to shorter side 256 at quality 90, as a fraction of the original:
@@ -230,6 +231,10 @@ def prepare(
     manifest = shards.build_manifest(
         source=source, classes=classes, sidecars=written, options=options, val_labels=val_labels or devkit or "auto"
     )
+    words, words_from = find_class_words(source, devkit)
+    if words:  # the served model answers "tench, Tinca tinca", not n01440764
+        manifest["words"] = [words.get(wnid, "") for wnid in classes]
+        log(f"[prepare] class words from {words_from}")
     if lighting_sample is not None:
         manifest["lighting"] = _lighting(out, manifest, lighting_sample)
     storage.write_bytes(out_fs, storage.join(out_root, shards.MANIFEST), shards.manifest_bytes(manifest))

@@ -161,11 +161,11 @@ def sigterm_as_interrupt() -> Iterator[CaughtSignals]:
 
 
 def class_words(cfg: Config, source: data.Source) -> list[str]:
-    """A readable name per class: the sample's drawn patterns; none for other data (ImageNet's words are
-    in the devkit's meta.mat, which the shards' manifest does not carry yet)."""
+    """A readable name per class: the sample's drawn patterns; ImageNet's words where the data carries
+    them (prepared shards whose source had the devkit or LOC_synset_mapping.txt); else none."""
     if not cfg.data:
         return list(sample.PATTERNS[: source.num_classes])
-    return []
+    return list(source.words)
 
 
 def run(

@@ -53,6 +53,7 @@ class Source:
     labels: dict[str, tuple[int, ...]] = field(default_factory=dict)  # folder: per file
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder: per file
     row_groups: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # Parquet: (file, group)
+    words: tuple[str, ...] = ()  # a readable name per class, in wnids' order, when the data carries them
 
     def class_index(self) -> dict[str, int]:
         return {wnid: i for i, wnid in enumerate(self.wnids)}

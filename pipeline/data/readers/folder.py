@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipeline.data import imagenet, storage
+from pipeline.data.devkit import find_class_words
 from pipeline.data.readers.base import SPLITS, UNIT_IMAGES, Place, Reader, Rows, Source, permutation
 
 # Object storage answers each GET after tens of milliseconds: a folder task fetches in parallel.
@@ -63,6 +64,7 @@ class FolderReader(Reader):
             ignored=tuple(ignored),
             labels={s: tuple(index[m.wnid] for m in members[s]) for s in SPLITS},
             keys={s: tuple(imagenet.image_id_of(s, m.name) for m in members[s]) for s in SPLITS},
+            words=class_words(uri, wnids),
         )
 
     def num_units(self) -> int:
@@ -93,3 +95,9 @@ class FolderReader(Reader):
     def index(self, piece: Any, row: Any) -> Any:
         """A piece is one file, one image (row 0): the index is the file's place in the listing."""
         return np.asarray(piece, dtype=np.int64) + row
+
+
+def class_words(uri: str, wnids) -> tuple[str, ...]:
+    """The words of each class when the folder holds the devkit or Kaggle's LOC_synset_mapping.txt."""
+    words, _ = find_class_words(uri)
+    return tuple(words.get(wnid, "") for wnid in wnids) if words else ()

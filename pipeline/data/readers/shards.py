@@ -69,6 +69,7 @@ class ShardsReader(RowGroupReader):
             sha,
             manifest.get("lighting"),
             row_groups=groups,
+            words=tuple(manifest.get("words", ())),
         )
 
     def rows(self, table: pa.Table, path: str, group: int) -> dict[str, Any]:
