@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -465,12 +466,11 @@ class ProgressLines:
         self.interval, self.epoch, self.epochs = interval, epoch, epochs
         self.workers, self.total, self.lines, self.bar = workers, total_images, not bar, None
         self.last = time.perf_counter()
-        if bar:
-            import ray  # deferred: the loop runs without Ray too (tests, jobs/gpu_check.py)
+        ray = sys.modules.get("ray")  # in a Ray worker, imported already; the device check runs without it
+        if bar and ray is not None and ray.is_initialized():
             from ray.experimental.tqdm_ray import tqdm
 
-            if ray.is_initialized():
-                self.bar = tqdm(desc=f"epoch {epoch + 1}/{epochs}", total=total_images, unit="img")
+            self.bar = tqdm(desc=f"epoch {epoch + 1}/{epochs}", total=total_images, unit="img")
 
     def __call__(self, read_sums: Callable[[], EvalSums], data_seconds: float, seconds: float, images: int = 0) -> None:
         if self.bar is not None:
