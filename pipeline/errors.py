@@ -8,7 +8,8 @@
 The known kinds: the library's own refusals (FileNotFoundError, ValueError, ... with the message it wrote;
 storage.StoreUnavailable), and what object storage and MLflow say when the input is wrong, however deep in a
 Ray task it surfaced: a bucket that does not exist, credentials the store refuses, an endpoint nothing answers
-at (pyarrow's "AWS Error ..." OSErrors, botocore's exceptions), a model or run MLflow does not hold.
+at (pyarrow's "AWS Error ..." and GCS's "google::cloud::Status(...)" OSErrors, botocore's exceptions), a model or
+run MLflow does not hold.
 
 Nothing heavy is imported here: Ray's, botocore's and MLflow's exceptions are recognised by name, so the jobs
 can answer --help and bad flags without loading them.
@@ -34,6 +35,17 @@ _REFUSED = re.compile(
 # curl: 6 the host name does not resolve, 7 nothing accepts the connection, 28 it timed out.
 _UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION.*curlCode: (6|7|28), ([^;]*)")
 _CURL_HOST = re.compile(r"(?:Failed to connect to (\S+) port (\d+)|Could not resolve host: (\S+))")
+# pyarrow's GCS errors are google-cloud-cpp's Status: "google::cloud::Status(<CODE>: <what>, with a last message of
+# <the store's words> error_info={reason=..., metadata={..., http_status_code=404}})" (the words come from GCS; an
+# emulator's differ: fake-gcs-server says "Not Found" for a bucket and an object alike).
+_GCS = "google::cloud::Status("
+_GCS_NO_BUCKET = re.compile(r"The specified bucket does not exist")
+_GCS_NO_TOKEN = re.compile(
+    r"Could not create a OAuth2 access token.*?(?:underlying error message was: (.*?))?\s*error_info"
+)
+_GCS_REFUSED = re.compile(r"Status\((PERMISSION_DENIED|UNAUTHENTICATED)")
+_GCS_UNREACHABLE = re.compile(r"CURL error \[(6|7|28)\]=(.*?)\s*(error_info|$)")
+_ERROR_INFO = re.compile(r"\s*error_info=\{[^{}]*(\{[^{}]*\})?[^{}]*\}")
 _REFUSED_CODES = {
     "AccessDenied",
     "InvalidAccessKeyId",
@@ -106,7 +118,7 @@ def _is_ray_wrapper(error: BaseException) -> bool:
 def _known(error: BaseException) -> str | None:
     if type(error).__name__ == "StoreUnavailable":  # storage.py's own words (an OSError, retried to the end)
         return _one_line(str(error))
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) or _GCS in str(error):  # GCS's credential errors are pyarrow.ArrowException
         if line := _storage_error(str(error)):
             return line
     if type(error).__module__.startswith("botocore"):
@@ -127,6 +139,8 @@ def _known(error: BaseException) -> str | None:
 
 def _storage_error(message: str) -> str | None:
     """pyarrow's words for a missing bucket, refused credentials or an endpoint that does not answer."""
+    if _GCS in message:
+        return _gcs_error(message)
     found = _BUCKET.search(message)
     bucket = f"bucket {found[1]!r}" if found else "the bucket"
     if _NO_BUCKET.search(message):
@@ -137,6 +151,22 @@ def _storage_error(message: str) -> str | None:
         host = _CURL_HOST.search(message)
         where = (f"{host[1]}:{host[2]}" if host[1] else host[3]) if host else _endpoint()
         return _unreachable(where, unreachable[2].strip())
+    return None
+
+
+def _gcs_error(message: str) -> str | None:
+    if _GCS_NO_BUCKET.search(message):
+        return _no_such_bucket("the bucket", "gs")
+    if no_token := _GCS_NO_TOKEN.search(message):
+        return (
+            f"no Google Cloud credentials could be used ({no_token[1] or 'no access token'}): run `gcloud auth "
+            f"application-default login`, set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or run "
+            f"where the instance's service account provides them (an emulator: set STORAGE_EMULATOR_HOST)"
+        )
+    if refused := _GCS_REFUSED.search(message):
+        return _refused("the bucket", refused[1], "gs")
+    if unreachable := _GCS_UNREACHABLE.search(message):
+        return _unreachable(_endpoint("gs"), unreachable[2].strip(), "gs")
     return None
 
 
@@ -158,29 +188,39 @@ def _botocore_error(error: BaseException) -> str | None:
     return None
 
 
-def _no_such_bucket(bucket: str) -> str:
-    return f"{bucket} does not exist at {_endpoint()}: create it, or correct the name in the s3:// URI"
+# What to check, per store: the endpoint's setting and the credentials'.
+_ENDPOINT_SETTING = {"s3": "AWS_ENDPOINT_URL, or --s3-endpoint", "gs": "STORAGE_EMULATOR_HOST, for an emulator"}
+_CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+    "gs": "Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, or the instance's service account",
+}
 
 
-def _refused(bucket: str, why: str) -> str:
+def _no_such_bucket(bucket: str, store: str = "s3") -> str:
+    return f"{bucket} does not exist at {_endpoint(store)}: create it, or correct the name in the {store}:// URI"
+
+
+def _refused(bucket: str, why: str, store: str = "s3") -> str:
     return (
-        f"object storage at {_endpoint()} refused access to {bucket} ({why}): check the credentials "
-        f"(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that they may list, read and write it"
+        f"object storage at {_endpoint(store)} refused access to {bucket} ({why}): check the credentials "
+        f"({_CREDENTIALS[store]}) and that they may list, read and write it"
     )
 
 
-def _unreachable(where: str, why: str) -> str:
+def _unreachable(where: str, why: str, store: str = "s3") -> str:
     return (
-        f"object storage does not answer at {where} ({why}): check the endpoint (AWS_ENDPOINT_URL, or "
-        f"--s3-endpoint) and that the store is running"
+        f"object storage does not answer at {where} ({why}): check the endpoint ({_ENDPOINT_SETTING[store]}) "
+        f"and that the store is running"
     )
 
 
-def _endpoint() -> str:
-    """Where s3:// requests go, as storage.s3_endpoint reads it from the environment."""
+def _endpoint(store: str = "s3") -> str:
+    """Where s3:// or gs:// requests go, as storage.py reads it from the environment."""
+    if store == "gs":
+        return os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
 def _one_line(text: str) -> str:
-    text = text.split("Traceback (most recent call last)")[0]
+    text = _ERROR_INFO.sub("", text.split("Traceback (most recent call last)")[0])  # GCS's appendix, unread
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

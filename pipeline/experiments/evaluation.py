@@ -202,14 +202,16 @@ def evaluate_model(
     from pipeline.tracking import registry, runs  # deferred: MLflow and Ray, so that --help answers fast
 
     # The places first, in seconds: a bucket or path that is not there, a store that does not answer.
-    if reference.startswith("s3://"):
+    filesystem = None
+    if storage.is_object_store(reference):
         storage.check_location(reference, "--model", must_exist=True)
+        filesystem = storage.resolve(reference)[0]  # Ray's own resolution of gs:// knows no emulator
     storage.check_location(data_uri, "dataset path", must_exist=True)
     in_mlflow = reference.startswith(("models:/", "runs:/"))  # a checkpoint path needs no tracking store
     tracking_uri = runs.resolve_tracking_uri() if in_mlflow else ""
     if in_mlflow:
         mlflow.set_tracking_uri(tracking_uri)
-    opened = checkpoint.open_model(reference)
+    opened = checkpoint.open_model(reference, filesystem)
     source = sources.open_source(
         data_uri or str(sample.ensure_sample_imagenet()), num_classes=opened.state["num_classes"]
     )

@@ -30,12 +30,15 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.models import placement
 from pipeline.models.alexnet import build_from_config
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 CHECKPOINT_FILE = "checkpoint.pt"  # in a Ray Train checkpoint directory
 MODEL_FILE = "model.pt"  # in a logged model: the checkpoint without the optimiser
@@ -209,11 +212,13 @@ class OpenedModel:
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
-def open_model(reference: str) -> OpenedModel:
-    """A checkpoint path (directory or file, local or s3://) or an MLflow model URI (models:/name@alias,
-    models:/name/3, models:/<logged model id>, runs:/<run id>/<model name>) -> its state and identity."""
+def open_model(reference: str, filesystem: pafs.FileSystem | None = None) -> OpenedModel:
+    """A checkpoint path (directory or file, local, s3:// or gs://) or an MLflow model URI (models:/name@alias,
+    models:/name/3, models:/<logged model id>, runs:/<run id>/<model name>) -> its state and identity.
+    `filesystem`: the one a checkpoint on object storage is read through (storage.resolve's: its endpoint or
+    emulator, its retries); without it Ray resolves the URI itself, as pyarrow does."""
     if not reference.startswith(("models:/", "runs:/")):
-        return OpenedModel(_load_path(reference), reference)
+        return OpenedModel(_load_path(reference, filesystem), reference)
 
     import mlflow
 
@@ -244,12 +249,13 @@ def open_model(reference: str) -> OpenedModel:
     return OpenedModel(state, reference, model_id, name, version)
 
 
-def _load_path(reference: str) -> dict[str, Any]:
+def _load_path(reference: str, filesystem: pafs.FileSystem | None) -> dict[str, Any]:
     if "://" not in reference:
         return load(reference)
     import ray.train
 
     if reference.endswith(".pt"):  # one file on object storage: fetch its directory
         reference = reference.rsplit("/", 1)[0]
-    with ray.train.Checkpoint(reference).as_directory() as directory:
+    path = reference.split("://", 1)[1].rstrip("/") if filesystem is not None else reference
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as directory:
         return load(directory)

@@ -40,7 +40,7 @@ from typing import Any
 from pipeline import cluster, config, data
 from pipeline.config import Config
 from pipeline.data import sample
-from pipeline.data.storage import check_location
+from pipeline.data.storage import check_location, train_filesystem
 from pipeline.models import checkpoint
 from pipeline.tracking import lifeline, recording, registry, runs
 from pipeline.train import failures, resume
@@ -298,6 +298,7 @@ def run(
                 read_report=report,
                 resume_point=resume_point,
             )
+            storage_fs, storage_in_fs = train_filesystem(storage)
             trainer = failures.Trainer(
                 train_loop_per_worker,
                 # A dict: Ray Train's run state checks for one (and shows its values, as text, on the dashboard).
@@ -317,7 +318,8 @@ def run(
                 ),
                 run_config=ray.train.RunConfig(
                     name=run_name,
-                    storage_path=storage,
+                    storage_path=storage_in_fs,
+                    storage_filesystem=storage_fs,  # None for local and s3://; gs:// with its emulator or ADC
                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=checkpoint.keep_policy(cfg.keep_checkpoints),
                     callbacks=[callback, *callbacks],  # type: ignore[list-item]  # a Train V2 UserCallback

@@ -3,7 +3,7 @@ a format implements (the extension point: a new format is a subclass in a file o
 
     Source        a dataset on some filesystem, its splits and the pieces each is read in (pickles to
                   every Ray Data task)
-    Place         a folder or s3:// prefix being opened: its filesystem, and its files, listed once
+    Place         a folder or s3:// / gs:// prefix being opened: its filesystem, and its files, listed once
     Reader        one format's reading of one split: num_units, read_unit, index (the index scheme)
     PieceReader   a Reader whose units are its pieces (Parquet row groups, tars), permuted per epoch
 
@@ -60,7 +60,7 @@ class Source:
 
 
 class Place:
-    """A folder or s3:// prefix that open_source is finding the format of; checked to exist."""
+    """A folder or s3:// / gs:// prefix that open_source is finding the format of; checked to exist."""
 
     def __init__(self, uri: str):
         fs, root = storage.resolve(uri)
