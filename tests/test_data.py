@@ -70,7 +70,9 @@ def test_scan_reports_non_image_files_instead_of_dropping_them_silently(tiny_ima
 
 
 def test_scan_rejects_unknown_schemes():
-    with pytest.raises(ValueError, match="expected s3://bucket/prefix or a local path, got 'gopher://x'"):
+    with pytest.raises(
+        ValueError, match="expected a local path, s3://bucket/prefix or gs://bucket/prefix, got .gopher://x."
+    ):
         data.scan_image_folder("gopher://x")
 
 

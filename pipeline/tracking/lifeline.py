@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 HEARTBEAT_TAG = "driver_heartbeat"  # unix seconds of the driver's latest sign of life
 
@@ -116,6 +117,8 @@ def mark_lost_runs(tracking_uri: str, experiment: str) -> list[str]:
     time the driver was last seen and how to continue. Returns their ids."""
     import mlflow
 
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []  # no store yet, so no run (and asking would create the database)
     client = mlflow.MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
