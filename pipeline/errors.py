@@ -93,13 +93,19 @@ def run_job(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
 # --- the known cases -------------------------------------------------------------------------------------------
 
 
+def chain(error: BaseException) -> list[BaseException]:
+    """`error` and everything behind it, outermost first (what root_cause walks)."""
+    return list(_chain(error, implicit=True))
+
+
 def _chain(error: BaseException, *, implicit: bool) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        cause = getattr(current, "cause", None) if _is_ray_wrapper(current) else None
+        # Ray's task errors keep the remote one in `cause`; Ray Train keeps a worker's in `_base_exc`.
+        cause = getattr(current, "cause", None) if _is_ray_wrapper(current) else getattr(current, "_base_exc", None)
         if not isinstance(cause, BaseException):
             cause = current.__cause__
         if cause is None and implicit and not current.__suppress_context__:

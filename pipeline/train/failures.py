@@ -22,23 +22,11 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 from ray.train.v2.api.exceptions import WorkerGroupError
 
+from pipeline import errors
+
 # Root causes another try meets again: bad data or a bad value (ValueError: the readers' damaged files,
 # plan.py's labels outside the classes), files that are not there, and bugs.
 PERMANENT = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, TypeError, AttributeError, NameError)
-
-
-def chain(error: BaseException) -> list[BaseException]:
-    """`error` and what it wraps, outermost first: Ray Train's worker failures (the user's exception kept
-    in `_base_exc`), Ray's task errors (`cause`), then Python's own __cause__ / __context__."""
-    found: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and all(current is not seen for seen in found):
-        found.append(current)
-        inner = getattr(current, "_base_exc", None) or getattr(current, "cause", None)
-        if not isinstance(inner, BaseException):
-            inner = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-        current = inner
-    return found
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -48,9 +36,9 @@ def root_cause(error: BaseException) -> BaseException:
     failed = getattr(error, "worker_failures", None)
     if failed:
         return root_cause(worker_failure(failed))
-    errors = chain(error)
-    ours = [e for e in errors if _defined_in_pipeline(e)]
-    return (ours or errors)[-1]
+    behind = errors.chain(error)
+    ours = [e for e in behind if _defined_in_pipeline(e)]
+    return (ours or behind)[-1]
 
 
 def worker_failure(failed: dict[int, BaseException]) -> BaseException:
