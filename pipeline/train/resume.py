@@ -178,20 +178,28 @@ def check_data(run, fingerprint: str) -> None:
         )
 
 
-def unlogged_epochs(storage_uri: str, run_name: str, logged: frozenset[int]) -> list[dict[str, Any]]:
-    """The reports of the epoch-end checkpoints of Ray Train's run `run_name` under `storage_uri` whose
-    epochs MLflow lacks, oldest first."""
+def checkpoint_folders(storage_uri: str, run_name: str) -> tuple[Any, list[str]]:
+    """The filesystem and the checkpoint folders of Ray Train's run `run_name` under `storage_uri`, oldest
+    first (Ray names them by time); none when the run has no folder there."""
     import pyarrow.fs as pafs
 
     fs, path = storage.resolve(storage.join(storage_uri, run_name))
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
+    folders = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    return fs, folders
+
+
+def unlogged_epochs(storage_uri: str, run_name: str, logged: frozenset[int]) -> list[dict[str, Any]]:
+    """The reports of the epoch-end checkpoints of Ray Train's run `run_name` under `storage_uri` whose
+    epochs MLflow lacks, oldest first."""
+    fs, folders = checkpoint_folders(storage_uri, run_name)
     found = {}
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
+    for folder in folders:
         try:
-            report = json.loads(storage.read_bytes(fs, f"{info.path}/{checkpoint.METRICS_FILE}"))
+            report = json.loads(storage.read_bytes(fs, f"{folder}/{checkpoint.METRICS_FILE}"))
         except FileNotFoundError:  # written before checkpoints carried their report
             continue
         if not report["within_epoch"] and report["epoch"] not in logged:
@@ -201,15 +209,8 @@ def unlogged_epochs(storage_uri: str, run_name: str, logged: frozenset[int]) -> 
 
 def latest_checkpoint(storage_uri: str, run_name: str) -> str:
     """The newest checkpoint of Ray Train's run `run_name`, in words ("" when there is none)."""
-    import pyarrow.fs as pafs
-
     try:
-        fs, path = storage.resolve(storage.join(storage_uri, run_name))
-        folders = sorted(
-            info.path
-            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-        )
+        fs, folders = checkpoint_folders(storage_uri, run_name)
         if not folders:
             return ""
         report = json.loads(storage.read_bytes(fs, f"{folders[-1]}/{checkpoint.METRICS_FILE}"))
