@@ -140,8 +140,24 @@ def ray_session(s3_server, gcs_server):
     # address="local": always a new instance, never a `ray start` cluster or another session's Ray found on
     # this machine (ray.init() without an address joins the latest `ray start` it finds).
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True, log_to_driver=True)
+    _session_ray.append(ray)
     yield ray
+    _session_ray.clear()
     ray.shutdown()
+
+
+_session_ray: list = []  # the session's Ray module while it runs
+
+
+@pytest.fixture(autouse=True)
+def the_session_ray_stays_up():
+    """A test that shuts the session's Ray down (a job's main run in-process ends with ray.shutdown()) fails
+    itself. Otherwise every later test meets a Ray that ray.init() starts on its own: 2 CPUs, none free yet,
+    or a `ray start` cluster another test left (a CI run that failed far from its cause)."""
+    yield
+    if _session_ray and not _session_ray[0].is_initialized():
+        _session_ray[0].init(address="local", num_cpus=4, num_gpus=0, include_dashboard=True, log_to_driver=True)
+        pytest.fail("this test shut down the session's Ray (started again for the tests after it)")
 
 
 def ray_address() -> str:

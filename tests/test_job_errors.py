@@ -117,10 +117,14 @@ def test_bugs_are_not_described():
         assert errors.describe(e) is None  # the FileNotFoundError it was handling is not the news
 
 
-def test_run_job_answers_bad_input_in_one_line_and_lets_bugs_through(capsys):
+def test_run_job_answers_bad_input_in_one_line_and_lets_bugs_through(capsys, monkeypatch):
+    bad = in_ray_task(OSError(NO_BUCKET))
+    # run_job ends the process's Ray before its last line: here that would be the session's (conftest.py)
+    monkeypatch.setitem(sys.modules, "ray", None)
+
     def main(argv):
         if argv == ["bad"]:
-            raise in_ray_task(OSError(NO_BUCKET))
+            raise bad
         if argv == ["bug"]:
             raise ZeroDivisionError
         return 0

@@ -166,3 +166,24 @@ def test_training_goes_on_while_the_tracking_server_restarts(ray_session, tiny_i
         )
     finally:
         stop_mlflow_server(server[0])
+
+
+def test_a_driver_waiting_for_its_records_is_not_taken_for_lost(ray_session):
+    """flush() holds the Recorder's main thread for as long as the server is down (up to 300 s at the end of a
+    job). The driver's pings, queued behind it, once made the Recorder count the driver lost after one
+    heartbeat, close the run as FAILED and end itself under the waiting driver (a CI run of
+    test_continue_run). The pings have a thread of their own: they are answered while flush() waits."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    recorder = recording.Recorder.remote(
+        tracking_uri=nowhere, run_id="0" * 32, data_uri="d", data_fingerprint="f", watch_driver=True, heartbeat_s=30.0
+    )
+    try:
+        recorder.failure.remote("worker 0: something to deliver")  # the server is down: it waits
+        waiting = recorder.flush.remote(10.0)
+        time.sleep(1.0)  # flush() has the main thread now
+        started = time.monotonic()
+        ray_session.get(recorder.alive.remote(), timeout=5)
+        assert time.monotonic() - started < 5
+        assert ray_session.get(waiting, timeout=60)["pending"]
+    finally:
+        ray_session.kill(recorder)

@@ -80,7 +80,6 @@ class DriverWatch:
         self.run_id, self.stamp, self.on_lost, self.heartbeat_s = run_id, stamp, on_lost, heartbeat_s
         self.last_ping = time.time()
         self.signal = ""  # the signal the driver announced, if any
-        self.released = False  # the driver closed the run itself
         threading.Thread(target=self._watch, name="driver-watch", daemon=True).start()
 
     def beat(self) -> None:
@@ -88,7 +87,7 @@ class DriverWatch:
 
     def _watch(self) -> None:
         stamped = 0.0
-        while not self.released:
+        while True:
             now = time.time()
             if now - self.last_ping > self.heartbeat_s:
                 status, how = ("KILLED", f" after {self.signal}") if self.signal else ("FAILED", "")

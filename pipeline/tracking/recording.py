@@ -5,8 +5,9 @@
     Recorder               per-epoch metrics and pipeline health, the epochs --log-models selects as logged
                            models (classifier.py) with their val_top1/top5, the pictures; while the server is
                            down it keeps them (bounded) and delivers them when it is back
-    alive/stopping/release the driver's lifeline (lifeline.py): a Recorder that watches its driver is a
-                           detached actor; when the driver dies it delivers what it holds and closes the run
+    alive/stopping         the driver's lifeline (lifeline.py), on a thread of their own: a Recorder that
+                           watches its driver is a detached actor; when the driver dies it delivers what it
+                           holds and closes the run
 
 runs.py waits for the records after fit() and closes the run.
 
@@ -130,7 +131,10 @@ class Record:
     attempts: int = 0  # failed tries while the server answered
 
 
-@ray.remote(num_cpus=0)
+# The driver's pings (alive, stopping) run on a thread of their own: the main one blocks in flush()
+# for as long as the server takes (minutes while it is down), and pings queued behind it would make a
+# driver that is waiting for its records look dead.
+@ray.remote(num_cpus=0, concurrency_groups={"lifeline": 1})
 class Recorder:
     """The run's one writer to MLflow during training (module docstring).
 
@@ -185,18 +189,15 @@ class Recorder:
 
     # --- the driver's life (lifeline.py) ----------------------------------------------------------------------
 
+    @ray.method(concurrency_group="lifeline")
     def alive(self) -> None:
         if self.watch is not None:
             self.watch.beat()
 
+    @ray.method(concurrency_group="lifeline")
     def stopping(self, signal_name: str) -> None:
         if self.watch is not None:
             self.watch.signal = signal_name
-
-    def release(self) -> None:
-        """The driver closes the run itself: stop watching it."""
-        if self.watch is not None:
-            self.watch.released = True
 
     def _stamp(self, now: float) -> None:
         send = partial(_client(self.tracking_uri).set_tag, self.run_id, HEARTBEAT_TAG, str(int(now)))
