@@ -134,7 +134,7 @@ class Record:
 # The driver's pings (alive, stopping) run on a thread of their own: the main one blocks in flush()
 # for as long as the server takes (minutes while it is down), and pings queued behind it would make a
 # driver that is waiting for its records look dead.
-@ray.remote(num_cpus=0, concurrency_groups={"lifeline": 1})
+@ray.remote(num_cpus=0, concurrency_groups={"lifeline": 1})  # type: ignore[call-overload]  # Ray's stubs lack it
 class Recorder:
     """The run's one writer to MLflow during training (module docstring).
 
