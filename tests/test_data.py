@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import data
 from pipeline.config import PRESETS
 from pipeline.data import plan
+from pipeline.data.readers.folder import image_paths
 
 CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=3)
 
@@ -17,7 +19,8 @@ CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=
 def test_scan_lists_splits_and_sorted_class_index(tiny_imagenet):
     folder = data.scan_image_folder(str(tiny_imagenet))
     assert folder.wnids == tuple(sorted(folder.wnids)) and folder.num_classes == 3
-    assert len(folder.files["train"]) == 72 and len(folder.files["val"]) == 24
+    assert len(image_paths(folder, "train")) == 72 and len(image_paths(folder, "val")) == 24
+    assert folder.images == {"train": 72, "val": 24} and folder.files == {}  # the listing is columnar
     assert folder.class_index()[folder.wnids[2]] == 2
 
 
@@ -89,8 +92,8 @@ def test_val_plan_is_central_crops_matching_the_stages(ray_session, tiny_imagene
     from pipeline.transforms import stages
 
     folder = data.scan_image_folder(str(tiny_imagenet))
-    path = folder.files["val"][0]
-    batch = data.val_dataset(folder, CFG).take_batch(len(folder.files["val"]), batch_format="numpy")
+    path = image_paths(folder, "val")[0]
+    batch = data.val_dataset(folder, CFG).take_batch(folder.images["val"], batch_format="numpy")
     with open(path, "rb") as f:
         expected = stages.center_crops({"jpeg": [f.read()], "key": [path]}, resize_size=80, crop_size=67)["image"][0]
     assert any(np.array_equal(image, expected) for image in batch["image"])
@@ -187,10 +190,7 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
 
     folder = data.scan_image_folder(str(tiny_imagenet))
     many = dc.replace(
-        folder,
-        files={**folder.files, "train": folder.files["train"] * 8},
-        labels={**folder.labels, "train": folder.labels["train"] * 8},
-        keys={**folder.keys, "train": folder.keys["train"] * 8},
+        folder, listings={**folder.listings, "train": pa.concat_tables([folder.listings["train"]] * 8)}
     )  # 576 images: 3 units
     assert sources.num_units(many, "train") == 3
     tasks_per_cpu, plan.TASKS_PER_CPU = plan.TASKS_PER_CPU, 0  # so all three share one task (num_tasks)

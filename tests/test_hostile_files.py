@@ -29,6 +29,7 @@ from conftest import ROOT
 from pipeline import data
 from pipeline.config import PRESETS
 from pipeline.data import prepare, sources
+from pipeline.data.readers.folder import image_keys
 
 CFG = dataclasses.replace(PRESETS["sample"], resize_size=80, crop_size=67, seed=3)
 
@@ -149,7 +150,7 @@ def test_a_training_epoch_names_each_hostile_file_and_trains_on_the_rest(ray_ses
     for key, reason in refused.items():
         assert re.match(reason, failures[key]), (key, failures[key])
     trained = sorted(r["key"] for r in rows)
-    assert trained == sorted(set(source.keys["train"]) - refused.keys())  # the huge JPEG among them
+    assert trained == sorted(set(image_keys(source, "train")) - refused.keys())  # the huge JPEG among them
     assert ids["huge.JPEG"] in trained
 
 

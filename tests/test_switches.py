@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline import config, data
 from pipeline.config import PRESETS, Config, parse_args
+from pipeline.data.readers.folder import image_paths
 from pipeline.models import checkpoint
 from pipeline.models.alexnet import (
     BIAS_ONE,
@@ -264,7 +265,7 @@ def test_augment_off_gives_the_same_central_crops_every_epoch(ray_session, tiny_
     first, second = epochs(dataclasses.replace(cfg, augment="off"))
     assert sorted(first) == sorted(second) and len(first) == 72
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    paths = {Path(path).stem: path for path in folder.files["train"]}  # key: train/<file name without .JPEG>
+    paths = {Path(path).stem: path for path in image_paths(folder, "train")}  # key: train/<file name without .JPEG>
     for key in sorted(first)[:3]:  # and they are the central crops validation takes
         with open(paths[key.rsplit("/", 1)[-1]], "rb") as f:
             centre = stages.center_crops({"jpeg": [f.read()], "key": [key]}, resize_size=80, crop_size=67)["image"][0]

@@ -9,6 +9,7 @@
     reader(source, split)   the Reader of a split: num_units(), read_unit(unit, seed=, epoch=, shuffle=),
                             index(piece, row) (base.py)
     detect(place)           the Reader class of the first format in READERS that claims the place
+                            (else the folder's, whose open() names what is missing)
 
 A format is a Reader subclass in a file of its own, named in READERS at the place open_source should
 try it; its module is imported only when a source of that kind is opened or read.
@@ -22,13 +23,16 @@ from functools import cache
 from pipeline.data.readers.base import Place, Reader, Source
 
 # kind -> "module:class". Tried in this order: prepared shards are Parquet files too (their manifest
-# tells them apart), and a folder of images is what is left when nothing else claims the place.
+# tells them apart); a folder with class folders under train/ is told by one listing of train/, before
+# the formats that must list everything under the root to find their files (1.3 million for ImageNet).
 READERS = {
     "shards": "shards:ShardsReader",
+    "folder": "folder:FolderReader",
     "huggingface": "huggingface:HuggingFaceReader",
     "webdataset": "webdataset:WebDatasetReader",
-    "folder": "folder:FolderReader",
 }
+# What is left when no format claims a place: its open() says what is missing.
+FALLBACK = "folder"
 
 
 @cache
@@ -50,4 +54,4 @@ def detect(place: Place) -> type[Reader]:
         cls = reader_class(kind)
         if cls.detect(place):
             return cls
-    raise FileNotFoundError(f"dataset path {place.uri!r} holds no format a reader knows ({', '.join(READERS)})")
+    return reader_class(FALLBACK)

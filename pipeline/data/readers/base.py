@@ -2,7 +2,7 @@
 a format implements (the extension point: a new format is a subclass in a file of its own).
 
     Source        a dataset on some filesystem, its splits and the pieces each is read in (pickles to
-                  every Ray Data task)
+                  every Ray Data task; a folder's per-image listing goes by reference, by_reference)
     Place         a folder or s3:// / gs:// prefix being opened: its filesystem, and its files, listed once
     Reader        one format's reading of one split: num_units, read_unit, index (the index scheme)
     PieceReader   a Reader whose units are its pieces (Parquet row groups, tars), permuted per epoch
@@ -15,6 +15,7 @@ those (plan.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -50,13 +51,25 @@ class Source:
     fingerprint: str = ""  # manifest sha256, or a hash of the listing
     lighting: dict | None = None  # §4.1 PCA computed from this data, if any
     ignored: tuple[str, ...] = ()  # files found but not read, reported by name
-    labels: dict[str, tuple[int, ...]] = field(default_factory=dict)  # folder: per file
-    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder: per file
+    # folder: split -> its listing, columnar (a pyarrow Table: name, label), or an ObjectRef to it (by_reference)
+    listings: dict[str, Any] = field(default_factory=dict)
     row_groups: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # Parquet: (file, group)
     words: tuple[str, ...] = ()  # a readable name per class, in wnids' order, when the data carries them
 
     def class_index(self) -> dict[str, int]:
         return {wnid: i for i, wnid in enumerate(self.wnids)}
+
+    def by_reference(self, split: str) -> Source:
+        """This Source as the Ray Data tasks of `split` take it: the split's listing put into Ray's object
+        store once, and only its ObjectRef in the Source every task unpickles (the readers fetch it, once
+        per process, without a copy); the other splits' listings left out. Sources without a listing (all
+        but folders, whose pieces are few) are handed on as they are."""
+        import ray
+
+        listing = self.listings.get(split)
+        if listing is None or isinstance(listing, ray.ObjectRef):
+            return self
+        return dataclasses.replace(self, listings={split: ray.put(listing)})
 
 
 class Place:

@@ -1,16 +1,24 @@
 """ImageNet's folder layout: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or a flat val with its labels,
-listed by imagenet.folder_members, the prepare job's own reading (so both take the same files).
+listed by imagenet.folder_chunks, the prepare job's own reading (so both take the same files).
+
+The listing is columnar: per split one Arrow table of (name, label), ~50 bytes an image and no Python
+object per image, built one class folder at a time. The Ray Data tasks get it by reference
+(Source.by_reference): put into the object store once, fetched once per process without a copy.
 
 Unit k of an epoch is files [256k, 256(k+1)) of a permutation of all the split's files: a full
-shuffle. An image's index is its file's place in the sorted listing.
+shuffle. An image's index is its file's place in the listing.
 """
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.data import imagenet, storage
@@ -26,13 +34,20 @@ class FolderReader(Reader):
 
     @classmethod
     def detect(cls, place: Place) -> bool:
-        return True  # what is left when no other format claims the place; open says what is missing
+        """train/ holds class folders; one listing of train/ alone, never of everything under the root."""
+        train = storage.join(place.root, "train")
+        try:
+            entries = place.filesystem.get_file_info(pafs.FileSelector(train))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return any(e.type == pafs.FileType.Directory for e in entries)
 
     @classmethod
     def open(cls, place: Place, *, num_classes: int = 0, manifest_sha256: str = "") -> Source:
         uri, fs, root = place.uri, place.filesystem, place.root
         labels_of_val = imagenet.val_labels_finder(imagenet.as_uri(uri, root))
-        members: dict[str, list[imagenet.Member]] = {}
+        fingerprint = hashlib.sha256()
+        listed: dict[str, tuple[pa.Array, pa.Array]] = {}  # split -> the images' names and wnids
         ignored: list[str] = []
         for split in SPLITS:
             if fs.get_file_info(storage.join(root, split)).type != pafs.FileType.Directory:
@@ -40,43 +55,58 @@ class FolderReader(Reader):
                     f"dataset path {uri!r} has no {split}/ folder; expected {split}/<wnid>/<image>.JPEG, "
                     f"prepared shards (manifest.json), WebDataset tars or Hugging Face Parquet files"
                 )
-            listed = imagenet.folder_members(fs, root, split, labels_of_val)
-            images = [m for m in listed if not imagenet.skip_reason(m)]  # the prepare job's rule, too
-            ignored += [storage.join(root, m.name) for m in listed if imagenet.skip_reason(m)]
-            if not images:
+            every = imagenet.FolderChunk.joined(list(imagenet.folder_chunks(fs, root, split, labels_of_val)))
+            # Every file under the split, ignored ones too, with what it is taken for: a copy of the folder
+            # elsewhere has the same fingerprint, a file changed or relabelled another.
+            _hash_strings(fingerprint, every.names)
+            _hash_strings(fingerprint, every.wnids)
+            fingerprint.update(every.sizes.to_numpy().tobytes())
+            taken = every.images()  # the prepare job's rule, too (imagenet.skip_reason)
+            ignored += [storage.join(root, name) for name in every.names.filter(pc.invert(taken)).to_pylist()]
+            listed[split] = every.names.filter(taken), every.wnids.filter(taken)
+            if not len(listed[split][0]):
                 raise FileNotFoundError(f"dataset path {uri!r} has no images under {split}/<wnid>/")
-            members[split] = images
 
-        wnids = tuple(sorted({m.wnid for m in members["train"]}))
-        unknown = {m.wnid for m in members["val"]} - set(wnids)
+        classes = pc.unique(listed["train"][1])
+        unknown = set(pc.unique(listed["val"][1]).to_pylist()) - set(classes.to_pylist())
         if unknown:
             raise ValueError(f"dataset path {uri!r}: val/ has classes that train/ lacks: {sorted(unknown)[:5]}")
-        index = {wnid: i for i, wnid in enumerate(wnids)}
+        classes = pc.array_take(classes, pc.sort_indices(classes))
+        listings = {
+            s: pa.table(
+                # each image's path under the root, and its class: its wnid's place among the sorted wnids
+                {"name": listed[s][0], "label": pc.index_in(listed[s][1], value_set=classes)},
+                metadata={"root": root},
+            )
+            for s in SPLITS
+        }
+        wnid_tuple = tuple(classes.to_pylist())
         return Source(
             uri,
             cls.kind,
             fs,
-            files={s: tuple(storage.join(root, m.name) for m in members[s]) for s in SPLITS},
-            num_classes=len(wnids),
-            wnids=wnids,
-            images={s: len(members[s]) for s in SPLITS},
-            fingerprint=place.listing_hash(),
+            files={},  # the listing is the files
+            num_classes=len(wnid_tuple),
+            wnids=wnid_tuple,
+            images={s: listings[s].num_rows for s in SPLITS},
+            fingerprint=fingerprint.hexdigest(),
             ignored=tuple(ignored),
-            labels={s: tuple(index[m.wnid] for m in members[s]) for s in SPLITS},
-            keys={s: tuple(imagenet.image_id_of(s, m.name) for m in members[s]) for s in SPLITS},
-            words=class_words(uri, wnids),
+            listings=listings,
+            words=class_words(uri, wnid_tuple),
         )
 
+    def __init__(self, source: Source, split: str):
+        super().__init__(source, split)
+        self.listing = listing_table(source.listings[split])
+
     def num_units(self) -> int:
-        return -(-len(self.source.files[self.split]) // UNIT_IMAGES)
+        return -(-self.listing.num_rows // UNIT_IMAGES)
 
     def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None) -> Rows:
-        files = permutation(len(self.source.files[self.split]), seed, epoch, shuffle)
-        rows = files[unit * UNIT_IMAGES : (unit + 1) * UNIT_IMAGES]
-        source, split = self.source, self.split
+        rows = permutation(self.listing.num_rows, seed, epoch, shuffle)[unit * UNIT_IMAGES : (unit + 1) * UNIT_IMAGES]
         fetched = rows if skip is None else rows[~np.isin(self.index(rows, 0), skip)]  # a resumed epoch's rest
-        paths = [source.files[split][i] for i in fetched]
-        fs = source.filesystem
+        fs, root = self.source.filesystem, self.listing.schema.metadata[b"root"].decode()  # where names start
+        paths = [storage.join(root, name) for name in self.listing["name"].take(fetched).to_pylist()]
         if isinstance(fs, pafs.LocalFileSystem):
             data = [storage.read_bytes(fs, p) for p in paths]
         else:
@@ -85,16 +115,53 @@ class FolderReader(Reader):
         if len(fetched) < len(rows):  # the rows left out keep their place, with no bytes
             by_row = dict(zip(fetched.tolist(), data))
             data = [by_row.get(i, b"") for i in rows.tolist()]
+        picked = self.listing.take(rows)
         return {
             "jpeg": data,
-            "key": [source.keys[split][i] for i in rows],
-            "label": np.array([source.labels[split][i] for i in rows], dtype=np.int64),
+            "key": [imagenet.image_id_of(self.split, name) for name in picked["name"].to_pylist()],
+            "label": picked["label"].to_numpy().astype(np.int64),
             "index": self.index(rows, 0),
         }
 
     def index(self, piece: Any, row: Any) -> Any:
         """A piece is one file, one image (row 0): the index is the file's place in the listing."""
         return np.asarray(piece, dtype=np.int64) + row
+
+
+def _hash_strings(hasher, strings: pa.Array) -> None:
+    """Feed a string array's offsets and characters to `hasher`: exactly the bytes in use, not the
+    buffers, whose spare capacity is not ours to read."""
+    _, offsets_buffer, characters = strings.buffers()  # validity (none here), int32 offsets, UTF-8
+    offsets = np.frombuffer(offsets_buffer, np.int32)[strings.offset : strings.offset + len(strings) + 1]
+    hasher.update((offsets - offsets[0]).tobytes())
+    hasher.update(memoryview(characters or b"")[offsets[0] : offsets[-1]])
+
+
+def listing_table(listing) -> pa.Table:
+    """A split's listing: the table itself, or fetched from Ray's object store (by_reference)."""
+    if isinstance(listing, pa.Table):
+        return listing
+    return _fetched(listing)
+
+
+@lru_cache(maxsize=4)
+def _fetched(ref) -> pa.Table:
+    import ray
+
+    return ray.get(ref)  # zero-copy: the table's buffers stay in the object store's shared memory
+
+
+def image_keys(source: Source, split: str) -> list[str]:
+    """Every image's key (image_id), in listing order: for reports and tests, not for the read path."""
+    names = listing_table(source.listings[split])["name"].to_pylist()
+    return [imagenet.image_id_of(split, name) for name in names]
+
+
+def image_paths(source: Source, split: str) -> list[str]:
+    """Every image's path in the source's filesystem, in listing order (as image_keys)."""
+    listing = listing_table(source.listings[split])
+    root = listing.schema.metadata[b"root"].decode()
+    return [storage.join(root, name) for name in listing["name"].to_pylist()]
 
 
 def class_words(uri: str, wnids) -> tuple[str, ...]:
