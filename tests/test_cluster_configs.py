@@ -2,6 +2,7 @@
 Ray's own schema for the cluster launcher config, the KubeRay manifests' shape, and that every
 command line they hold parses with this project's flags."""
 
+import json
 import shlex
 from pathlib import Path
 
@@ -16,11 +17,15 @@ CLUSTER = ROOT / "cluster"
 
 
 def test_aws_config_passes_rays_cluster_schema():
+    """The template and the file cluster/render.py makes of it both pass; the rendered one is what `ray up`
+    reads (tests below: every placeholder is filled from Terraform's outputs)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     validate_config(prepare_config(config))
-    gpu = config["available_node_types"]["gpu_worker"]
+    rendered = yaml.safe_load(renderer().render((CLUSTER / "aws.yaml").read_text(), fake_outputs()))
+    validate_config(prepare_config(rendered))
+    gpu = rendered["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] == 0 and gpu["max_workers"] > 0  # GPUs autoscale from zero
 
 
@@ -120,14 +125,277 @@ def test_aws_cluster_is_closed_and_reads_s3_through_its_instance_profiles():
         assert "RAY_AUTH_MODE=token" in start  # every node speaks only to holders of the token
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token itself is not in git
 
-    # Names that must be Terraform's: the group that opens only SSH from the operator, and the profiles.
-    assert config["provider"]["security_group"]["GroupName"] in terraform_names("aws_security_group")
-    profiles = {
-        name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in config["available_node_types"].items()
+    # Values that must be Terraform's, on every node type: the AMI, the subnet, the group that opens only SSH
+    # from the operator, and the profiles, each the output that names the resource made for it.
+    outputs = terraform_outputs()
+    for name, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        assert node["ImageId"] == "${gpu_ami_id}", name
+        assert node["SubnetIds"] == "${ray_subnet_ids}", name  # a list output: the whole value, not a string in it
+        assert node["SecurityGroupIds"] == ["${security_group_id}"], name
+        profile = "head_instance_profile" if name == config["head_node_type"] else "worker_instance_profile"
+        assert node["IamInstanceProfile"] == {"Name": f"${{{profile}}}"}, name
+    assert "security_group" not in config["provider"]  # every type names its group: Ray would ignore it
+    assert outputs["gpu_ami_id"] == "data.aws_ami.gpu.id"
+    assert outputs["ray_subnet_ids"] == "local.ray_subnet_ids"
+    assert outputs["security_group_id"] == "aws_security_group.ray.id"
+    assert terraform_names("aws_security_group") >= {"alexnet-ray"}
+    assert outputs["head_instance_profile"] == "aws_iam_instance_profile.ray_head.name"
+    assert outputs["worker_instance_profile"] == "aws_iam_instance_profile.ray_worker.name"
+    assert terraform_names("aws_iam_instance_profile") == {"alexnet-ray-head", "alexnet-ray-worker"}
+
+
+# --- Terraform's outputs into the templates ---------------------------------------------------------------------
+# cluster/aws.yaml and infra/mlflow/k8s.yaml name every value Terraform makes as "${output}"; cluster/render.py
+# fills them from `terraform output -json`. Checked here: each such name is an output, the rendered files hold
+# no placeholder and pass Ray's schema, Ray's own AWS bootstrap (against moto's EC2) keeps the pinned subnet,
+# security group and AMI and makes no group of its own, and the renderer refuses to write half a file.
+MLFLOW_K8S = INFRA / "mlflow" / "k8s.yaml"
+OPERATOR_VALUES = {"image_tag"}  # the one value not Terraform's: the tag pushed to ECR (README step 3)
+
+
+def renderer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render", CLUSTER / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def terraform_outputs() -> dict[str, str]:
+    """Each `output "name"` in infra/terraform/outputs.tf and the expression of its value."""
+    import re
+
+    text = (INFRA / "terraform" / "outputs.tf").read_text()
+    blocks = re.findall(r'^output "(\w+)" \{\n(.*?)^\}', text, re.M | re.S)
+    return {name: re.search(r"^\s*value\s*=\s*(.+?)\s*(?:#.*)?$", body, re.M).group(1) for name, body in blocks}
+
+
+def fake_outputs(**overrides) -> dict:
+    """What `terraform output -json` gives, as values, with one made-up value for every output."""
+    account, region = "123456789012", "us-west-2"
+    registry = f"{account}.dkr.ecr.{region}.amazonaws.com"
+    values = {
+        "region": region,
+        "bucket": "my-alexnet-bucket",
+        "gpu_ami_id": "ami-0123456789abcdef0",
+        "gpu_ami_name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20261009",
+        "ray_subnet_ids": ["subnet-0123456789abcdef0"],
+        "security_group_id": "sg-0123456789abcdef0",
+        "head_instance_profile": "alexnet-ray-head",
+        "worker_instance_profile": "alexnet-ray-worker",
+        "ecr_registry": registry,
+        "ecr_repository_url": f"{registry}/alexnet-ray",
+        "mlflow_repository_url": f"{registry}/alexnet-mlflow",
+        "vpc_cidr": "172.31.0.0/16",
+        "mlflow_hostname": "mlflow.ml.example.com",
+        "mlflow_certificate_arn": f"arn:aws:acm:{region}:{account}:certificate/0d5bc3e1-5f0e-4b8a-9d1c-2f6c1e0a7b42",
+        "kuberay_role_arn": f"arn:aws:iam::{account}:role/alexnet-kuberay",
+        "mlflow_role_arn": f"arn:aws:iam::{account}:role/alexnet-mlflow",
+        "db_endpoint": f"alexnet-mlflow.c0ffee.{region}.rds.amazonaws.com:5432",
+        "db_password_secret_arn": f"arn:aws:secretsmanager:{region}:{account}:secret:rds!db-0123",
     }
-    assert set(profiles.values()) <= terraform_names("aws_iam_instance_profile")
-    assert profiles[config["head_node_type"]] == "alexnet-ray-head"
-    assert {p for n, p in profiles.items() if n != config["head_node_type"]} == {"alexnet-ray-worker"}
+    assert set(values) == set(terraform_outputs())  # a new output gets a made-up value here too
+    return {**values, "image_tag": "3f2c1ab", **overrides}
+
+
+def template_placeholders(path: Path) -> set[str]:
+    return set().union(*(renderer().placeholders(d) for d in yaml.safe_load_all(path.read_text())))
+
+
+def test_every_value_the_templates_take_from_terraform_is_an_output():
+    outputs = set(terraform_outputs())
+    aws, k8s = template_placeholders(CLUSTER / "aws.yaml"), template_placeholders(MLFLOW_K8S)
+    assert aws - OPERATOR_VALUES <= outputs and k8s <= outputs, (aws - OPERATOR_VALUES - outputs, k8s - outputs)
+    assert {"gpu_ami_id", "ray_subnet_ids", "security_group_id", "ecr_registry", "ecr_repository_url"} <= aws
+    assert {"mlflow_role_arn", "vpc_cidr", "mlflow_hostname", "mlflow_certificate_arn", "bucket"} <= k8s
+    # and no hand-edited stand-in is left beside them, in what the files say (comments aside)
+    for path in (CLUSTER / "aws.yaml", MLFLOW_K8S):
+        loaded = json.dumps(list(yaml.safe_load_all(path.read_text())))
+        for stand_in in ("OWNER", "ACCOUNT_ID", "BUCKET", "CERTIFICATE_ID", "example.internal", "latest_dlami"):
+            assert stand_in not in loaded, (path.name, stand_in)
+        assert "10.0.0.0/16" not in loaded and "us-west-2" not in loaded, path.name  # the VPC's and region's own
+
+
+def test_rendered_files_hold_terraforms_values_and_no_placeholder():
+    import ipaddress
+
+    values = fake_outputs()
+    aws = yaml.safe_load(renderer().render((CLUSTER / "aws.yaml").read_text(), values))
+    assert "${" not in json.dumps(aws)
+    assert aws["provider"]["region"] == values["region"]
+    assert aws["docker"]["image"] == f"{values['ecr_repository_url']}:{values['image_tag']}"
+    for name, node_type in aws["available_node_types"].items():
+        node = node_type["node_config"]
+        assert node["SubnetIds"] == values["ray_subnet_ids"], name
+        assert node["SecurityGroupIds"] == [values["security_group_id"]], name
+        assert node["ImageId"] == values["gpu_ami_id"], name
+        # Ray runs a node type's own initialization_commands instead of the top-level ones: each logs in to
+        # ECR (with the node's role, in its region) before Docker pulls the image
+        login = node_type.get("initialization_commands", aws["initialization_commands"])[0]
+        assert login == (
+            f'aws ecr get-login-password --region "{values["region"]}" | '
+            f'docker login --username AWS --password-stdin "{values["ecr_registry"]}"'
+        ), name
+    assert values["ecr_repository_url"].startswith(values["ecr_registry"] + "/")
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(renderer().render(MLFLOW_K8S.read_text(), values))}
+    assert "${" not in json.dumps(docs)
+    ingress, policy = docs["Ingress"], docs["NetworkPolicy"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["alb.ingress.kubernetes.io/certificate-arn"] == values["mlflow_certificate_arn"]
+    (rule,) = ingress["spec"]["rules"]
+    env = {e["name"]: e["value"] for e in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert rule["host"] == env["MLFLOW_ALLOWED_HOSTS"].split(",")[0] == values["mlflow_hostname"]
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{values['bucket']}/mlflow-artifacts"
+    cidr = policy["spec"]["ingress"][0]["from"][1]["ipBlock"]["cidr"]
+    assert cidr == annotations["alb.ingress.kubernetes.io/inbound-cidrs"] == values["vpc_cidr"]
+    ipaddress.ip_network(cidr)
+    account = docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert account == values["mlflow_role_arn"]
+
+
+def test_render_refuses_a_missing_or_null_value_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    render = renderer()
+    with pytest.raises(ValueError, match="no value for image_tag, security_group_id"):
+        render.render((CLUSTER / "aws.yaml").read_text(), fake_outputs(security_group_id=None) | {"image_tag": None})
+    with pytest.raises(ValueError, match="cannot stand inside"):  # a list spliced into a string
+        render.render("image: ${ray_subnet_ids}:x\n", fake_outputs())
+
+    # The command line, as README runs it: `terraform output -json` on stdin. IRSA off: mlflow_role_arn is
+    # null, so k8s.yaml is refused and nothing is written; with --set the same file renders.
+    outputs = {k: {"sensitive": False, "type": "string", "value": v} for k, v in fake_outputs().items()}
+    outputs["mlflow_role_arn"]["value"] = None
+    target = tmp_path / "k8s.yaml"
+    run = [sys.executable, str(CLUSTER / "render.py"), str(MLFLOW_K8S), "-o", str(target)]
+    refused = subprocess.run(run, input=json.dumps(outputs), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "no value for mlflow_role_arn" in refused.stderr and not target.exists()
+    role = "arn:aws:iam::123456789012:role/alexnet-mlflow"
+    done = subprocess.run([*run, "--set", f"mlflow_role_arn={role}"], input=json.dumps(outputs), text=True, timeout=60)
+    assert done.returncode == 0 and f"eks.amazonaws.com/role-arn: {role}" in target.read_text()
+
+
+def test_rays_own_aws_bootstrap_keeps_the_pinned_subnet_group_and_ami(tmp_path, monkeypatch):
+    """Ray 2.60's `ray up` bootstrap (ray.autoscaler._private.aws.config.bootstrap_aws), run against moto's EC2:
+    with the rendered file it makes no security group and launches into exactly the subnet, group, AMI and
+    profiles Terraform gave. The same file without SecurityGroupIds shows what was at stake: Ray makes a group
+    of its own, open to SSH from anywhere."""
+    import boto3
+    from moto import mock_aws
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.util import prepare_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes the cluster's SSH key under ~/.ssh
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-west-2")
+        vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+        subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+        subnet = sorted(s["SubnetId"] for s in subnets)[0]  # main.tf's choice: one subnet
+        group = ec2.create_security_group(GroupName="alexnet-ray", Description="network.tf", VpcId=vpc)["GroupId"]
+        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        values = fake_outputs(ray_subnet_ids=[subnet], security_group_id=group, gpu_ami_id=ami)
+        config = prepare_config(yaml.safe_load(renderer().render((CLUSTER / "aws.yaml").read_text(), values)))
+
+        def groups():
+            return {g["GroupName"]: g for g in ec2.describe_security_groups()["SecurityGroups"]}
+
+        before = groups()
+        launched = bootstrap_aws(config)
+        assert groups().keys() == before.keys()
+        for name, node_type in launched["available_node_types"].items():
+            node = node_type["node_config"]
+            assert (node["SubnetIds"], node["SecurityGroupIds"], node["ImageId"]) == ([subnet], [group], ami), name
+
+        for node_type in config["available_node_types"].values():
+            del node_type["node_config"]["SecurityGroupIds"]
+        bootstrap_aws(config)
+        (made,) = groups().keys() - before.keys()
+        ssh = [r for r in groups()[made]["IpPermissions"] if r.get("FromPort") == 22]
+        assert ssh and ssh[0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
+
+
+def test_the_nodes_get_a_driver_for_the_images_cuda_and_the_subnet_offers_the_gpu():
+    """The GPU node type refuses a driver below what the image's torch needs (CUDA minor-version
+    compatibility: 12.x needs >= 525, 13.x >= 580; this venv's torch is the one the image's pip resolves
+    from pyproject), and the AMI is AWS's GPU DLAMI by name, never Ray's `latest_dlami` (Ubuntu 18.04, CUDA 11.2)."""
+    import re
+
+    import torch
+
+    floor = {"12": 525, "13": 580}[torch.version.cuda.split(".")[0]]
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    types = config["available_node_types"]
+    check = next(c for c in types["gpu_worker"]["initialization_commands"] if "driver_version" in c)
+    assert int(re.search(r"-ge (\d+)", check).group(1)) >= floor
+
+    main = (INFRA / "terraform" / "main.tf").read_text()
+    ami = re.search(r'data "aws_ami" "gpu" \{(.*?)\n\}', main, re.S).group(1)
+    assert 'owners      = ["amazon"]' in ami and "most_recent = true" in ami
+    assert '"Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"' in ami and '"x86_64"' in ami
+    # The subnet Terraform picks is in an AZ that offers the GPU node type's instance type.
+    gpu_type = re.search(r'gpu_instance_type = "([\w.]+)"', main).group(1)
+    assert gpu_type == types["gpu_worker"]["node_config"]["InstanceType"]
+
+
+# vCPUs of the instance types cluster/aws.yaml uses, from EC2's instance-type tables: what the quotas count.
+EC2_VCPUS = {"m6i.2xlarge": 8, "g5.12xlarge": 48, "c6i.8xlarge": 32}
+
+
+def aws_walkthrough_commands() -> list[str]:
+    """The command lines of README's AWS walkthrough (its indented blocks), continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## From nothing to a registered model on AWS") : text.index("### How the cloud files")]
+    commands, current = [], ""
+    for line in section.splitlines():
+        if not line.startswith("    ") and not current:
+            continue
+        current += " " + line.strip().removesuffix("\\")
+        if not line.rstrip().endswith("\\"):
+            commands.append(" ".join(current.split()))
+            current = ""
+    return commands
+
+
+def test_aws_walkthrough_talks_to_the_cluster_with_its_token_and_asks_for_the_quotas_it_needs():
+    import re
+
+    commands = aws_walkthrough_commands()
+    jobs = [c for c in commands if re.search(r"\bray job ", c)]
+    assert {c.split()[3] for c in jobs} >= {"submit", "logs", "status"}
+    for command in jobs:  # without the token the job API answers 401; without the address it finds no cluster
+        assert command.startswith("RAY_AUTH_MODE=token ray job ") and "--address http://127.0.0.1:8265" in command
+    statuses = [c for c in commands if "ray status" in c]
+    assert statuses and all("RAY_AUTH_MODE=token ray status" in c for c in statuses)
+
+    # The templates are rendered with Terraform's outputs and only the values of the operator's own.
+    renders = [c for c in commands if "cluster/render.py" in c]
+    assert {"cluster/aws.yaml", "infra/mlflow/k8s.yaml"} <= {w for c in renders for w in c.split()}
+    piped = "terraform -chdir=infra/terraform output -json | python cluster/render.py"
+    assert all(c.startswith(piped) for c in renders), renders
+    given = {m for c in renders for m in re.findall(r"--set (\w+)=", c)}
+    assert given == OPERATOR_VALUES
+
+    # Quotas: enough vCPUs for the node types at their maximum (G and VT: one GPU node at least).
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    types = config["available_node_types"]
+    asked = {
+        re.search(r"--quota-code (\S+)", c).group(1): float(re.search(r"--desired-value (\S+)", c).group(1))
+        for c in commands
+        if "request-service-quota-increase" in c
+    }
+    gpu = EC2_VCPUS[types["gpu_worker"]["node_config"]["InstanceType"]]
+    standard = sum(
+        EC2_VCPUS[t["node_config"]["InstanceType"]] * (1 if n == config["head_node_type"] else t["max_workers"])
+        for n, t in types.items()
+        if n != "gpu_worker"
+    )
+    assert asked["L-DB2E81BA"] >= gpu and asked["L-1216C47A"] >= standard, (asked, gpu, standard)
 
 
 def test_kuberay_pods_run_with_token_auth_and_the_irsa_service_account():
@@ -372,6 +640,9 @@ def test_gcp_cluster_is_closed_runs_as_aws_does_and_offers_what_its_commands_use
         *aws_docker.pop("run_options"),
         f"--env GOOGLE_CLOUD_PROJECT={config['provider']['project_id']}",
     ]
+    # the same image, from each cloud's own registry (AWS: Terraform's ECR repository, an immutable tag)
+    assert docker.pop("image").rsplit("/", 1)[1].split(":")[0] == "alexnet-ray"
+    assert aws_docker.pop("image") == "${ecr_repository_url}:${image_tag}"
     assert docker == aws_docker
 
     # The network the nodes name is the one the header makes, whose firewall admits SSH from one address and

@@ -6,10 +6,30 @@ locals {
   db = length(var.db_subnet_ids) > 0
 }
 
+# The subnets given must be in the one VPC (vpc_id) the database's security group is made in: RDS would
+# otherwise refuse the instance at create time, after the rest was made. The instance gets no public address
+# (publicly_accessible = false), so the default VPC's subnets serve as well as private ones.
+data "aws_subnet" "db" {
+  for_each = toset(var.db_subnet_ids)
+  id       = each.value
+  lifecycle {
+    postcondition {
+      condition     = self.vpc_id == data.aws_vpc.selected.id
+      error_message = "Each of db_subnet_ids must be in vpc_id's VPC (the default VPC when vpc_id is empty)."
+    }
+  }
+}
+
 resource "aws_db_subnet_group" "mlflow" {
   count      = local.db ? 1 : 0
   name       = "alexnet-mlflow"
   subnet_ids = var.db_subnet_ids
+  lifecycle {
+    precondition {
+      condition     = length(distinct([for s in data.aws_subnet.db : s.availability_zone])) >= 2
+      error_message = "db_subnet_ids must span at least two availability zones (RDS Multi-AZ)."
+    }
+  }
 }
 
 resource "aws_security_group" "mlflow_db" {
@@ -79,4 +99,9 @@ resource "aws_db_instance" "mlflow" {
   monitoring_interval                 = 60
   monitoring_role_arn                 = aws_iam_role.rds_monitoring[0].arn
   enabled_cloudwatch_logs_exports     = ["postgresql", "upgrade"]
+  lifecycle {
+    # The team's runs, registry and users. `terraform destroy` stops here; deleting it on purpose takes an
+    # edit (README, "Tear down").
+    prevent_destroy = true
+  }
 }
