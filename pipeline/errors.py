@@ -33,6 +33,9 @@ _REFUSED = re.compile(
     r"INVALID_CLIENT_TOKEN_ID|UNRECOGNIZED_CLIENT)|HTTP status 403"
 )
 # curl: 6 the host name does not resolve, 7 nothing accepts the connection, 28 it timed out.
+# S3's 301 for a request signed for another region than the bucket's; pyarrow adds both regions when it knows them.
+_WRONG_REGION = re.compile(r"HTTP status 301")
+_REGIONS = re.compile(r"configured region is '([^']*)' while the bucket is located in '([^']*)'")
 _UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION.*curlCode: (6|7|28), ([^;]*)")
 _CURL_HOST = re.compile(r"(?:Failed to connect to (\S+) port (\d+)|Could not resolve host: (\S+))")
 # pyarrow's GCS errors are google-cloud-cpp's Status: "google::cloud::Status(<CODE>: <what>, with a last message of
@@ -153,6 +156,13 @@ def _storage_error(message: str) -> str | None:
         return _no_such_bucket(bucket)
     if refused := _REFUSED.search(message):
         return _refused(bucket, refused[1] or "HTTP 403")
+    if _WRONG_REGION.search(message):
+        regions = _REGIONS.search(message)
+        where = f"in {regions[2]}, not in {regions[1]}" if regions else "in another region than the one signed for"
+        return (
+            f"{bucket} is {where} (HTTP 301): set AWS_REGION to the bucket's region, or let the job ask the "
+            f"bucket for it (its credentials need s3:ListBucket there)"
+        )
     if unreachable := _UNREACHABLE.search(message):
         host = _CURL_HOST.search(message)
         where = (f"{host[1]}:{host[2]}" if host[1] else host[3]) if host else _endpoint()

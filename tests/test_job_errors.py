@@ -25,6 +25,11 @@ NO_BUCKET = (
     "NO_SUCH_BUCKET during CreateMultipartUpload operation: The specified bucket does not exist (Request ID: 9F)"
 )
 DENIED = "When getting information for bucket 'good': AWS Error ACCESS_DENIED during HeadBucket operation: No response"
+# S3's answer to a request signed for another region (Arrow's s3_internal.h adds the regions it read).
+WRONG_REGION = (
+    "When getting information for bucket 'eu': AWS Error UNKNOWN (HTTP status 301) during HeadBucket operation: No "
+    "response body. Looks like the configured region is 'us-east-1' while the bucket is located in 'eu-west-1'."
+)
 UNREACHABLE = (
     "When getting information for key 'x' in bucket 'good': AWS Error NETWORK_CONNECTION during HeadObject "
     "operation: curlCode: 7, Could not connect to server; Details: Failed to connect to 127.0.0.1 port 9 after 0 "
@@ -71,6 +76,7 @@ def test_root_cause_goes_through_ray_task_errors_and_both_python_links():
         (in_ray_task(OSError(NO_BUCKET)), "bucket 'nb' does not exist at "),
         (OSError(DENIED), "refused access to bucket 'good' (ACCESS_DENIED): check the credentials (AWS_ACCESS_KEY_ID"),
         (OSError(UNREACHABLE), "object storage does not answer at 127.0.0.1:9 (Could not connect to server)"),
+        (OSError(WRONG_REGION), "bucket 'eu' is in eu-west-1, not in us-east-1 (HTTP 301): set AWS_REGION"),
         (in_ray_task(ValueError("shard x: row group 0 cannot be read")), "shard x: row group 0 cannot be read"),
         (FileNotFoundError("dataset path '/d' does not exist"), "dataset path '/d' does not exist"),
         (

@@ -34,6 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.data import regions
+
 # Attempts per read, with exponential backoff and full jitter between them (a uniform wait up to
 # 0.1, 0.2, 0.4, ... s, at most BACKOFF_CAP_S): at worst ~13 s of waiting before a read gives up,
 # the span of a typical throttling episode. Listings and writes: the AWS SDK's standard strategy
@@ -104,7 +106,8 @@ def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
             )
         if not bucket_and_key:
             raise ValueError(f"expected {scheme}://bucket/prefix, got {uri!r}")
-        return (s3_filesystem(endpoint) if scheme == "s3" else gcs_filesystem()), bucket_and_key
+        fs = s3_filesystem(endpoint, bucket_and_key.split("/")[0]) if scheme == "s3" else gcs_filesystem()
+        return fs, bucket_and_key
     if "://" in uri and scheme != "file":
         raise ValueError(f"expected {expected}, got {uri!r}")
     return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())
@@ -123,17 +126,17 @@ def as_uri(root: str, path: str) -> str:
     return f"{scheme_of(root)}://{path}" if is_object_store(root) else path
 
 
-def s3_filesystem(endpoint: str | None = None) -> pafs.FileSystem:
+def s3_filesystem(endpoint: str | None = None, bucket: str | None = None) -> pafs.FileSystem:
+    """s3:// through RetryingStore, its requests signed for `bucket`'s region (regions.py)."""
     import boto3
 
-    session = boto3.Session()
-    if session.get_credentials() is None:
+    if boto3.Session().get_credentials() is None:
         raise PermissionError(
             "no AWS credentials found for s3://: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "AWS_PROFILE, or run where an instance role provides them"
         )
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {"region": session.region_name or "us-east-1"}
+    endpoint = regions.s3_endpoint(endpoint)
+    kwargs: dict = {"region": regions.region_for(bucket, endpoint)}  # the bucket's own, not a configured one
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"
@@ -154,10 +157,15 @@ def gcs_filesystem() -> pafs.FileSystem:
 def train_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     """Ray Train's RunConfig(storage_filesystem=..., storage_path=...) for --storage-path `uri`. gs:// gets
     this module's filesystem: Ray's own resolution of a gs:// URI (pyarrow's) knows no emulator, and without
-    Application Default Credentials waits minutes on the metadata server. Local paths and s3:// (the same
-    AWS environment) Ray resolves itself: (None, uri)."""
+    Application Default Credentials waits minutes on the metadata server. s3:// where Ray's would sign for
+    another region than the bucket's: pyarrow asks AWS for a bucket's region, but at AWS_ENDPOINT_URL takes the
+    configured one. Otherwise (and local paths) Ray resolves the URI itself: (None, uri)."""
     if scheme_of(uri) == "gs":
         return resolve(uri)
+    if scheme_of(uri) == "s3" and regions.s3_endpoint():
+        fs, path = resolve(uri)
+        if fs.handler.options["region"] != pafs.FileSystem.from_uri(uri)[0].region:
+            return fs, path
     return None, uri
 
 
@@ -177,6 +185,8 @@ def check_location(uri: str, what: str, *, endpoint: str | None = None, must_exi
         try:
             missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as e:
+            if store.scheme == "s3" and (note := regions.refused_note(bucket, endpoint, store.options["region"])):
+                raise OSError(f"{e} ({note})") from e
             # GCS answers a bucket's metadata only to storage.buckets.get, which roles that read and write its
             # objects (Storage Object Admin) lack: such a bucket is known to be there only by using it.
             if store.scheme != "gs" or "PERMISSION_DENIED" not in str(e):

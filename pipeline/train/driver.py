@@ -319,7 +319,7 @@ def run(
                 run_config=ray.train.RunConfig(
                     name=run_name,
                     storage_path=storage_in_fs,
-                    storage_filesystem=storage_fs,  # None for local and s3://; gs:// with its emulator or ADC
+                    storage_filesystem=storage_fs,  # None for local, s3:// mostly (see train_filesystem); gs:// always
                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=checkpoint.keep_policy(cfg.keep_checkpoints),
                     callbacks=[callback, *callbacks],  # type: ignore[list-item]  # a Train V2 UserCallback
