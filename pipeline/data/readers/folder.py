@@ -55,15 +55,19 @@ class FolderReader(Reader):
                     f"dataset path {uri!r} has no {split}/ folder; expected {split}/<wnid>/<image>.JPEG, "
                     f"prepared shards (manifest.json), WebDataset tars or Hugging Face Parquet files"
                 )
-            every = imagenet.FolderChunk.joined(list(imagenet.folder_chunks(fs, root, split, labels_of_val)))
-            # Every file under the split, ignored ones too, with what it is taken for: a copy of the folder
-            # elsewhere has the same fingerprint, a file changed or relabelled another.
-            _hash_strings(fingerprint, every.names)
-            _hash_strings(fingerprint, every.wnids)
-            fingerprint.update(every.sizes.to_numpy().tobytes())
-            taken = every.images()  # the prepare job's rule, too (imagenet.skip_reason)
-            ignored += [storage.join(root, name) for name in every.names.filter(pc.invert(taken)).to_pylist()]
-            listed[split] = every.names.filter(taken), every.wnids.filter(taken)
+            names, wnids = [], []
+            for chunk in imagenet.folder_chunks(fs, root, split, labels_of_val):
+                # Every file under the split, ignored ones too, with what it is taken for: a copy of the
+                # folder elsewhere has the same fingerprint, a file changed or relabelled another.
+                _hash_strings(fingerprint, chunk.names)
+                _hash_strings(fingerprint, chunk.wnids)
+                fingerprint.update(chunk.sizes.to_numpy().tobytes())
+                taken = chunk.images()  # the prepare job's rule, too (imagenet.skip_reason)
+                ignored += [storage.join(root, name) for name in chunk.names.filter(pc.invert(taken)).to_pylist()]
+                names.append(chunk.names.filter(taken))
+                wnids.append(chunk.wnids.filter(taken))
+            listed[split] = pa.concat_arrays(names), pa.concat_arrays(wnids)
+            del names, wnids  # each chunk's copy: the split's arrays are one piece of memory each now
             if not len(listed[split][0]):
                 raise FileNotFoundError(f"dataset path {uri!r} has no images under {split}/<wnid>/")
 
