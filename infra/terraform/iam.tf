@@ -1,56 +1,68 @@
 # Who may do what, and nothing more:
 #   ray nodes (head, workers, KubeRay pods)  read ImageNet's archives and the shards (write the shards only while
-#                                            shards_writable), read and
-#                                            write Ray Train's checkpoints; nothing of MLflow's prefix
+#                                            shards_writable), read and write Ray Train's checkpoints; nothing
+#                                            of MLflow's prefix but its keys' names
+#   the head and workers, in addition        pull the image from this project's ECR repository (ecr.tf), alone
 #   the head, in addition                    launch, tag, stop and terminate this cluster's worker nodes, and
 #                                            hand them the worker profile: the autoscaler's needs
 #   the MLflow server                        read and write its artifact prefix; nothing else
 # `ray up` would otherwise make a head role with AmazonEC2FullAccess and AmazonS3FullAccess.
+#
+# The permission policies are the JSON documents in policies/, filled in by templatefile(): one source, which
+# tests/test_iam_policies.py renders the same way, runs the pipeline under (moto enforcing IAM) and scans with
+# checkov (which cannot see through a templatefile() here). Why each grant is there:
+#   ray-data.json
+#     FindTheBucket          s3:ListBucket on the bucket, with no s3:prefix condition. HeadBucket needs it, and
+#                            pyarrow asks HeadBucket of every s3:// filesystem it opens and before every directory it
+#                            makes (Ray Train's storage directory, apache/arrow#49949); a HeadBucket carries no
+#                            prefix, so a prefix condition refused it. Without ListBucket S3 also answers a missing
+#                            key with 403, not 404: "no such shard" would read "access denied". It shows the names,
+#                            not the contents, of every key (MLflow's too); a Null-condition exception for HeadBucket
+#                            would let a listing without a prefix through just the same, so it would narrow nothing.
+#                            s3:GetBucketLocation: the jobs ask a bucket's region.
+#     ReadImageNetAndShards  read ilsvrc2012/ (ImageNet as uploaded) and imagenet-shards/
+#     AskForThePrefixesThemselves  pyarrow asks for a directory as an object first (HeadObject on "ilsvrc2012",
+#                            then a listing): refused, that HeadObject is an error, not "not a file". Nothing is
+#                            stored under these three names.
+#     Checkpoints            Ray Train writes each checkpoint and deletes those --keep-checkpoints drops
+#     TheBucketsKey          the bucket's objects are encrypted with it (s3.tf)
+#   ray-data-write-shards.json  PutObject on imagenet-shards/, merged into the same policy while shards_writable
+#   ecr-pull.json          pull from one repository; ecr:GetAuthorizationToken has no resource to name (AWS's
+#                          authorization reference): it signs in, and what may be pulled is said per repository
+#   ray-autoscaler.json    what Ray's autoscaler does on the head (below)
+#   mlflow-artifacts.json  the MLflow server: its artifact prefix, listed only under that prefix (boto3 lists with a
+#                          Prefix and never asks HeadBucket)
 
 locals {
-  bucket_arn = aws_s3_bucket.data.arn
+  # What the bucket documents name. templatefile() fails on a name a document uses and this does not give.
+  bucket_policy_vars = {
+    bucket_arn       = aws_s3_bucket.data.arn
+    kms_key_arn      = aws_kms_key.data.arn
+    raw_prefix       = local.raw_prefix
+    shards_prefix    = local.shards_prefix
+    results_prefix   = local.results_prefix
+    artifacts_prefix = local.artifacts_prefix
+  }
 }
 
 data "aws_iam_policy_document" "ray_data" {
-  statement {
-    sid       = "ListTheTwoPrefixes"
-    actions   = ["s3:ListBucket"]
-    resources = [local.bucket_arn]
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = ["${local.raw_prefix}/*", local.raw_prefix, "${local.shards_prefix}/*", local.shards_prefix, "${local.results_prefix}/*", local.results_prefix]
-    }
-  }
-  statement {
-    sid       = "ReadImageNetAndShards"
-    actions   = ["s3:GetObject"]
-    resources = ["${local.bucket_arn}/${local.raw_prefix}/*", "${local.bucket_arn}/${local.shards_prefix}/*"]
-  }
-  dynamic "statement" {
-    for_each = var.shards_writable ? [1] : []
-    content {
-      sid       = "WriteShardsWhilePreparing"
-      actions   = ["s3:PutObject", "s3:AbortMultipartUpload"]
-      resources = ["${local.bucket_arn}/${local.shards_prefix}/*"]
-    }
-  }
-  statement {
-    # Ray Train writes each checkpoint and deletes those --keep-checkpoints drops.
-    sid       = "Checkpoints"
-    actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
-    resources = ["${local.bucket_arn}/${local.results_prefix}/*"]
-  }
-  statement {
-    sid       = "TheBucketsKey"
-    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
-    resources = [aws_kms_key.data.arn]
-  }
+  # Two plain JSON documents, the second merged in only while jobs/prepare_imagenet.py may write the shards.
+  source_policy_documents = concat(
+    [templatefile("${path.module}/policies/ray-data.json", local.bucket_policy_vars)],
+    var.shards_writable ? [templatefile("${path.module}/policies/ray-data-write-shards.json", local.bucket_policy_vars)] : [],
+  )
 }
 
 resource "aws_iam_policy" "ray_data" {
   name   = "alexnet-ray-data"
   policy = data.aws_iam_policy_document.ray_data.json
+}
+
+# Both node roles pull the image every Ray node runs (cluster/aws.yaml's docker.image) from ecr.tf's repository.
+# Not the KubeRay pods' IRSA role: on EKS the kubelet pulls with the node's role.
+resource "aws_iam_policy" "ecr_pull" {
+  name   = "alexnet-ray-ecr-pull"
+  policy = templatefile("${path.module}/policies/ecr-pull.json", { repository_arn = aws_ecr_repository.ray.arn })
 }
 
 data "aws_iam_policy_document" "ec2_assume" {
@@ -75,6 +87,11 @@ resource "aws_iam_role_policy_attachment" "ray_worker_data" {
   policy_arn = aws_iam_policy.ray_data.arn
 }
 
+resource "aws_iam_role_policy_attachment" "ray_worker_ecr" {
+  role       = aws_iam_role.ray_worker.name
+  policy_arn = aws_iam_policy.ecr_pull.arn
+}
+
 resource "aws_iam_instance_profile" "ray_worker" {
   name = "alexnet-ray-worker"
   role = aws_iam_role.ray_worker.name
@@ -82,65 +99,19 @@ resource "aws_iam_instance_profile" "ray_worker" {
 
 # --- head (cluster/aws.yaml: head): the data, plus the autoscaler -------------------------------------------
 
-data "aws_iam_policy_document" "ray_autoscaler" {
-  statement {
-    # Describe calls cannot be limited to resources (AWS's authorization reference); they only read.
-    sid       = "SeeNodes"
-    actions   = ["ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"]
-    resources = ["*"]
-  }
-  statement {
-    # RunInstances touches images, subnets, volumes, interfaces and security groups as well as the instance:
-    # limited to this region and to the instance types cluster/aws.yaml configures.
-    sid       = "LaunchConfiguredWorkers"
-    actions   = ["ec2:RunInstances"]
-    resources = ["arn:aws:ec2:${var.region}:*:*/*", "arn:aws:ec2:${var.region}::image/*"]
-    condition {
-      test     = "StringEqualsIfExists"
-      variable = "ec2:InstanceType"
-      values   = var.worker_instance_types
-    }
-  }
-  statement {
-    sid       = "TagAtLaunch"
-    actions   = ["ec2:CreateTags"]
-    resources = ["arn:aws:ec2:${var.region}:${data.aws_caller_identity.current.account_id}:*/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "ec2:CreateAction"
-      values   = ["RunInstances"]
-    }
-  }
-  statement {
-    sid       = "ManageThisClustersNodes"
-    actions   = ["ec2:CreateTags", "ec2:StartInstances", "ec2:StopInstances", "ec2:TerminateInstances"]
-    resources = ["arn:aws:ec2:${var.region}:${data.aws_caller_identity.current.account_id}:instance/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/ray-cluster-name"
-      values   = [var.cluster_name]
-    }
-  }
-  statement {
-    sid       = "GiveWorkersTheirProfile"
-    actions   = ["iam:PassRole"]
-    resources = [aws_iam_role.ray_worker.arn]
-    condition {
-      test     = "StringEquals"
-      variable = "iam:PassedToService"
-      values   = ["ec2.amazonaws.com"]
-    }
-  }
-}
-
-variable "worker_instance_types" {
-  type    = list(string)
-  default = ["g5.12xlarge", "c6i.8xlarge"] # cluster/aws.yaml's gpu_worker and cpu_worker
-}
-
+# ray-autoscaler.json: Describe calls cannot be limited to resources (AWS's authorization reference); they only
+# read. RunInstances touches images, subnets, volumes, interfaces and security groups as well as the instance:
+# limited to this region and to the worker instance types of cluster/aws.yaml (gpu_worker, cpu_worker; written
+# in the document, tests/test_iam_policies.py holds them equal). Tags only at launch, and start, stop and
+# terminate only instances tagged with this cluster's name; pass the worker role, to EC2 only.
 resource "aws_iam_policy" "ray_autoscaler" {
-  name   = "alexnet-ray-autoscaler"
-  policy = data.aws_iam_policy_document.ray_autoscaler.json
+  name = "alexnet-ray-autoscaler"
+  policy = templatefile("${path.module}/policies/ray-autoscaler.json", {
+    region          = var.region
+    account_id      = data.aws_caller_identity.current.account_id
+    cluster_name    = var.cluster_name
+    worker_role_arn = aws_iam_role.ray_worker.arn
+  })
 }
 
 resource "aws_iam_role" "ray_head" {
@@ -156,6 +127,11 @@ resource "aws_iam_role_policy_attachment" "ray_head_data" {
 resource "aws_iam_role_policy_attachment" "ray_head_autoscaler" {
   role       = aws_iam_role.ray_head.name
   policy_arn = aws_iam_policy.ray_autoscaler.arn
+}
+
+resource "aws_iam_role_policy_attachment" "ray_head_ecr" {
+  role       = aws_iam_role.ray_head.name
+  policy_arn = aws_iam_policy.ecr_pull.arn
 }
 
 resource "aws_iam_instance_profile" "ray_head" {
@@ -206,30 +182,6 @@ resource "aws_iam_role_policy_attachment" "kuberay_data" {
   policy_arn = aws_iam_policy.ray_data.arn
 }
 
-data "aws_iam_policy_document" "mlflow_artifacts" {
-  statement {
-    sid       = "ListArtifacts"
-    actions   = ["s3:ListBucket"]
-    resources = [local.bucket_arn]
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = ["${local.artifacts_prefix}/*", local.artifacts_prefix]
-    }
-  }
-  statement {
-    # Deleting a run or a model version in MLflow deletes its artifacts.
-    sid       = "Artifacts"
-    actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
-    resources = ["${local.bucket_arn}/${local.artifacts_prefix}/*"]
-  }
-  statement {
-    sid       = "TheBucketsKey"
-    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
-    resources = [aws_kms_key.data.arn]
-  }
-}
-
 resource "aws_iam_role" "mlflow" {
   count              = local.irsa ? 1 : 0
   name               = "alexnet-mlflow"
@@ -240,5 +192,5 @@ resource "aws_iam_role_policy" "mlflow_artifacts" {
   count  = local.irsa ? 1 : 0
   name   = "mlflow-artifacts"
   role   = aws_iam_role.mlflow[0].id
-  policy = data.aws_iam_policy_document.mlflow_artifacts.json
+  policy = templatefile("${path.module}/policies/mlflow-artifacts.json", local.bucket_policy_vars)
 }

@@ -1,3 +1,10 @@
+# `terraform destroy` must not take the data's protection apart. The bucket itself refuses while it holds objects,
+# but its policy (TLS only) and its public-access block would go, and its KMS key would be scheduled for deletion,
+# and with it every shard, checkpoint and model encrypted under it: unreadable. So these four carry prevent_destroy:
+# a destroy (or an apply that would replace one of them) stops at its plan and changes nothing at all. To really
+# delete them, on purpose: empty the bucket (every version), remove the four lifecycle blocks below in a change of
+# its own, then destroy.
+
 resource "aws_kms_key" "data" {
   description         = "alexnet-ray: the bucket's objects and the MLflow database"
   enable_key_rotation = true
@@ -12,6 +19,9 @@ resource "aws_kms_key" "data" {
       Resource  = "*"
     }]
   })
+  lifecycle {
+    prevent_destroy = true # see the top of this file
+  }
 }
 
 resource "aws_s3_bucket" "data" {
@@ -19,6 +29,9 @@ resource "aws_s3_bucket" "data" {
   #checkov:skip=CKV2_AWS_62:No consumer of object events exists; notifications would go nowhere
   #checkov:skip=CKV_AWS_18:Server access logs need a second bucket per deployment; CloudTrail data events (an account-wide setting) are the audit trail this project recommends
   bucket = var.bucket_name
+  lifecycle {
+    prevent_destroy = true # see the top of this file
+  }
 }
 
 resource "aws_s3_bucket_public_access_block" "data" {
@@ -27,6 +40,9 @@ resource "aws_s3_bucket_public_access_block" "data" {
   block_public_policy     = true
   ignore_public_acls      = true
   restrict_public_buckets = true
+  lifecycle {
+    prevent_destroy = true # see the top of this file
+  }
 }
 
 resource "aws_s3_bucket_ownership_controls" "data" {
@@ -82,4 +98,7 @@ resource "aws_s3_bucket_policy" "data" {
       Condition = { Bool = { "aws:SecureTransport" = "false" } }
     }]
   })
+  lifecycle {
+    prevent_destroy = true # see the top of this file
+  }
 }
