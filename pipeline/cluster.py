@@ -4,6 +4,7 @@
                                      (which pipeline/reaper.py ends if this process dies without shutting it down);
                                      verbose=False keeps Ray's healthy-run chatter off the console (quiet_console)
     worker_resources(cfg, free)      CPUs (and GPUs) per train worker, leaving Ray Data at least one CPU
+    plan_workers(cfg)                the same on the CPUs free now, waiting a few seconds for work that just ended
     check_placeable(cfg, resources)  refuse at once workers no node can ever hold when no autoscaler can add one
     FORWARDED_ENV                    the environment every task of the job needs (object storage's endpoint)
 
@@ -411,3 +412,23 @@ def worker_resources(cfg: Config, free_cpus: float, total_cpus: float | None = N
             f"--cpus-per-worker, a bigger cluster, or wait until other jobs on it finish."
         )
     return {"CPU": cpus}
+
+
+# Work that has just ended (the tasks of a job or dataset that finished a moment ago) hands its CPUs back
+# within seconds: a plan that finds too few free asks again for this long before it refuses.
+CPU_SETTLE_S = 20.0
+
+
+def plan_workers(cfg: Config, settle_s: float = CPU_SETTLE_S) -> dict[str, float]:
+    """worker_resources on the CPUs free now, asked again every second for up to `settle_s` while they are
+    too few; then its error, with the numbers."""
+    import ray
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            return worker_resources(cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU"))
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)

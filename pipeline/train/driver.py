@@ -223,9 +223,7 @@ def run(
     if not interactive:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
     cluster.connect_ray(train_workers=cfg.workers, address=cfg.address, verbose=cfg.verbose)
-    resources = cluster.worker_resources(
-        cfg, ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU")
-    )
+    resources = cluster.plan_workers(cfg)
     cluster.check_placeable(cfg, resources)  # else a request no node can hold waits in fit() forever
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which
     # execute them in other processes, run with that copy: setting it here reaches them.
