@@ -47,3 +47,15 @@ def test_a_shard_group_trained_on_already_is_not_read(ray_session, tiny_imagenet
     rest = read_all(source, skip)
     assert rest == {i: b for i, b in everything.items() if i not in set(skip.tolist())}
     assert len(groups) == sources.num_units(source, "train") - 1  # every group but the one trained on
+
+
+def test_in_sorted_is_isin_for_a_sorted_skip_list():
+    """The skip list is sorted and unique (plan.start_at): a binary search per image replaces np.isin, which
+    sorted the whole list again for every unit (the time of a resumed epoch grew with the list)."""
+    from pipeline.data.readers.base import in_sorted
+
+    rng = np.random.default_rng(0)
+    skip = np.unique(rng.integers(0, 5_000, 2_000))
+    for values in (rng.integers(-10, 5_010, 300), np.array([], dtype=np.int64), skip[:5], np.array([5_000, -1])):
+        assert np.array_equal(in_sorted(values, skip), np.isin(values, skip))
+    assert not in_sorted(np.arange(3), np.array([], dtype=np.int64)).any()

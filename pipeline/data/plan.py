@@ -36,6 +36,7 @@ import ray.train
 from ray.data.context import DataContext
 
 from pipeline.data import sources, storage
+from pipeline.data.readers.base import in_sorted
 from pipeline.data.sources import SPLITS, Source, open_source, scan_image_folder  # noqa: F401  (public entry points)
 from pipeline.transforms import stages
 
@@ -152,7 +153,7 @@ def _read_units(
         if not len(rows["label"]):  # every image of the unit trained on before the restart: nothing fetched
             continue
         _check_labels(rows["label"], rows["key"], source.num_classes)
-        keep = None if skipped is None else ~np.isin(rows["index"], skipped)
+        keep = None if skipped is None else ~in_sorted(rows["index"], skipped)
         if not decode:
             rows = _kept(rows, keep)
             yield {

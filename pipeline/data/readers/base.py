@@ -189,6 +189,17 @@ class PieceReader(Reader):
         return self.read_piece(piece, self.unit_rng(unit, seed, epoch) if shuffle else None, skip)
 
 
+def in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_values) for a sorted, unique second array (a resumed epoch's skip list): a binary
+    search per value, where np.isin sorts both arrays together every call (a unit of 256 images against
+    ImageNet-21k's 7 M skipped indices: ~0.5 s, for every unit of the epoch)."""
+    values = np.asarray(values)
+    if not len(sorted_values):
+        return np.zeros(values.shape, dtype=bool)
+    at = np.searchsorted(sorted_values, values)
+    return sorted_values[np.minimum(at, len(sorted_values) - 1)] == values
+
+
 @lru_cache(maxsize=4)
 def permutation(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """A fixed function of (n, seed, epoch); cached, as every unit of an epoch asks for the same one."""

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from pipeline.data import imagenet, storage
 from pipeline.data.devkit import find_class_words
-from pipeline.data.readers.base import SPLITS, UNIT_IMAGES, Place, Reader, Rows, Source, permutation
+from pipeline.data.readers.base import SPLITS, UNIT_IMAGES, Place, Reader, Rows, Source, in_sorted, permutation
 
 # Object storage answers each GET after tens of milliseconds: a folder task fetches in parallel.
 FETCH_THREADS = 16
@@ -108,7 +108,7 @@ class FolderReader(Reader):
 
     def read_unit(self, unit: int, *, seed: int, epoch: int, shuffle: bool, skip: np.ndarray | None = None) -> Rows:
         rows = permutation(self.listing.num_rows, seed, epoch, shuffle)[unit * UNIT_IMAGES : (unit + 1) * UNIT_IMAGES]
-        fetched = rows if skip is None else rows[~np.isin(self.index(rows, 0), skip)]  # a resumed epoch's rest
+        fetched = rows if skip is None else rows[~in_sorted(self.index(rows, 0), skip)]  # a resumed epoch's rest
         fs, root = self.source.filesystem, self.listing.schema.metadata[b"root"].decode()  # where names start
         paths = [storage.join(root, name) for name in self.listing["name"].take(fetched).to_pylist()]
         if isinstance(fs, pafs.LocalFileSystem):

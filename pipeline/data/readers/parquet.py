@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
-from pipeline.data.readers.base import PIECE_BITS, PieceReader, Rows
+from pipeline.data.readers.base import PIECE_BITS, PieceReader, Rows, in_sorted
 
 _GROUP_SPAN = 1 << PIECE_BITS  # the indices of one piece: [piece << PIECE_BITS, (piece + 1) << PIECE_BITS)
 
@@ -53,7 +53,7 @@ class RowGroupReader(PieceReader):
             return False
         with self.source.filesystem.open_input_file(path) as f:
             rows = pq.ParquetFile(f).metadata.row_group(group).num_rows
-        return inside >= rows and bool(np.isin(self.index(piece, np.arange(rows)), skip).all())
+        return inside >= rows and bool(in_sorted(self.index(piece, np.arange(rows)), skip).all())
 
 
 def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str]) -> pa.Table:
