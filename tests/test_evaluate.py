@@ -2,6 +2,7 @@
 independent count."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -80,15 +81,30 @@ def test_eval_views_centre_is_trainings_view_and_the_square_is_the_resize(tiny_i
     assert np.array_equal(views["square"], square) and views["square"].shape == (3, 80, 80, 3)
 
 
-def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tuple[int, int, int]:
-    """(images, centre top-1 hits, ten-crop top-1 hits) by a plain loop: one image at a time, torchvision's
-    own ten_crop, softmax averaged by hand. Shares only the pixel stages with the job."""
+# A barely trained network gives near-equal probabilities; batches of another size round them differently
+# (oneDNN picks its kernels by shape), so an image whose two best classes lie this close may flip.
+TIE = 1e-4
+
+
+class Counts(NamedTuple):
+    images: int
+    centre: int  # top-1 hits, centre crop
+    ten: int  # top-1 hits, ten crops
+    ties: int  # images whose ten-crop top two lie within TIE: either answer is right
+
+    def agree(self, centre: int, ten: int) -> bool:
+        return centre == self.centre and abs(ten - self.ten) <= self.ties
+
+
+def independent_counts(model, root, *, resize_size: int, crop_size: int) -> Counts:
+    """(images, centre top-1 hits, ten-crop top-1 hits, near-ties) by a plain loop: one image at a time,
+    torchvision's own ten_crop, softmax averaged by hand. Shares only the pixel stages with the job."""
     import torchvision.transforms.functional as TF
 
     from pipeline.transforms import device_stages, stages
 
     wnids = sorted(p.name for p in (root / "train").iterdir())
-    images = centre_hits = ten_hits = 0
+    images = centre_hits = ten_hits = ties = 0
     for path in sorted((root / "val").glob("*/*.JPEG")):
         label = wnids.index(path.parent.name)
         row = {"jpeg": [path.read_bytes()], "key": [path.name]}
@@ -102,7 +118,9 @@ def independent_counts(model, root, *, resize_size: int, crop_size: int) -> tupl
         images += 1
         centre_hits += int(p_centre[0].argmax() == label)
         ten_hits += int(p_ten.argmax() == label)
-    return images, centre_hits, ten_hits
+        top_two = p_ten.topk(2).values
+        ties += int(top_two[0] - top_two[1] < TIE)
+    return Counts(images, centre_hits, ten_hits, ties)
 
 
 def test_evaluation_job_matches_an_independent_count_and_is_recorded(
@@ -120,13 +138,13 @@ def test_evaluation_job_matches_an_independent_count_and_is_recorded(
     reference = f"models:/{cfg.registered_model}@champion"
     opened = checkpoint.open_model(reference)
     result = evaluation.evaluate_split(opened.state, sources.open_source(str(tiny_imagenet)), batch_size=8)
-    images, centre, ten = independent_counts(
+    counts = independent_counts(
         checkpoint.build_model(opened.state), tiny_imagenet, resize_size=cfg.resize_size, crop_size=cfg.crop_size
     )
-    assert images == 24
-    assert (result["images"], result["correct1"], result["correct1_10crop"]) == (images, centre, ten)
-    assert result["metrics"]["val_top1"] == pytest.approx(100 * centre / 24)
-    assert result["metrics"]["val_top1_10crop"] == pytest.approx(100 * ten / 24)
+    assert counts.images == result["images"] == 24 and counts.ties <= 2, counts
+    assert counts.agree(result["correct1"], result["correct1_10crop"]), (result, counts)
+    assert result["metrics"]["val_top1"] == pytest.approx(100 * counts.centre / 24)
+    assert result["metrics"]["val_top1_10crop"] == pytest.approx(100 * result["correct1_10crop"] / 24)
 
     # The job: the same numbers, written on the registered version and on its logged model.
     job = evaluation.evaluate_model(reference, str(tiny_imagenet))
@@ -168,13 +186,15 @@ def test_evaluation_on_other_data_is_recorded_under_its_fingerprint(trained_run,
     reference = f"models:/{cfg.registered_model}/{version}"
     job = evaluation.evaluate_model(reference, str(other))
     assert job["data_fingerprint"] == fingerprint and job["images"] == 18
-    images, centre, ten = independent_counts(
+    counts = independent_counts(
         checkpoint.build_model(checkpoint.open_model(reference).state),
         other,
         resize_size=cfg.resize_size,
         crop_size=cfg.crop_size,
     )
-    assert (images, job["correct1"], job["correct1_10crop"]) == (18, centre, ten)
+    assert counts.images == 18 and counts.ties <= 2, counts
+    assert counts.agree(job["correct1"], job["correct1_10crop"]), (job, counts)
+    centre = counts.centre
 
     after = client.get_model_version(cfg.registered_model, version).tags
     prefix = f"eval/{fingerprint[:12]}/"
