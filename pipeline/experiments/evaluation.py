@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline import cluster, data
@@ -217,6 +218,8 @@ def evaluate_model(
     )
     check_classes(opened.state, source)
     cluster.connect_ray()
+    source = source.by_reference()  # a folder's listing into the object store, once, and out of this process
+    pa.default_memory_pool().release_unused()  # the memory it was built in (3x the listing's), back to the system
     result = evaluate_split(opened.state, source, use_gpu=use_gpu, actors=actors)
     recorded = []
     if record and in_mlflow:

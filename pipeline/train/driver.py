@@ -184,6 +184,7 @@ def run(
     given: with --resume, the fields the command line set (config.given_fields); the others are the run's.
     None: every field of `cfg` counts as given.
     """
+    import pyarrow as pa
     import ray
     import ray.train
     from ray.data import DataContext
@@ -223,6 +224,8 @@ def run(
     if not interactive:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # forwarded to Ray's processes
     cluster.connect_ray(train_workers=cfg.workers, address=cfg.address, verbose=cfg.verbose)
+    source = source.by_reference()  # a folder's listing into the object store, once, and out of this process
+    pa.default_memory_pool().release_unused()  # the memory it was built in (3x the listing's), back to the system
     resources = cluster.plan_workers(cfg)
     cluster.check_placeable(cfg, resources)  # else a request no node can hold waits in fit() forever
     # The datasets copy this context when they are built, and Ray Train's SplitCoordinator actors, which

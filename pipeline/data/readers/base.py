@@ -59,17 +59,22 @@ class Source:
     def class_index(self) -> dict[str, int]:
         return {wnid: i for i, wnid in enumerate(self.wnids)}
 
-    def by_reference(self, split: str) -> Source:
-        """This Source as the Ray Data tasks of `split` take it: the split's listing put into Ray's object
-        store once, and only its ObjectRef in the Source every task unpickles (the readers fetch it, once
-        per process, without a copy); the other splits' listings left out. Sources without a listing (all
-        but folders, whose pieces are few) are handed on as they are."""
+    def by_reference(self, split: str | None = None) -> Source:
+        """This Source as Ray tasks take it: each split's listing put into Ray's object store once, and only
+        its ObjectRef in the Source every task unpickles (the readers fetch it, once per process, without a
+        copy). With `split`, the other splits' listings are left out. The driver calls it once after
+        connecting to Ray, and lets go of the listings it built; the plans call it per split. Sources without
+        a listing (all but folders, whose pieces are few) are handed on as they are."""
         import ray
 
-        listing = self.listings.get(split)
-        if listing is None or isinstance(listing, ray.ObjectRef):
+        listings = {s: v for s, v in self.listings.items() if split is None or s == split}
+        if not listings or (
+            len(listings) == len(self.listings) and all(isinstance(v, ray.ObjectRef) for v in listings.values())
+        ):
             return self
-        return dataclasses.replace(self, listings={split: ray.put(listing)})
+        return dataclasses.replace(
+            self, listings={s: v if isinstance(v, ray.ObjectRef) else ray.put(v) for s, v in listings.items()}
+        )
 
 
 class Place:
