@@ -3,11 +3,14 @@
     python jobs/benchmark.py data                          # 4,000 generated photo-like JPEGs
     python jobs/benchmark.py data --data /data/imagenet-subset --epochs 3 --json
     python jobs/benchmark.py gpu --json                    # one GPU; plain PyTorch, no Ray or MLflow
+    python jobs/benchmark.py scale --images 14200000       # tiny synthetic images at ImageNet-21k's count
 
 `data`: the Ray Data plan (from a folder, prepared shards, 256-px shards, s3://) against
 torchvision's DataLoader on the same files, cores and output; see pipeline/benchmark.py.
 `gpu`: the training step per precision and layout, the two towers, and the data side on one
-device; see pipeline/gpu_benchmark.py. Each prints its measurements (and with --json one JSON
+device; see pipeline/gpu_benchmark.py. `scale`: N tiny images written straight into prepared shards,
+then open, first batch, steady img/s, driver and worker memory and a resumed epoch at that N; see
+pipeline/experiments/scale.py. Each prints its measurements (and with --json one JSON
 document, last) whose numbers go to BENCHMARKS.md.
 """
 
@@ -67,7 +70,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     gpu.add_argument("--images", type=int, default=256, help="photo-like JPEGs for the data rates")
     gpu.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
+
+    scale = commands.add_parser(
+        "scale",
+        help="the data path at N synthetic tiny images (open, first batch, img/s, memory, resume)",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    scale.add_argument("--images", type=int, default=1_281_167, help="train images to synthesise (64x48 JPEGs)")
+    scale.add_argument("--measure-images", type=int, default=300_000, help="images of epoch 0 to time")
+    scale.add_argument(
+        "--resume-images", type=int, default=300_000, help="images of the resumed epoch to time (or the rest of it)"
+    )
+    scale.add_argument(
+        "--limit-s", type=float, default=600, help="seconds each read may take; one cut off reports what it got"
+    )
+    scale.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores for synthesis and Ray")
+    scale.add_argument(
+        "--work", default="/tmp/alexnet-scale", help="where the shards are synthesised, and reused between runs"
+    )
+    scale.add_argument("--delete", action="store_true", help="delete the synthesised shards afterwards")
+    scale.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
     args = parser.parse_args(argv)
+    if args.command == "scale":
+        # Two row groups at least: the resumed epoch skips the first half of them.
+        if args.images < 512 or min(args.measure_images, args.resume_images, args.cores) < 1 or args.limit_s <= 0:
+            parser.error(
+                "--images must be at least 512, --measure-images, --resume-images and --cores at least 1, "
+                "--limit-s positive"
+            )
+        return args
     if args.command == "gpu":
         try:
             args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -108,6 +140,26 @@ def main(argv=None) -> int:
             warmup=args.warmup,
             images=args.images,
         )
+        if args.json:
+            print(json.dumps(report))
+        return 0
+    if args.command == "scale":
+        # A read cut off at --limit-s goes on in its thread until Ray shuts down; after that Ray's APIs would
+        # call ray.init() on their own and join any other Ray on the machine (it did, once). Read at import.
+        os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+        from pipeline.experiments import scale
+
+        report = scale.run_scale(
+            images=args.images,
+            measure_images=args.measure_images,
+            resume_images=args.resume_images,
+            limit_s=args.limit_s,
+            cores=args.cores,
+            work=Path(args.work),
+            delete=args.delete,
+        )
+        print()
+        print(scale.table(report))
         if args.json:
             print(json.dumps(report))
         return 0

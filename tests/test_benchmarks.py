@@ -70,3 +70,15 @@ def test_gpu_benchmark_runs_on_the_cpu():
     assert all(s["images_per_s"] > 0 for s in report["step"] + report["towers"])
     assert [t["placement"] for t in report["towers"]] == ["data", "grouped"]
     assert report["data"]["cpu_images_per_s_per_core"] > 0 and report["data"]["device_images_per_s"] > 0
+
+
+def test_scale_benchmark_synthesises_shards_and_resumes_half_an_epoch(tmp_path):
+    report = run_job("scale", "--images", "3000", "--measure-images", "1000", "--work", str(tmp_path), "--delete")
+    assert report["images"] == 3000 and report["row_groups"] == 12  # 2 shards of 2,796 + 204 rows
+    assert 1000 <= report["measured_images"] <= 1000 + 64 and report["steady_img_s"] > 0
+    assert report["first_batch_s"] > 0 and report["driver_peak_mb"] > 0 and report["task_peak_mb"] > 0
+    resume = report["resume"]
+    assert resume["skipped"] + resume["left"] == 3000 and 0.4 < resume["left"] / 3000 < 0.6
+    assert resume["complete"] and resume["images"] == resume["left"]  # all of the rest, at most 300,000
+    assert resume["skipped_delivered"] == 0 and resume["repeated"] == 0 and resume["img_s"] > 0
+    assert not (tmp_path / "shards-3000").exists()  # --delete

@@ -202,8 +202,10 @@ def test_each_read_unit_leaves_its_task_as_its_own_block(ray_session, tiny_image
     assert sum(blocks) == 576 and max(blocks) <= sources.UNIT_IMAGES
 
 
-def test_tasks_take_up_to_eight_units_and_leave_every_cpu_two():
-    assert plan.num_tasks(5000, 16) == 625  # ImageNet's 1.28 M images on a 16-CPU node
+def test_tasks_take_up_to_eight_units_leave_every_cpu_two_and_stay_few():
+    assert plan.num_tasks(5000, 32) == 625  # ImageNet's 1.28 M images on a 32-CPU node
+    assert plan.num_tasks(5000, 16) == 512  # on 16 CPUs: at most 32 tasks per CPU, ~10 units each
+    assert plan.num_tasks(55_866, 2) == 64  # ImageNet-21k on 2 CPUs: 64 tasks to plan, not 6,984
     assert plan.num_tasks(78, 2) == 10  # the benchmark's 19,800 images on 2 CPUs
     assert plan.num_tasks(11, 4) == 8  # the sample's 2,600 on 4 logical CPUs: 1-2 units each
     assert plan.num_tasks(3, 8) == 3  # never more tasks than units

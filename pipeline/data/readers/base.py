@@ -60,21 +60,36 @@ class Source:
         return {wnid: i for i, wnid in enumerate(self.wnids)}
 
     def by_reference(self, split: str | None = None) -> Source:
-        """This Source as Ray tasks take it: each split's listing put into Ray's object store once, and only
-        its ObjectRef in the Source every task unpickles (the readers fetch it, once per process, without a
-        copy). With `split`, the other splits' listings are left out. The driver calls it once after
-        connecting to Ray, and lets go of the listings it built; the plans call it per split. Sources without
-        a listing (all but folders, whose pieces are few) are handed on as they are."""
+        """This Source as Ray tasks take it: what it holds per image or per piece (a folder's listing, the
+        Parquet formats' row groups: 55,866 of them at ImageNet-21k's size) put into Ray's object store
+        once, and only ObjectRefs in the Source every task unpickles (the readers fetch them once per
+        process, without a copy). With `split`, the other splits' are left out. The driver calls it once
+        after connecting to Ray; the plans call it per split."""
         import ray
 
-        listings = {s: v for s, v in self.listings.items() if split is None or s == split}
-        if not listings or (
-            len(listings) == len(self.listings) and all(isinstance(v, ray.ObjectRef) for v in listings.values())
-        ):
-            return self
-        return dataclasses.replace(
-            self, listings={s: v if isinstance(v, ray.ObjectRef) else ray.put(v) for s, v in listings.items()}
-        )
+        def shared(per_split: dict[str, Any]) -> dict[str, Any]:
+            kept = {s: v for s, v in per_split.items() if split is None or s == split}
+            return {s: v if isinstance(v, ray.ObjectRef) else ray.put(v) for s, v in kept.items()}
+
+        return dataclasses.replace(self, listings=shared(self.listings), row_groups=shared(self.row_groups))
+
+
+def fetched(value: Any) -> Any:
+    """A Source's per-split value as a reader uses it: itself, or fetched from Ray's object store once per
+    process (by_reference)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not isinstance(value, ray.ObjectRef):
+        return value
+    return _fetch(value)
+
+
+@lru_cache(maxsize=8)
+def _fetch(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)  # zero-copy for Arrow and NumPy buffers: they stay in the object store's shared memory
 
 
 class Place:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,17 @@ import pyarrow.fs as pafs
 
 from pipeline.data import imagenet, storage
 from pipeline.data.devkit import find_class_words
-from pipeline.data.readers.base import SPLITS, UNIT_IMAGES, Place, Reader, Rows, Source, in_sorted, permutation
+from pipeline.data.readers.base import (
+    SPLITS,
+    UNIT_IMAGES,
+    Place,
+    Reader,
+    Rows,
+    Source,
+    fetched,
+    in_sorted,
+    permutation,
+)
 
 # Object storage answers each GET after tens of milliseconds: a folder task fetches in parallel.
 FETCH_THREADS = 16
@@ -145,17 +154,8 @@ def _hash_strings(hasher, strings: pa.Array) -> None:
 
 
 def listing_table(listing) -> pa.Table:
-    """A split's listing: the table itself, or fetched from Ray's object store (by_reference)."""
-    if isinstance(listing, pa.Table):
-        return listing
-    return _fetched(listing)
-
-
-@lru_cache(maxsize=4)
-def _fetched(ref) -> pa.Table:
-    import ray
-
-    return ray.get(ref)  # zero-copy: the table's buffers stay in the object store's shared memory
+    """A split's listing: the table itself, or fetched from Ray's object store (Source.by_reference)."""
+    return fetched(listing)
 
 
 def image_keys(source: Source, split: str) -> list[str]:

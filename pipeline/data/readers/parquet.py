@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
-from pipeline.data.readers.base import PIECE_BITS, PieceReader, Rows, in_sorted
+from pipeline.data.readers.base import PIECE_BITS, PieceReader, Rows, fetched, in_sorted
 
 _GROUP_SPAN = 1 << PIECE_BITS  # the indices of one piece: [piece << PIECE_BITS, (piece + 1) << PIECE_BITS)
 
@@ -25,11 +25,15 @@ class RowGroupReader(PieceReader):
         """The format's columns -> {jpeg, key, label}."""
         raise NotImplementedError
 
+    def __init__(self, source, split: str):
+        super().__init__(source, split)
+        self.row_groups = fetched(source.row_groups[split])  # (path, group) per piece; by reference in a task
+
     def num_units(self) -> int:
-        return len(self.source.row_groups[self.split])
+        return len(self.row_groups)
 
     def read_piece(self, piece: int, rng: np.random.Generator | None, skip: np.ndarray | None = None) -> Rows:
-        path, group = self.source.row_groups[self.split][piece]
+        path, group = self.row_groups[piece]
         if skip is not None and self.all_skipped(piece, path, group, skip):
             # A resumed epoch's group trained on already: its footer read, not its images (MBs).
             return {"jpeg": [], "key": [], "label": np.empty(0, np.int64), "index": np.empty(0, np.int64)}
