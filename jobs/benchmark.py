@@ -4,6 +4,7 @@
     python jobs/benchmark.py data --data /data/imagenet-subset --epochs 3 --json
     python jobs/benchmark.py gpu --json                    # one GPU; plain PyTorch, no Ray or MLflow
     python jobs/benchmark.py scale --images 14200000       # tiny synthetic images at ImageNet-21k's count
+    python jobs/benchmark.py folder --images 1281000       # an ImageNet folder of 1.28 M tiny files
 
 `data`: the Ray Data plan (from a folder, prepared shards, 256-px shards, s3://) against
 torchvision's DataLoader on the same files, cores and output; see pipeline/benchmark.py.
@@ -91,7 +92,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     scale.add_argument("--delete", action="store_true", help="delete the synthesised shards afterwards")
     scale.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
+    folder = commands.add_parser(
+        "folder",
+        help="an ImageNet folder of N tiny JPEGs (open, first batch, img/s, driver memory, resume)",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    folder.add_argument("--images", type=int, default=1_281_000, help="train files to write (64x48 JPEGs)")
+    folder.add_argument("--measure-images", type=int, default=300_000, help="images of epoch 0 to time")
+    folder.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores for Ray")
+    folder.add_argument("--work", default="/tmp/alexnet-folder", help="where the folder is written, and reused")
+    folder.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
     args = parser.parse_args(argv)
+    if args.command == "folder":
+        if args.images < 1000 or args.measure_images < 512 or args.cores < 1:
+            parser.error("--images must be at least 1000, --measure-images at least 512, --cores at least 1")
+        return args
     if args.command == "scale":
         # Two row groups at least: the resumed epoch skips the first half of them.
         if args.images < 512 or min(args.measure_images, args.resume_images, args.cores) < 1 or args.limit_s <= 0:
@@ -140,6 +156,14 @@ def main(argv=None) -> int:
             warmup=args.warmup,
             images=args.images,
         )
+        if args.json:
+            print(json.dumps(report))
+        return 0
+    if args.command == "folder":
+        from pipeline.experiments import folder_scale
+
+        report = folder_scale.run_folder(args.images, Path(args.work), args.cores, args.measure_images)
+        print("\n".join(f"{name:24s} {value}" for name, value in report.items()))
         if args.json:
             print(json.dumps(report))
         return 0

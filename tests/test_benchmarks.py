@@ -82,3 +82,11 @@ def test_scale_benchmark_synthesises_shards_and_resumes_half_an_epoch(tmp_path):
     assert resume["complete"] and resume["images"] == resume["left"]  # all of the rest, at most 300,000
     assert resume["skipped_delivered"] == 0 and resume["repeated"] == 0 and resume["img_s"] > 0
     assert not (tmp_path / "shards-3000").exists()  # --delete
+
+
+def test_folder_benchmark_lists_a_folder_and_resumes_half_an_epoch(tmp_path):
+    report = run_job("folder", "--images", "3000", "--measure-images", "1000", "--work", str(tmp_path))
+    assert report["images"] == {"train": 3000, "val": 1000}  # 1,000 classes of 3, one val image each
+    assert report["open_s"] >= 0 and report["first_batch_s"] > 0 and report["steady_img_s"] > 0
+    assert report["resumed_img_s"] > 0 and report["driver_peak_mb"] >= report["ray_init_peak_mb"] > 0
+    assert len(list((tmp_path / "folder-3000" / "train").iterdir())) == 1000
