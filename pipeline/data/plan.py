@@ -213,7 +213,7 @@ def num_tasks(units: int, cpus: int) -> int:
 
 
 def _plan(source: Source, split: str, cfg, report, keys: bool) -> ray.data.Dataset:
-    source = source.by_reference(split)  # a folder's listing: in the object store once, not in every task
+    source = source.by_reference(split)  # a listing, row groups: in the object store once, not in every task
     units = sources.num_units(source, split)
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     tasks = num_tasks(units, cpus)

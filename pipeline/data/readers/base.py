@@ -2,7 +2,7 @@
 a format implements (the extension point: a new format is a subclass in a file of its own).
 
     Source        a dataset on some filesystem, its splits and the pieces each is read in (pickles to
-                  every Ray Data task; a folder's per-image listing goes by reference, by_reference)
+                  every Ray Data task; a folder's listing and the row groups go by reference, by_reference)
     Place         a folder or s3:// / gs:// prefix being opened: its filesystem, and its files, listed once
     Reader        one format's reading of one split: num_units, read_unit, index (the index scheme)
     PieceReader   a Reader whose units are its pieces (Parquet row groups, tars), permuted per epoch
