@@ -167,9 +167,10 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` (sqlite backend in root, local artifacts) on `port`, answering when this
-    returns. Its own process group, so that stop_mlflow_server ends its workers too and frees the port."""
+def start_mlflow_server(root: Path, port: int, artifacts: str = "") -> subprocess.Popen:
+    """A real `mlflow server` (sqlite backend in root; artifacts in root, or at the URI `artifacts`) on
+    `port`, answering when this returns. Its own process group, so that stop_mlflow_server ends its workers
+    too and frees the port."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "server.log", "a") as log:
         process = subprocess.Popen(
@@ -185,7 +186,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
                 "--backend-store-uri",
                 f"sqlite:///{root / 'mlflow.db'}",
                 "--artifacts-destination",
-                (root / "artifacts").as_uri(),
+                artifacts or (root / "artifacts").as_uri(),
                 "--workers",
                 "1",
             ],

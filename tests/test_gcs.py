@@ -303,3 +303,39 @@ def test_a_store_that_never_recovers_gives_up_naming_the_object(uris, gcs_server
         ):
             sources.read_unit(faulty, "train", 0, seed=0, epoch=0, shuffle=False)
         assert time.perf_counter() - started < 10
+
+
+@pytest.mark.timeout(600)
+def test_a_team_server_keeps_the_models_on_gcs(ray_session, gcs_server, tiny_imagenet, tmp_path, monkeypatch):
+    """MLflow's artifacts on gs:// (`mlflow server --artifacts-destination gs://...`, which needs
+    google-cloud-storage): a training run's logged and registered model lands in the bucket, through the
+    server, and loads back from the registry."""
+    from google.cloud import storage as gcs  # the emulator at STORAGE_EMULATOR_HOST (gcs_server), no credentials
+
+    from conftest import TINY_RUN, start_mlflow_server, stop_mlflow_server
+    from pipeline.config import PRESETS
+    from pipeline.train import driver
+
+    gcs.Client().create_bucket("team-mlflow")
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow", port, artifacts="gs://team-mlflow/mlflow-artifacts")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.chdir(tmp_path)
+        cfg = dataclasses.replace(
+            PRESETS["sample"],
+            **{**TINY_RUN, "epochs": 1, "workers": 1, "experiment": "gcs-artifacts", "registered_model": "gcs"},
+            data=str(tiny_imagenet),
+            storage_path=str(tmp_path / "ray_results"),
+        )
+        summary = driver.run(cfg)
+        assert summary["registration"].uri.startswith("models:/gcs/")
+        blobs = [b.name for b in gcs.Client().list_blobs("team-mlflow")]
+        model = [name for name in blobs if name.startswith("mlflow-artifacts/1/models/")]
+        assert any(name.endswith("/MLmodel") for name in model) and len(model) > 3, blobs  # its files, in the bucket
+        import mlflow
+
+        loaded = mlflow.pyfunc.load_model(summary["registration"].uri)  # downloaded from gs:// through the server
+        assert any(f"/models/{loaded.metadata.model_id}/" in name for name in model)  # the one in the bucket
+    finally:
+        stop_mlflow_server(server)
