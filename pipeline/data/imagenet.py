@@ -353,7 +353,10 @@ def folder_chunks(
     file: then the split is flat.
     """
     split_dir = join(base, split)
-    top = sorted(fs.get_file_info(pafs.FileSelector(split_dir)), key=lambda i: i.path + "/")
+    top = fs.get_file_info(pafs.FileSelector(split_dir))
+    if not top:  # a store that names no implied folders (GCS's emulator does not): found in the whole listing
+        top = _top_of(fs.get_file_info(pafs.FileSelector(split_dir, recursive=True)), split_dir)
+    top = sorted(top, key=lambda i: i.path + "/")
     loose = [Member(join(split, i.base_name), "", i.size) for i in top if i.type == pafs.FileType.File]
     classes = [i.base_name for i in top if i.type == pafs.FileType.Directory]
 
@@ -385,6 +388,17 @@ def folder_chunks(
         raise ValueError(f"{split_dir} holds files but no class folders <wnid>/: train labels come from those folders")
     else:  # flat: the val labels name each file's class
         yield _chunk(_label_val(loose, labels))
+
+
+def _top_of(listing: list[pafs.FileInfo], folder: str) -> list[pafs.FileInfo]:
+    """The entries right under `folder`, from a recursive listing of it: its files, and a directory for the first
+    part of every deeper path."""
+    files = [i for i in listing if i.type == pafs.FileType.File]
+    under = [i.path[len(folder) + 1 :] for i in files]
+    folders = sorted({name.split("/", 1)[0] for name in under if "/" in name})
+    return [i for i, name in zip(files, under) if "/" not in name] + [
+        pafs.FileInfo(join(folder, name), pafs.FileType.Directory) for name in folders
+    ]
 
 
 def is_image_name(name: str) -> bool:
