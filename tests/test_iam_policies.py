@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, upload_folder, wait_for_http
+from conftest import ROOT, free_port, wait_for_http
 
 TERRAFORM = ROOT / "infra" / "terraform"
 POLICIES = TERRAFORM / "policies"
@@ -501,7 +501,10 @@ def test_the_nodes_data_policy_is_enough_for_the_pipeline_and_allows_no_more(
     s3_admin.create_bucket(Bucket=BUCKET)
     s3_admin.put_object(Bucket=BUCKET, Key=f"{p['artifacts_prefix']}/1/model.pt", Body=b"MLflow's alone")
     as_user(monkeypatch, endpoint, admin)
-    upload_folder(tiny_imagenet, raw)  # ImageNet as uploaded by hand
+    for path in sorted(f for f in tiny_imagenet.rglob("*") if f.is_file()):  # ImageNet as uploaded by hand
+        # With the admin's client: boto3's default session (conftest.upload_folder) keeps the credentials it
+        # first found in this process, the suite's moto keys when an earlier test made it.
+        s3_admin.upload_file(str(path), BUCKET, f"{p['raw_prefix']}/{path.relative_to(tiny_imagenet).as_posix()}")
     node = make_user(iam_admin, "ray-node", ray_data_policy(VALUES, shards_writable=True))
 
     # Enough: the prepare job, while shards_writable.
