@@ -74,6 +74,28 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def strict_s3(tmp_path_factory):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0), as AWS does: it refuses the
+    suite's keys with HTTP 403, HeadBucket included, where the session's own accepts any key. In a process of its
+    own, since the setting is moto's global. Per module: each that asks starts and stops its own."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("strict-s3") / "moto.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", process, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
 S3_SECRET = "testing-secret-that-must-never-be-logged"
 
 

@@ -7,8 +7,6 @@ a request signed for another region as S3 does, so the tests read the region eac
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ import boto3
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import free_port, make_bucket, wait_for_http
+from conftest import make_bucket
 from pipeline.data import prepare, regions, sources, storage
 
 CONFIGURED = [None, "us-east-1", "eu-central-1"]  # None: no region anywhere (environment or profile)
@@ -140,27 +138,6 @@ def test_prepare_and_read_shards_in_us_west_2_with_no_region_configured(
         return os.environ.get("AWS_DEFAULT_REGION"), storage.resolve(uri)[0].handler.sdk.region
 
     assert ray.get(region_in_a_task.remote(uri)) == ("us-east-1", "us-west-2")
-
-
-@pytest.fixture(scope="module")
-def strict_s3(tmp_path_factory):
-    """A moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0), in a process of its own (the setting
-    is moto's global): it refuses the suite's keys, HeadBucket included, with HTTP 403."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("strict-s3") / "moto.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", process, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def test_a_region_the_store_will_not_name_falls_back_and_the_check_says_so(s3_server, strict_s3, configured):

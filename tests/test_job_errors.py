@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from conftest import ROOT, free_port, wait_for_http
+from conftest import ROOT, free_port
 from pipeline import errors
 from pipeline.data import storage
 
@@ -235,27 +235,6 @@ def test_an_endpoint_where_nothing_listens(job, name, data_dir):
             name, *on_s3(name, "s3://endpoint/x", data_dir), env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
         )
     assert_one_line(result, f"127.0.0.1:{port}", "does not answer", "AWS_ENDPOINT_URL")
-
-
-@pytest.fixture(scope="module")
-def strict_s3(tmp_path_factory):
-    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0), as AWS does: the session's
-    own accepts any key. In a process of its own, since the setting is moto's global."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("strict-s3") / "moto.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", process, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.parametrize("name", S3_JOBS)
