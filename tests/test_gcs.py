@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from test_checkpoint import save, trained_parts
+from test_storage_faults import read_everything
 
 from conftest import ROOT, free_port
 from pipeline import errors
@@ -48,19 +49,6 @@ def upload_folder(folder: Path, uri: str) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             storage.write_bytes(fs, storage.join(root, path.relative_to(folder).as_posix()), path.read_bytes())
-
-
-def read_everything(uri: str) -> list[tuple[str, int, bytes]]:
-    """(key, label, bytes) of every row of every read unit of both splits, in a shuffled epoch's order."""
-    source = sources.open_source(uri)
-    rows = []
-    for split in sources.SPLITS:
-        for unit in range(sources.num_units(source, split)):
-            batch = sources.read_unit(source, split, unit, seed=3, epoch=1, shuffle=True)
-            rows += [
-                (k, int(label), bytes(jpeg)) for k, label, jpeg in zip(batch["key"], batch["label"], batch["jpeg"])
-            ]
-    return rows
 
 
 @pytest.fixture(scope="module")
